@@ -1,0 +1,155 @@
+"""Sensor configuration: a validated dataclass loaded from YAML, every parameter in physical units.
+
+The fields follow the EMVA 1288 camera model in the order the physics happens (see
+:mod:`sensor.sensor`). Unknown fields, wrong types and out-of-range values raise
+:class:`~sensor.errors.ConfigError` naming the file and the field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .cfa import PATTERNS
+from .errors import ConfigError
+
+BIT_DEPTHS = (8, 10, 12, 14, 16)
+COLOUR_KEYS = ("R", "G", "B")
+
+
+@dataclass(frozen=True)
+class SensorConfig:
+    """One sensor profile. Units are in the field names: e (electrons), dn (digital numbers)."""
+
+    name: str = "default-12bit-rggb"
+    cfa: str = "RGGB"
+    bit_depth: int = 12
+    # Photons -> electrons.
+    quantum_efficiency: dict[str, float] = field(
+        default_factory=lambda: {"R": 0.50, "G": 0.60, "B": 0.45}
+    )
+    prnu_percent: float = 1.0
+    # Dark signal.
+    dark_current_e_per_s: float = 5.0
+    dark_reference_temperature_c: float = 25.0
+    dark_doubling_temperature_c: float = 6.5
+    temperature_c: float = 25.0
+    dsnu_e: float = 1.0
+    # Storage and conversion.
+    full_well_e: float = 10000.0
+    conversion_gain_dn_per_e: float = 0.40
+    analog_gain: float = 1.0
+    read_noise_e: float = 3.0
+    black_level_dn: int = 64
+    # Exposure and illumination of a white (linear 1.0) scene patch.
+    exposure_s: float = 0.01
+    white_photons_per_s: float = 1.2e6
+    # Seed of the sensor's own fixed-pattern maps (DSNU, PRNU): a property of the device.
+    fpn_seed: int = 1288
+
+    def __post_init__(self) -> None:
+        validate(self, "SensorConfig")
+
+    @property
+    def max_dn(self) -> int:
+        """Largest code the ADC emits: 2**bit_depth - 1."""
+        return (1 << self.bit_depth) - 1
+
+    @property
+    def system_gain_dn_per_e(self) -> float:
+        """Overall conversion gain K including analog gain."""
+        return self.conversion_gain_dn_per_e * self.analog_gain
+
+    def dark_current_at_temperature_e_per_s(self) -> float:
+        """Dark current doubles every ``dark_doubling_temperature_c`` above the reference."""
+        delta = self.temperature_c - self.dark_reference_temperature_c
+        return self.dark_current_e_per_s * 2.0 ** (delta / self.dark_doubling_temperature_c)
+
+    def replace(self, **changes: Any) -> SensorConfig:
+        """A copy with some fields changed (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "SensorConfig") -> SensorConfig:
+        """Build from a mapping; names the bad field on error."""
+        if not isinstance(data, dict):
+            raise ConfigError(source, "<root>", "a mapping of sensor fields", type(data).__name__)
+        known = {f.name: f for f in dataclasses.fields(cls)}
+        for key in data:
+            if key not in known:
+                raise ConfigError(source, str(key), f"one of the fields {sorted(known)}", key)
+        kwargs = {k: _coerce(source, known[k], v) for k, v in data.items()}
+        try:
+            return cls(**kwargs)
+        except ConfigError as err:
+            raise ConfigError(source, err.field, err.expected, err.got) from None
+
+    @classmethod
+    def from_yaml(cls, path: str | os.PathLike) -> SensorConfig:
+        path = Path(path)
+        try:
+            text = path.read_text()
+        except OSError as err:
+            raise ConfigError(str(path), "<file>", "a readable YAML file", err.strerror) from None
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as err:
+            raise ConfigError(str(path), "<file>", "valid YAML", str(err).splitlines()[0]) from None
+        return cls.from_dict(data or {}, str(path))
+
+
+def _coerce(source: str, f: dataclasses.Field, value: Any) -> Any:
+    """Accept ints where floats are expected; reject bools and strings for numbers."""
+    if f.type == "float":
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(source, f.name, "a number", value)
+        return float(value)
+    if f.type == "int":
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(source, f.name, "an integer", value)
+    if f.type == "str" and not isinstance(value, str):
+        raise ConfigError(source, f.name, "a string", value)
+    return value
+
+
+def _positive(cfg: SensorConfig, name: str, allow_zero: bool = False) -> None:
+    value = getattr(cfg, name)
+    ok = math.isfinite(value) and (value >= 0 if allow_zero else value > 0)
+    if not ok:
+        raise ConfigError("SensorConfig", name, ">= 0" if allow_zero else "> 0", value)
+
+
+def validate(cfg: SensorConfig, source: str) -> None:
+    """Range checks for every field; raises ConfigError naming the first bad one."""
+    if cfg.cfa not in PATTERNS:
+        raise ConfigError(source, "cfa", f"one of {', '.join(PATTERNS)}", cfg.cfa)
+    if cfg.bit_depth not in BIT_DEPTHS:
+        raise ConfigError(source, "bit_depth", f"one of {BIT_DEPTHS}", cfg.bit_depth)
+    qe = cfg.quantum_efficiency
+    wanted = ("mono",) if cfg.cfa == "mono" else COLOUR_KEYS
+    if not isinstance(qe, dict) or set(qe) != set(wanted):
+        raise ConfigError(source, "quantum_efficiency", f"a mapping with keys {list(wanted)}", qe)
+    for key, value in qe.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
+            raise ConfigError(source, f"quantum_efficiency.{key}", "a number in (0, 1]", value)
+    for name in ("full_well_e", "conversion_gain_dn_per_e", "analog_gain", "exposure_s",
+                 "dark_doubling_temperature_c"):
+        _positive(cfg, name)
+    for name in ("read_noise_e", "dark_current_e_per_s", "dsnu_e", "prnu_percent",
+                 "white_photons_per_s"):
+        _positive(cfg, name, allow_zero=True)
+    if not 0 <= cfg.black_level_dn < cfg.max_dn:
+        raise ConfigError(source, "black_level_dn", f"an integer in [0, {cfg.max_dn})",
+                          cfg.black_level_dn)
+    if not -60 <= cfg.temperature_c <= 150:
+        raise ConfigError(source, "temperature_c", "a temperature in [-60, 150] C",
+                          cfg.temperature_c)

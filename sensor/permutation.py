@@ -1,0 +1,67 @@
+"""Keyed permutations, computed identically with numpy (sensor side) and torch (model side).
+
+A permutation ``pi`` of ``n`` items is stored as an int64 table in *slot order*: slot ``s``
+of the protected signal holds item ``pi[s]`` of the plain one, ``x_prot[s] = x[pi[s]]``.
+
+``random_permutation(seed, n)`` sorts the items by a keyed 62-bit hash (stable, so ties go
+by index), which is a uniformly random permutation up to hash quality. The hash works on
+32-bit lanes inside int64 arithmetic without ever overflowing, so numpy and torch (CPU or
+CUDA) produce the same table bit for bit; that lets the network build its per-frame
+tables on its own device. It is a permutation generator, not a cipher.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+_M32 = 0xFFFFFFFF
+
+
+def _mul32(x, c: int):
+    """(x * c) mod 2**32 for 0 <= x < 2**32 without leaving 49 bits (safe in int64)."""
+    lo, hi = c & 0xFFFF, c >> 16
+    return (x * lo + (((x * hi) & 0xFFFF) << 16)) & _M32
+
+
+def _mix32(x):
+    """lowbias32 finaliser (Wellons): a bijective avalanche mix of a 32-bit lane."""
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = _mul32(x, 0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def _hash62(seed: int, idx):
+    """Keyed 62-bit hash of each index (idx: uint64 ndarray or int64 tensor, values < 2**32)."""
+    s0, s1 = seed & _M32, (seed >> 32) & _M32
+    a = _mix32(_mix32((idx ^ s0) & _M32) ^ s1)
+    b = _mix32(_mix32(((idx + 0x9E3779B9) & _M32) ^ s1) ^ a ^ s0)
+    return ((a & 0x7FFFFFFF) << 31) | (b & 0x7FFFFFFF)
+
+
+def random_permutation(seed: int, n: int) -> np.ndarray:
+    """Keyed uniform permutation of ``n`` items (numpy). Returns (n,) int64 slot->item."""
+    keys = _hash62(int(seed), np.arange(n, dtype=np.uint64))
+    return np.argsort(keys, kind="stable").astype(np.int64)
+
+
+def random_permutation_torch(seed: int, n: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Same table as :func:`random_permutation`, built on ``device``. Returns (n,) int64."""
+    keys = _hash62(int(seed), torch.arange(n, dtype=torch.int64, device=device))
+    return torch.argsort(keys, stable=True)
+
+
+def invert(pi: np.ndarray) -> np.ndarray:
+    """Inverse table: ``inv[pi[s]] = s``. Works on (..., n) batches of tables."""
+    inv = np.empty_like(pi)
+    np.put_along_axis(inv, pi, np.broadcast_to(np.arange(pi.shape[-1]), pi.shape), axis=-1)
+    return inv
+
+
+def invert_torch(pi: torch.Tensor) -> torch.Tensor:
+    """Torch twin of :func:`invert` for (..., n) tables."""
+    inv = torch.empty_like(pi)
+    src = torch.arange(pi.shape[-1], device=pi.device).expand_as(pi)
+    return inv.scatter_(-1, pi, src)
