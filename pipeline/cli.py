@@ -1,0 +1,238 @@
+"""The ``privcam`` command line. Each subcommand is a small function returning a summary dict;
+``--json`` prints that dict on stdout for machines, otherwise a short human summary is shown.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from sensor.config import SensorConfig
+from sensor.errors import PrivcamError
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_SENSOR = REPO_ROOT / "configs" / "sensors" / "default.yaml"
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
+RAW_SUFFIXES = {".npy", ".raw", ".bin", ".dng", ".png", ".tif", ".tiff"}
+
+
+class CliError(PrivcamError):
+    """A bad command-line input; printed as one line, exit status 2."""
+
+
+def load_sensor_config(path: str | None) -> SensorConfig:
+    """The named YAML profile, or the built-in default (equal to configs/sensors/default.yaml)."""
+    if path is None:
+        return SensorConfig.from_yaml(DEFAULT_SENSOR) if DEFAULT_SENSOR.exists() else SensorConfig()
+    return SensorConfig.from_yaml(path)
+
+
+def read_scene_or_raw(path: Path) -> tuple[str, np.ndarray, Any]:
+    """Classify INPUT: an 8-bit image is a scene, a 16-bit image or raw file is a raw frame.
+
+    Returns ("scene", (H, W[, 3]) uint8 RGB, None) or ("raw", (H, W) uint16, RawMeta).
+    """
+    import cv2
+
+    from sensor.rawio import read_raw
+
+    if not path.exists():
+        raise CliError(f"{path}: input not found")
+    suffix = path.suffix.lower()
+    if suffix in IMAGE_SUFFIXES:
+        image = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+        if image is None:
+            raise CliError(f"{path}: not a readable image")
+        if image.dtype == np.uint8:
+            if image.ndim == 3:
+                image = cv2.cvtColor(image[..., :3], cv2.COLOR_BGR2RGB)
+            return "scene", image, None
+    if suffix in RAW_SUFFIXES:
+        frame = read_raw(path)
+        return "raw", frame.data, frame.meta
+    raise CliError(f"{path}: unknown input type '{suffix}', expected an 8-bit image "
+                   f"({', '.join(sorted(IMAGE_SUFFIXES))}) or a raw frame "
+                   f"({', '.join(sorted(RAW_SUFFIXES))})")
+
+
+def raw_to_photons(raw: np.ndarray, meta: Any, config: SensorConfig) -> np.ndarray:
+    """Treat a raw frame's normalised linear values as the scene seen by ``config``'s sensor."""
+    if meta.cfa != config.cfa:
+        raise CliError(f"raw input has CFA {meta.cfa} but the sensor profile expects {config.cfa}")
+    span = max(float(meta.white_level) - float(meta.black_level), 1.0)
+    linear = np.clip((raw.astype(np.float64) - meta.black_level) / span, 0.0, 1.0)
+    return linear * (config.white_photons_per_s * config.exposure_s)
+
+
+def cmd_capture(args: argparse.Namespace) -> dict[str, Any]:
+    from sensor.rawio import RawMeta, write_raw
+    from sensor.scene import raw_to_srgb, render_photons
+    from sensor.sensor import Sensor
+
+    config = load_sensor_config(args.sensor)
+    if args.exposure_s is not None:
+        config = config.replace(exposure_s=args.exposure_s)
+    kind, data, meta = read_scene_or_raw(Path(args.input))
+    photons = render_photons(data, config) if kind == "scene" else raw_to_photons(data, meta, config)
+    frame = Sensor(config, seed=args.seed).expose(photons, frame_index=args.frame_index)
+    out_meta = RawMeta(width=frame.shape[1], height=frame.shape[0], bit_depth=config.bit_depth,
+                       cfa=config.cfa, black_level=config.black_level_dn, white_level=config.max_dn)
+    write_raw(args.out, frame, out_meta)
+    summary: dict[str, Any] = {
+        "input": str(args.input), "input_kind": kind, "out": str(args.out), "sensor": config.name,
+        "shape": list(frame.shape), "bit_depth": config.bit_depth, "cfa": config.cfa,
+        "frame_index": args.frame_index, "seed": args.seed,
+        "mean_dn": float(frame.mean()), "saturated_fraction": float((frame == config.max_dn).mean()),
+    }
+    if args.preview:
+        preview = raw_to_srgb(frame, config)
+        _write_png(Path(args.preview), preview)
+        summary["preview"] = str(args.preview)
+    return summary
+
+
+def _write_png(path: Path, rgb: np.ndarray) -> None:
+    """Write an RGB uint8 image atomically (temporary file then rename)."""
+    import os
+    import tempfile
+
+    import cv2
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".png", dir=path.parent)
+    os.close(fd)
+    try:
+        if not cv2.imwrite(tmp, np.ascontiguousarray(rgb[..., ::-1] if rgb.ndim == 3 else rgb)):
+            raise CliError(f"{path}: could not encode PNG")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def cmd_ptc(args: argparse.Namespace) -> dict[str, Any]:
+    from sensor.ptc import default_exposures_s, photon_transfer
+
+    config = load_sensor_config(args.sensor)
+    if args.analog_gain is not None:
+        config = config.replace(analog_gain=args.analog_gain)
+    result = photon_transfer(config, default_exposures_s(config, args.points), (args.size, args.size),
+                             seed=args.seed)
+    return {"sensor": config.name, "configured_gain_dn_per_e": config.system_gain_dn_per_e,
+            "configured_read_noise_e": config.read_noise_e, **result.to_dict()}
+
+
+def cmd_keygen(args: argparse.Namespace) -> dict[str, Any]:
+    from sensor.keys import write_key_file
+
+    key = write_key_file(args.out)
+    return {"key_file": str(args.out), "fingerprint": key.fingerprint, "mode": "0600"}
+
+
+def cmd_demo(args: argparse.Namespace) -> dict[str, Any]:
+    """Built-in default job: the colour chart through the default sensor."""
+    from sensor.rawio import RawMeta, write_raw
+    from sensor.scene import colour_chart, raw_to_srgb, render_photons
+    from sensor.sensor import Sensor
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    config = load_sensor_config(None)
+    scene = colour_chart()
+    frame = Sensor(config, seed=0).expose(render_photons(scene, config), frame_index=0)
+    meta = RawMeta(width=frame.shape[1], height=frame.shape[0], bit_depth=config.bit_depth, cfa=config.cfa,
+                   black_level=config.black_level_dn, white_level=config.max_dn)
+    write_raw(out / "chart.dng", frame, meta)
+    _write_png(out / "scene.png", scene)
+    _write_png(out / "preview.png", raw_to_srgb(frame, config))
+    return {"sensor": config.name, "raw": str(out / "chart.dng"), "preview": str(out / "preview.png"),
+            "shape": list(frame.shape), "mean_dn": float(frame.mean())}
+
+
+EXAMPLES = {
+    "capture": "privcam capture photo.jpg --sensor configs/sensors/default.yaml --out frame.dng "
+               "--preview preview.png",
+    "ptc": "privcam ptc --sensor configs/sensors/mono10.yaml --analog-gain 4 --json",
+    "keygen": "privcam keygen --out camera.key",
+    "demo": "privcam demo --out demo_out",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="privcam",
+        description="Simulated camera sensor with a keyed, privacy-preserving ADC readout.",
+        epilog="Run 'privcam COMMAND --help' for the options and an example of each command.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name: str, func: Callable, help_text: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_text, description=help_text,
+                           epilog=f"example:\n  {EXAMPLES[name]}",
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        p.set_defaults(func=func)
+        p.add_argument("--json", action="store_true", help="print a machine-readable summary on stdout")
+        return p
+
+    p = add("capture", cmd_capture,
+            "Expose an 8-bit image (rendered through an inverse ISP) or a raw frame on the emulated sensor "
+            "and write the digitised raw frame (.dng, .npy, .png, .tif, .raw by extension).")
+    p.add_argument("input", metavar="IMAGE_OR_RAW", help="8-bit image (scene) or raw frame")
+    p.add_argument("--sensor", help="sensor profile YAML (default: configs/sensors/default.yaml)")
+    p.add_argument("--out", required=True, help="output raw frame path")
+    p.add_argument("--preview", help="also write a demosaiced, gamma-corrected PNG preview here")
+    p.add_argument("--seed", type=int, default=0, help="temporal noise seed (default 0)")
+    p.add_argument("--frame-index", type=int, default=0, help="frame counter n (default 0)")
+    p.add_argument("--exposure-s", type=float, help="override the profile's exposure time (s)")
+
+    p = add("ptc", cmd_ptc,
+            "Photon transfer measurement (EMVA 1288) on the emulator: recover K and read noise.")
+    p.add_argument("--sensor", help="sensor profile YAML")
+    p.add_argument("--analog-gain", type=float,
+                   help="override analog gain (read noise below 0.5 DN needs more gain)")
+    p.add_argument("--points", type=int, default=12, help="number of exposures (default 12)")
+    p.add_argument("--size", type=int, default=256, help="flat-field size in pixels (default 256)")
+    p.add_argument("--seed", type=int, default=0)
+
+    p = add("keygen", cmd_keygen, "Create a 256-bit key file (hex, mode 0600). Refuses to overwrite.")
+    p.add_argument("--out", required=True, help="key file to create")
+
+    p = add("demo", cmd_demo, "Built-in demo: a colour chart through the default sensor.")
+    p.add_argument("--out", default="demo_out", help="output folder (default demo_out)")
+    return parser
+
+
+def _print_human(summary: dict[str, Any]) -> None:
+    width = max(len(k) for k in summary) if summary else 0
+    for key, value in summary.items():
+        if isinstance(value, float):
+            value = f"{value:.6g}"
+        elif isinstance(value, list) and len(value) > 8:
+            value = f"[{len(value)} values]"
+        print(f"{key:<{width}}  {value}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        summary = args.func(args)
+    except (PrivcamError, ValueError) as err:
+        print(f"privcam {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"privcam {args.command}: interrupted", file=sys.stderr)
+        return 130
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    else:
+        _print_human(summary)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

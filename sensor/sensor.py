@@ -1,0 +1,108 @@
+"""The sensor emulator: EMVA 1288 camera model, physics in the order it happens.
+
+    photons -> quantum efficiency (per CFA colour) x PRNU -> + dark electrons (temperature
+    law) + DSNU -> shot noise (Poisson of signal and dark together: a sum of independent
+    Poisson counts is Poisson) -> full-well clip -> conversion gain K (DN/e-) x analog gain
+    -> read noise (Gaussian, given in e- rms) -> quantisation (round) -> black level
+    -> clip to [0, 2**bit_depth - 1]
+
+Reproducibility: the fixed-pattern maps (PRNU, DSNU) come from the configuration's
+``fpn_seed`` (a property of the device), and the temporal noise of frame ``n`` from a
+Philox generator keyed by ``(seed, n)`` alone, so a frame is the same on every call and
+every thread count.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .adc import digitise_nb, electron_mean_nb
+from .cfa import colour_index_map
+from .config import SensorConfig
+
+
+def frame_rng(seed: int, frame_index: int) -> np.random.Generator:
+    """Counter-based generator for one frame: depends only on (seed, frame_index)."""
+    if frame_index < 0:
+        raise ValueError(f"frame_index: expected >= 0, got {frame_index}")
+    return np.random.Generator(np.random.Philox(np.random.SeedSequence([seed, frame_index, 0x5E45])))
+
+
+def qe_map(config: SensorConfig, height: int, width: int) -> np.ndarray:
+    """Quantum efficiency of each pixel from its CFA colour. Returns (H, W) float64."""
+    if config.cfa == "mono":
+        return np.full((height, width), config.quantum_efficiency["mono"])
+    per_colour = np.array([config.quantum_efficiency[k] for k in ("R", "G", "B")])
+    return per_colour[colour_index_map(config.cfa, height, width)]
+
+
+def fixed_pattern(config: SensorConfig, height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """PRNU gain map (mean 1) and DSNU offset map (e-) of the device. Each (H, W) float64."""
+    rng = np.random.Generator(np.random.Philox(np.random.SeedSequence([config.fpn_seed, 0xF1])))
+    prnu = 1.0 + (config.prnu_percent / 100.0) * rng.standard_normal((height, width))
+    dsnu_e = config.dsnu_e * rng.standard_normal((height, width))
+    return np.clip(prnu, 0.0, None), dsnu_e
+
+
+class Sensor:
+    """A configured sensor with its fixed-pattern noise; ``expose`` digitises one frame.
+
+    Args:
+        config: the sensor profile.
+        seed: seed of the temporal noise; frame n's noise depends only on (seed, n).
+    """
+
+    def __init__(self, config: SensorConfig, seed: int = 0) -> None:
+        self.config = config
+        self.seed = int(seed)
+        self._maps: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}
+
+    def __repr__(self) -> str:
+        return f"Sensor({self.config.name!r}, seed={self.seed})"
+
+    def _maps_for(self, height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+        """(QE x PRNU, mean dark electrons incl. DSNU) for one frame size, computed once."""
+        if (height, width) not in self._maps:
+            cfg = self.config
+            prnu, dsnu_e = fixed_pattern(cfg, height, width)
+            dark_e = cfg.dark_current_at_temperature_e_per_s() * cfg.exposure_s
+            self._maps[(height, width)] = (qe_map(cfg, height, width) * prnu,
+                                           np.clip(dark_e + dsnu_e, 0.0, None))
+        return self._maps[(height, width)]
+
+    def mean_electrons(self, photons: np.ndarray) -> np.ndarray:
+        """Expected electrons per pixel before shot noise. (H, W) float64 -> (H, W) float64."""
+        photons = _check_photons(photons)
+        qe_prnu, dark_e = self._maps_for(*photons.shape)
+        return electron_mean_nb(photons, qe_prnu, dark_e)
+
+    def expose(self, photons: np.ndarray, frame_index: int = 0) -> np.ndarray:
+        """Digitise one frame (no readout permutation).
+
+        Args:
+            photons: (H, W) mean photons per pixel during the exposure.
+            frame_index: frame counter n; the noise depends only on (seed, n).
+
+        Returns:
+            (H, W) uint16 digital numbers in [0, 2**bit_depth - 1].
+        """
+        cfg = self.config
+        mean_e = self.mean_electrons(photons)
+        rng = frame_rng(self.seed, frame_index)
+        electrons = rng.poisson(mean_e).astype(np.float64)
+        read_z = rng.standard_normal(mean_e.shape, dtype=np.float32)
+        gain = cfg.system_gain_dn_per_e
+        return digitise_nb(electrons, read_z, cfg.full_well_e, gain, cfg.read_noise_e * gain,
+                           float(cfg.black_level_dn), float(cfg.max_dn))
+
+
+def _check_photons(photons: np.ndarray) -> np.ndarray:
+    photons = np.asarray(photons)
+    if photons.ndim != 2:
+        raise ValueError(f"photons: expected an (H, W) array, got shape {photons.shape}")
+    if not np.issubdtype(photons.dtype, np.number) or np.iscomplexobj(photons):
+        raise ValueError(f"photons: expected real numbers, got {photons.dtype}")
+    photons = np.ascontiguousarray(photons, dtype=np.float64)
+    if not np.isfinite(photons).all() or (photons < 0).any():
+        raise ValueError("photons: expected finite, non-negative photon counts")
+    return photons
