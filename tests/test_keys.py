@@ -1,0 +1,88 @@
+from __future__ import annotations
+
+import os
+import pickle
+import stat
+
+import pytest
+
+from pipeline.cli import main
+from sensor.errors import KeyFileError
+from sensor.keys import Key, load_key_file, write_key_file
+
+
+def test_keygen_writes_0600_and_refuses_to_overwrite(tmp_path, capsys):
+    path = tmp_path / "cam.key"
+    assert main(["keygen", "--out", str(path), "--json"]) == 0
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    secret_hex = path.read_text().strip()
+    assert len(secret_hex) == 64
+    out = capsys.readouterr()
+    assert secret_hex not in out.out + out.err
+    key = load_key_file(path)
+    assert key.fingerprint in out.out
+    assert main(["keygen", "--out", str(path)]) == 2
+    assert path.read_text().strip() == secret_hex, "existing key must be untouched"
+
+
+def test_secret_never_in_repr_or_errors(tmp_path):
+    key = write_key_file(tmp_path / "k")
+    secret_hex = (tmp_path / "k").read_text().strip()
+    for text in (repr(key), str(key), f"{key}", key.fingerprint):
+        assert secret_hex not in text and secret_hex[:16] not in text
+    with pytest.raises(TypeError):
+        pickle.dumps(key)
+
+
+@pytest.mark.parametrize("content, mode, message", [
+    ("ab" * 31, 0o600, "64 hex digits"),
+    ("zz" * 32, 0o600, "hex digits"),
+    ("ab" * 32, 0o644, "mode is 0644"),
+    ("ab" * 32, 0o640, "mode is 0640"),
+])
+def test_bad_key_files(tmp_path, content, mode, message):
+    path = tmp_path / "bad.key"
+    path.write_text(content + "\n")
+    os.chmod(path, mode)
+    with pytest.raises(KeyFileError, match=message) as err:
+        load_key_file(path)
+    assert "bad.key" in str(err.value)
+    assert content not in str(err.value)
+
+
+def test_insecure_mode_can_be_allowed_with_a_warning(tmp_path):
+    path = tmp_path / "shared.key"
+    path.write_text("cd" * 32)
+    os.chmod(path, 0o644)
+    with pytest.warns(UserWarning, match="0644"):
+        assert load_key_file(path, allow_insecure_mode=True) == Key(bytes.fromhex("cd" * 32))
+
+
+def test_missing_and_unreadable_key_files(tmp_path):
+    with pytest.raises(KeyFileError, match="not found"):
+        load_key_file(tmp_path / "nope.key")
+    with pytest.raises(KeyFileError, match="regular file"):
+        load_key_file(tmp_path)
+    binary = tmp_path / "bin.key"
+    binary.write_bytes(b"\xff\xfe" * 32)
+    os.chmod(binary, 0o600)
+    with pytest.raises(KeyFileError, match="bin.key"):
+        load_key_file(binary)
+
+
+def test_subkeys_are_independent_and_deterministic():
+    key = Key(bytes(range(32)))
+    assert key.subkey("readout/pixel") == Key(bytes(range(32))).subkey("readout/pixel")
+    derived = {key.subkey("readout/pixel"), key.subkey("readout/quad"), key.subkey("layer", 0),
+               key.subkey("layer", 1), key.subkey("readout/pixel/frame", 0),
+               key.subkey("readout/pixel/frame", 1)}
+    assert len(derived) == 6
+    assert 0 <= key.seed("layer", 3) < 2**62
+    assert Key(bytes(32)).fingerprint != key.fingerprint
+
+
+def test_passphrase_kdf_is_stable():
+    a, b = Key.from_passphrase("correct horse"), Key.from_passphrase("correct horse")
+    assert a == b and a != Key.from_passphrase("correct horse!")
+    with pytest.raises(KeyFileError):
+        Key.from_passphrase("")
