@@ -34,3 +34,7 @@ class KeyFileError(PrivcamError):
 
     Messages never contain key material: only the path and what was wrong.
     """
+
+
+class DatasetError(PrivcamError, ValueError):
+    """A dataset file is missing or not in the expected format."""
