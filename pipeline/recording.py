@@ -190,15 +190,13 @@ class RecordingReader:
             opcode = data[pos]
             (length,) = struct.unpack_from("<Q", data, pos + 1)
             if opcode not in Opcode._value2member_map_ or pos + 9 + length > end:
-                if opcode in Opcode._value2member_map_ and opcode != Opcode.FOOTER:
-                    what = f"truncated at byte {pos} (record of {length} bytes runs past the end)"
-                else:
-                    what = f"corrupted record at byte {pos}"
                 nxt = self._next_chunk(pos + 1)
                 if nxt is None:
-                    self._problem(collect_problems, what)
+                    known = opcode in Opcode._value2member_map_
+                    self._problem(collect_problems, f"truncated at byte {pos} (record of {length} bytes runs "
+                                  "past the end)" if known else f"corrupted record at byte {pos}")
                     return
-                self._problem(collect_problems, f"{what}; resumed at byte {nxt}")
+                self._problem(collect_problems, f"corrupted record at byte {pos}; resumed at byte {nxt}")
                 pos = nxt
                 continue
             yield opcode, data[pos + 9:pos + 9 + length]
