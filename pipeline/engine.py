@@ -1,0 +1,229 @@
+"""A small streaming engine: a source, stages in threads joined by bounded queues, a sink.
+
+- Backpressure: every queue is bounded, so a slow stage blocks the ones before it and
+  memory stays flat.
+- Stage work runs in threads; the heavy work (numba ``nogil`` kernels, torch) releases the GIL.
+- ``Batch`` stages collect up to ``size`` items, or whatever arrived within ``timeout_s``, so a
+  slow source still flushes.
+- Any stage error or Ctrl-C sets one stop event; every blocking call polls it, items that
+  already passed every stage still reach the sink after an error, all threads are joined,
+  ``on_close`` hooks run (e.g. finalising a recording), and the run reports what was processed.
+  No thread outlives :meth:`Pipeline.run`.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+_END = object()
+_POLL_S = 0.05
+
+
+@dataclass
+class StageStats:
+    """Counters of one stage; times in seconds."""
+
+    name: str
+    items_in: int = 0
+    items_out: int = 0
+    busy_s: float = 0.0
+    wait_in_s: float = 0.0
+    wait_out_s: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        rate = self.items_out / self.busy_s if self.busy_s > 0 else None
+        return {"name": self.name, "items_in": self.items_in, "items_out": self.items_out,
+                "busy_s": round(self.busy_s, 4), "wait_in_s": round(self.wait_in_s, 4),
+                "wait_out_s": round(self.wait_out_s, 4), "items_per_busy_s": rate}
+
+
+@dataclass
+class Map:
+    """A 1 -> 1 stage. ``fn`` may return None to drop an item."""
+
+    name: str
+    fn: Callable[[Any], Any]
+
+
+@dataclass
+class Batch:
+    """Collect items into lists of up to ``size``; flush early after ``timeout_s`` without input."""
+
+    name: str
+    size: int
+    timeout_s: float = 0.5
+
+
+@dataclass
+class RunResult:
+    stages: list[StageStats]
+    wall_s: float
+    items_out: int
+    error: BaseException | None = None
+    interrupted: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class _Stop(Exception):
+    pass
+
+
+class Pipeline:
+    """source -> stages... -> sink. ``sink`` runs in the calling thread."""
+
+    def __init__(self, source: Iterable[Any], stages: list[Map | Batch], sink: Callable[[Any], None],
+                 queue_size: int = 8, on_close: list[Callable[[], None]] | None = None) -> None:
+        if queue_size < 1:
+            raise ValueError(f"queue_size: expected >= 1, got {queue_size}")
+        self.source, self.stages, self.sink = source, stages, sink
+        self.queue_size = queue_size
+        self.on_close = list(on_close or [])
+        self._stop = threading.Event()
+        self._errors: list[BaseException] = []
+
+    # -- blocking helpers that honour the stop event ------------------------------------------
+    def _put(self, q: queue.Queue, item: Any, stats: StageStats) -> None:
+        t0 = time.perf_counter()
+        while True:
+            if self._stop.is_set():
+                raise _Stop
+            try:
+                q.put(item, timeout=_POLL_S)
+                break
+            except queue.Full:
+                continue
+        stats.wait_out_s += time.perf_counter() - t0
+
+    def _get(self, q: queue.Queue, stats: StageStats, timeout_s: float | None = None) -> Any:
+        t0 = time.perf_counter()
+        deadline = None if timeout_s is None else t0 + timeout_s
+        while True:
+            if self._stop.is_set():
+                raise _Stop
+            wait = _POLL_S if deadline is None else min(_POLL_S, max(deadline - time.perf_counter(), 0))
+            try:
+                item = q.get(timeout=wait)
+                break
+            except queue.Empty:
+                if deadline is not None and time.perf_counter() >= deadline:
+                    stats.wait_in_s += time.perf_counter() - t0
+                    raise TimeoutError from None
+        stats.wait_in_s += time.perf_counter() - t0
+        return item
+
+    # -- threads ----------------------------------------------------------------------------------
+    def _guard(self, body: Callable[[], None]) -> Callable[[], None]:
+        def run() -> None:
+            try:
+                body()
+            except _Stop:
+                pass
+            except BaseException as err:  # noqa: BLE001 - reported by run()
+                self._errors.append(err)
+                self._stop.set()
+        return run
+
+    def _source_body(self, out: queue.Queue, stats: StageStats) -> None:
+        iterator = iter(self.source)
+        while True:
+            t0 = time.perf_counter()
+            try:
+                item = next(iterator)
+            except StopIteration:
+                break
+            stats.busy_s += time.perf_counter() - t0
+            stats.items_out += 1
+            self._put(out, item, stats)
+        self._put(out, _END, stats)
+
+    def _map_body(self, stage: Map, inq: queue.Queue, out: queue.Queue, stats: StageStats) -> None:
+        while (item := self._get(inq, stats)) is not _END:
+            stats.items_in += 1
+            t0 = time.perf_counter()
+            result = stage.fn(item)
+            stats.busy_s += time.perf_counter() - t0
+            if result is not None:
+                stats.items_out += 1
+                self._put(out, result, stats)
+        self._put(out, _END, stats)
+
+    def _batch_body(self, stage: Batch, inq: queue.Queue, out: queue.Queue, stats: StageStats) -> None:
+        pending: list[Any] = []
+        done = False
+        while not done:
+            try:
+                item = self._get(inq, stats, timeout_s=stage.timeout_s if pending else None)
+            except TimeoutError:
+                item = None
+            if item is _END:
+                done = True
+            elif item is not None:
+                stats.items_in += 1
+                pending.append(item)
+            if pending and (done or item is None or len(pending) >= stage.size):
+                stats.items_out += 1
+                self._put(out, pending, stats)
+                pending = []
+        self._put(out, _END, stats)
+
+    def _drain(self, q: queue.Queue, stats: StageStats) -> None:
+        """After a stage error, sink what already finished every stage, then stop."""
+        while True:
+            try:
+                item = q.get_nowait()
+            except queue.Empty:
+                return
+            if item is _END:
+                return
+            stats.items_in += 1
+            self.sink(item)
+            stats.items_out += 1
+
+    def run(self) -> RunResult:
+        """Run to the end of the source, an error, or Ctrl-C. Never leaves a thread behind."""
+        queues = [queue.Queue(self.queue_size) for _ in range(len(self.stages) + 1)]
+        stats = [StageStats("source")] + [StageStats(s.name) for s in self.stages]
+        sink_stats = StageStats("sink")
+        threads = [threading.Thread(target=self._guard(lambda: self._source_body(queues[0], stats[0])),
+                                    name="privcam-source", daemon=True)]
+        for i, stage in enumerate(self.stages):
+            body = self._map_body if isinstance(stage, Map) else self._batch_body
+            threads.append(threading.Thread(
+                target=self._guard(lambda b=body, s=stage, i=i: b(s, queues[i], queues[i + 1], stats[i + 1])),
+                name=f"privcam-{stage.name}", daemon=True))
+        t_start = time.perf_counter()
+        interrupted = False
+        for t in threads:
+            t.start()
+        try:
+            while (item := self._get(queues[-1], sink_stats)) is not _END:
+                sink_stats.items_in += 1
+                t0 = time.perf_counter()
+                self.sink(item)
+                sink_stats.busy_s += time.perf_counter() - t0
+                sink_stats.items_out += 1
+        except _Stop:
+            self._drain(queues[-1], sink_stats)
+        except KeyboardInterrupt:
+            interrupted = True
+        except BaseException as err:  # noqa: BLE001 - a sink error stops the run like any other
+            self._errors.append(err)
+        finally:
+            self._stop.set()
+            for t in threads:
+                t.join()
+            close_errors = []
+            for hook in self.on_close:
+                try:
+                    hook()
+                except BaseException as err:  # noqa: BLE001
+                    close_errors.append(err)
+            self._errors.extend(close_errors)
+        error = self._errors[0] if self._errors else None
+        return RunResult(stats + [sink_stats], time.perf_counter() - t_start, sink_stats.items_out,
+                         error=error, interrupted=interrupted)

@@ -1,0 +1,93 @@
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from pipeline.engine import Batch, Map, Pipeline
+
+
+def privcam_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name.startswith("privcam-")]
+
+
+def test_items_flow_in_order_through_map_and_batch():
+    out = []
+    result = Pipeline(range(23), [Map("double", lambda x: 2 * x), Batch("batch", 5)], out.append).run()
+    assert result.error is None and not result.interrupted
+    assert [len(b) for b in out] == [5, 5, 5, 5, 3]
+    assert sum(out, []) == [2 * i for i in range(23)]
+    names = [s.name for s in result.stages]
+    assert names == ["source", "double", "batch", "sink"]
+    assert result.stages[1].items_in == 23 and result.stages[2].items_out == 5
+    assert not privcam_threads()
+
+
+def test_backpressure_bounds_items_in_flight():
+    produced, consumed = [], []
+
+    def source():
+        for i in range(60):
+            produced.append(i)
+            yield i
+
+    def slow_sink(item):
+        time.sleep(0.002)
+        consumed.append(item)
+        assert len(produced) - len(consumed) <= 2 * 3 + 3, "a bounded pipeline cannot run ahead"
+
+    result = Pipeline(source(), [Map("a", lambda x: x), Map("b", lambda x: x)], slow_sink, queue_size=2).run()
+    assert result.error is None and consumed == list(range(60))
+
+
+def test_batch_flushes_on_timeout_for_a_slow_source():
+    def trickle():
+        for i in range(3):
+            yield i
+            time.sleep(0.3)
+
+    out = []
+    Pipeline(trickle(), [Batch("batch", 100, timeout_s=0.05)], out.append).run()
+    assert out == [[0], [1], [2]]
+
+
+def test_stage_error_stops_everything_and_runs_close_hooks():
+    closed = []
+
+    def boom(x):
+        if x == 7:
+            raise RuntimeError("stage failed on item 7")
+        return x
+
+    def endless():
+        i = 0
+        while True:
+            yield i
+            i += 1
+
+    out = []
+    t0 = time.perf_counter()
+    result = Pipeline(endless(), [Map("boom", boom)], out.append, on_close=[lambda: closed.append(1)]).run()
+    assert time.perf_counter() - t0 < 5
+    assert isinstance(result.error, RuntimeError) and "item 7" in str(result.error)
+    assert out == list(range(7)) and closed == [1]
+    assert not privcam_threads()
+
+
+def test_ctrl_c_in_the_sink_stops_cleanly():
+    seen = []
+
+    def sink(item):
+        seen.append(item)
+        if len(seen) == 4:
+            raise KeyboardInterrupt
+
+    result = Pipeline(iter(range(1000)), [Map("id", lambda x: x)], sink).run()
+    assert result.interrupted and result.error is None and result.items_out == 3
+    assert not privcam_threads()
+
+
+def test_bad_queue_size():
+    with pytest.raises(ValueError, match="queue_size"):
+        Pipeline([], [], print, queue_size=0)
