@@ -11,12 +11,10 @@ import dataclasses
 import math
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-import yaml
-
 from .cfa import PATTERNS
+from .configio import dataclass_from_dict, read_yaml
 from .errors import ConfigError
 
 BIT_DEPTHS = (8, 10, 12, 14, 16)
@@ -81,44 +79,11 @@ class SensorConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "SensorConfig") -> SensorConfig:
         """Build from a mapping; names the bad field on error."""
-        if not isinstance(data, dict):
-            raise ConfigError(source, "<root>", "a mapping of sensor fields", type(data).__name__)
-        known = {f.name: f for f in dataclasses.fields(cls)}
-        for key in data:
-            if key not in known:
-                raise ConfigError(source, str(key), f"one of the fields {sorted(known)}", key)
-        kwargs = {k: _coerce(source, known[k], v) for k, v in data.items()}
-        try:
-            return cls(**kwargs)
-        except ConfigError as err:
-            raise ConfigError(source, err.field, err.expected, err.got) from None
+        return dataclass_from_dict(cls, data, source)
 
     @classmethod
     def from_yaml(cls, path: str | os.PathLike) -> SensorConfig:
-        path = Path(path)
-        try:
-            text = path.read_text()
-        except OSError as err:
-            raise ConfigError(str(path), "<file>", "a readable YAML file", err.strerror) from None
-        try:
-            data = yaml.safe_load(text)
-        except yaml.YAMLError as err:
-            raise ConfigError(str(path), "<file>", "valid YAML", str(err).splitlines()[0]) from None
-        return cls.from_dict(data or {}, str(path))
-
-
-def _coerce(source: str, f: dataclasses.Field, value: Any) -> Any:
-    """Accept ints where floats are expected; reject bools and strings for numbers."""
-    if f.type == "float":
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(source, f.name, "a number", value)
-        return float(value)
-    if f.type == "int":
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(source, f.name, "an integer", value)
-    if f.type == "str" and not isinstance(value, str):
-        raise ConfigError(source, f.name, "a string", value)
-    return value
+        return cls.from_dict(read_yaml(path), str(path))
 
 
 def _positive(cfg: SensorConfig, name: str, allow_zero: bool = False) -> None:

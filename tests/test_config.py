@@ -39,3 +39,16 @@ def test_bad_yaml_file(tmp_path):
         SensorConfig.from_yaml(path)
     with pytest.raises(ConfigError, match="missing.yaml"):
         SensorConfig.from_yaml(tmp_path / "missing.yaml")
+
+
+def test_overrides_set_nested_fields_and_name_bad_ones():
+    from sensor.configio import apply_overrides
+
+    base = {"pipeline": {"batch_size": 8}, "sensor": {"path": "a.yaml"}}
+    out = apply_overrides(base, ["pipeline.batch_size=32", "key.rotation=true", "sensor.path=b.yaml"])
+    assert out == {"pipeline": {"batch_size": 32}, "sensor": {"path": "b.yaml"}, "key": {"rotation": True}}
+    assert base["pipeline"]["batch_size"] == 8, "input untouched"
+    with pytest.raises(ConfigError, match="section.field=value"):
+        apply_overrides(base, ["pipeline.batch_size"])
+    with pytest.raises(ConfigError, match="'batch_size' to be a section"):
+        apply_overrides(base, ["pipeline.batch_size.x=1"])
