@@ -1,0 +1,122 @@
+"""The model stage: batches of protected frames in, predictions out.
+
+One implementation of the per-batch work, called by the local pipeline, ``privcam replay``
+and any other engine. It is built from a plain model and a key: the keyed twin's gather
+tables are derived from the key here and never stored.
+
+Network input of a frame (:func:`network_input`), the same for training on plain frames and
+for inference on protected ones (element-wise, so it commutes with the readout permutation):
+
+* ``pixel`` scheme: the (H, W) mosaic as one channel, (1, H, W);
+* ``quad`` and ``plane`` schemes: the four packed CFA planes, (4, H/2, W/2);
+
+scaled to ``(dn - black_level) / (max_dn - black_level)``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from sensor.cfa import pack
+from sensor.errors import PrivcamError
+from sensor.frame import ProtectedFrame
+from sensor.keys import Key
+from sensor.readout import plane_tables_torch, readout_permutation, readout_seed
+
+
+def input_shape(scheme: str, height: int, width: int) -> tuple[int, int, int]:
+    """(C, h, w) of the network input for frames of (height, width) under ``scheme``."""
+    if scheme == "pixel":
+        return (1, height, width)
+    if scheme in ("quad", "plane"):
+        return (4, height // 2, width // 2)
+    raise ValueError(f"scheme: expected pixel, quad or plane, got {scheme!r}")
+
+
+def network_input(frames: np.ndarray, scheme: str, black_level: int, max_dn: int) -> np.ndarray:
+    """Frames (B, H, W) uint16 -> network input (B, C, h, w) float32 (see module docstring)."""
+    if frames.ndim != 3:
+        raise ValueError(f"frames: expected (B, H, W), got {frames.shape}")
+    x = frames[:, None] if scheme == "pixel" else pack(frames)
+    scale = np.float32(1.0 / max(max_dn - black_level, 1))
+    return (x.astype(np.float32) - np.float32(black_level)) * scale
+
+
+@dataclass(frozen=True)
+class FrameFormat:
+    """What the classifier expects of every frame."""
+
+    scheme: str
+    rotation: bool
+    height: int
+    width: int
+    black_level: int
+    max_dn: int
+
+
+class KeyedClassifier:
+    """Keyed twin of a plain classifier; ``__call__`` maps protected frames to predictions.
+
+    Args:
+        model: plain model (``models.plain``), trained on :func:`network_input` of plain frames.
+        key: the secret key; the readout and every layer order derive from it.
+        fmt: frame format (scheme, rotation, size, levels).
+        mode: "fused" (every feature map permuted) or "fast" (only the first layer keyed).
+        device: where the model and its tables run (default: CUDA when present, else CPU).
+    """
+
+    def __init__(self, model: nn.Module, key: Key, fmt: FrameFormat, mode: str = "fused",
+                 device: torch.device | str | None = None) -> None:
+        from models.keyed import keyed
+
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.fmt, self.mode, self.fingerprint = fmt, mode, key.fingerprint
+        self._key = key
+        static = readout_permutation(key, fmt.scheme, fmt.height, fmt.width).plane_tables()
+        shape = input_shape(fmt.scheme, fmt.height, fmt.width)
+        self.model = keyed(model.to(self.device).eval(), key, shape, torch.from_numpy(static), mode=mode,
+                           device=self.device)
+
+    def check(self, frame: ProtectedFrame) -> None:
+        """Refuse frames this classifier cannot read, naming the mismatch."""
+        m, f = frame.meta, self.fmt
+        if m.key_fingerprint != self.fingerprint:
+            raise PrivcamError(f"frame {m.frame_index}: protected with key {m.key_fingerprint}, "
+                               f"but the classifier holds key {self.fingerprint}")
+        if (m.scheme, m.rotation, m.height, m.width) != (f.scheme, f.rotation, f.height, f.width):
+            raise PrivcamError(
+                f"frame {m.frame_index}: scheme/rotation/size {m.scheme}/{m.rotation}/{m.height}x{m.width} "
+                f"differ from the classifier's {f.scheme}/{f.rotation}/{f.height}x{f.width}")
+
+    @torch.inference_mode()
+    def logits(self, frames: list[ProtectedFrame]) -> torch.Tensor:
+        """(B, num_classes) float32 logits on the classifier's device."""
+        for frame in frames:
+            self.check(frame)
+        data = np.stack([f.data for f in frames])
+        x = torch.from_numpy(network_input(data, self.fmt.scheme, self.fmt.black_level, self.fmt.max_dn))
+        if self.device.type == "cuda":
+            x = x.pin_memory()
+        x = x.to(self.device, non_blocking=True)
+        if not self.fmt.rotation:
+            return self.model(x)
+        seeds = [readout_seed(self._key, self.fmt.scheme, f.meta.frame_index) for f in frames]
+        tables = plane_tables_torch(self.fmt.scheme, self.fmt.height, self.fmt.width, seeds, self.device)
+        return self.model(x, input_perm=tables)
+
+    def __call__(self, frames: list[ProtectedFrame]) -> list[dict[str, Any]]:
+        """Predictions, one dict per frame: frame index, label (or None), class, confidence."""
+        probs = torch.softmax(self.logits(frames).float(), dim=1).cpu()
+        conf, pred = probs.max(dim=1)
+        rows = zip(frames, pred.tolist(), conf.tolist(), strict=True)
+        return [{"frame_index": f.meta.frame_index, "label": f.meta.label, "pred": int(p),
+                 "confidence": float(c)} for f, p, c in rows]
+
+    def __repr__(self) -> str:
+        return (f"KeyedClassifier(key={self.fingerprint}, scheme={self.fmt.scheme}, "
+                f"rotation={self.fmt.rotation}, mode={self.mode}, device={self.device})")
