@@ -1,0 +1,173 @@
+"""Train a plain classifier on what the sensor emits before the readout permutation.
+
+Scenes are augmented (random shift by padding-and-crop, horizontal flip) *before* the sensor, then
+rendered to photons and exposed with the sensor's noise; the network sees
+:func:`pipeline.classifier.network_input` of the plain frames. The keyed twin of the result
+classifies protected frames without retraining.
+
+Resumable: the full training state (model, optimiser, scheduler, epoch, best accuracy) is saved
+atomically after every epoch to ``<out>.state``; running again with the same config continues.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from models.checkpoint import load_training_state, save_checkpoint, save_training_state
+from models.plain import build_model
+from sensor.config import SensorConfig
+from sensor.configio import dataclass_from_dict
+from sensor.errors import ConfigError
+from sensor.scene import render_photons
+from sensor.sensor import Sensor
+
+from .classifier import input_shape, network_input
+from .datasets import Dataset, load_dataset
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    dataset: str = "fashion-mnist"
+    data: str | None = None
+    model: str = "compact"
+    scheme: str = "pixel"
+    sensor: str = "configs/sensors/mono10.yaml"
+    epochs: int = 8
+    batch_size: int = 128
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    augment: bool = True
+    seed: int = 0
+    limit_train: int | None = None
+    limit_test: int | None = None
+    out: str = "models/weights/compact_fashion_mnist_pixel.pt"
+
+    def __post_init__(self) -> None:
+        if self.scheme not in ("pixel", "quad", "plane"):
+            raise ConfigError("TrainConfig", "scheme", "pixel, quad or plane", self.scheme)
+        for name in ("epochs", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError("TrainConfig", name, ">= 1", getattr(self, name))
+        if self.lr <= 0:
+            raise ConfigError("TrainConfig", "lr", "> 0", self.lr)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "TrainConfig") -> TrainConfig:
+        return dataclass_from_dict(cls, data, source)
+
+
+def augment_scenes(images: np.ndarray, rng: np.random.Generator, pad: int = 2) -> np.ndarray:
+    """Random shift (pad by reflection, crop back) and horizontal flip. (B, H, W[, 3]) uint8."""
+    b, h, w = images.shape[:3]
+    widths = [(0, 0), (pad, pad), (pad, pad)] + [(0, 0)] * (images.ndim - 3)
+    padded = np.pad(images, widths, mode="reflect")
+    dy, dx = rng.integers(0, 2 * pad + 1, b), rng.integers(0, 2 * pad + 1, b)
+    out = np.stack([padded[i, dy[i]:dy[i] + h, dx[i]:dx[i] + w] for i in range(b)])
+    flip = rng.random(b) < 0.5
+    out[flip] = out[flip][:, :, ::-1]
+    return out
+
+
+def expose_scenes(images: np.ndarray, sensor: Sensor, first_frame_index: int) -> np.ndarray:
+    """Scenes (B, H, W[, 3]) uint8 -> plain sensor frames (B, H, W) uint16, frame n = first + i."""
+    return np.stack([sensor.expose(render_photons(im, sensor.config), first_frame_index + i)
+                     for i, im in enumerate(images)])
+
+
+def sensor_inputs(images: np.ndarray, sensor: Sensor, scheme: str, first_frame_index: int) -> torch.Tensor:
+    """Scenes -> plain frames -> network input tensor (B, C, h, w) float32."""
+    frames = expose_scenes(images, sensor, first_frame_index)
+    cfg = sensor.config
+    return torch.from_numpy(network_input(frames, scheme, cfg.black_level_dn, cfg.max_dn))
+
+
+@torch.inference_mode()
+def evaluate_plain(model: nn.Module, data: Dataset, sensor: Sensor, scheme: str, batch_size: int = 500,
+                   first_frame_index: int = 10**9, device: torch.device | str = "cpu") -> float:
+    """Accuracy of a plain model on plain (unpermuted) sensor frames of ``data``."""
+    model.eval()
+    correct = 0
+    for start in range(0, len(data), batch_size):
+        x = sensor_inputs(data.images[start:start + batch_size], sensor, scheme, first_frame_index + start)
+        pred = model(x.to(device)).argmax(1).cpu()
+        correct += int((pred == torch.from_numpy(data.labels[start:start + batch_size])).sum())
+    return correct / len(data)
+
+
+def train(cfg: TrainConfig, progress: bool = True, device: torch.device | str | None = None) -> dict[str, Any]:
+    """Train (or resume) and write the checkpoint and its manifest. Returns the manifest."""
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    train_set = load_dataset(cfg.dataset, "train", cfg.data).subset(cfg.limit_train)
+    test_set = load_dataset(cfg.dataset, "test", cfg.data).subset(cfg.limit_test)
+    sensor_cfg = SensorConfig.from_yaml(cfg.sensor)
+    sensor = Sensor(sensor_cfg, seed=cfg.seed)
+    h, w = train_set.images.shape[1:3]
+    c = input_shape(cfg.scheme, h, w)[0]
+    num_classes = int(max(train_set.labels.max(), test_set.labels.max())) + 1
+    arch = {"name": cfg.model, "in_channels": c, "num_classes": num_classes}
+    torch.manual_seed(cfg.seed)
+    model = build_model(**arch).to(device)
+    opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+                          nesterov=True)
+    steps_per_epoch = -(-len(train_set) // cfg.batch_size)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.epochs * steps_per_epoch)
+    state_path = Path(cfg.out).with_suffix(".state")
+    epoch0, history, wall_s = 0, [], 0.0
+    state = load_training_state(state_path)
+    if state is not None:
+        if state["config"] != asdict(cfg):
+            raise ConfigError(str(state_path), "config", "the same training config to resume (delete the .state "
+                              "file to start over)", "a different config")
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        epoch0, history, wall_s = state["epoch"], state["history"], state["wall_s"]
+    loss_fn = nn.CrossEntropyLoss()
+    for epoch in range(epoch0, cfg.epochs):
+        t0 = time.perf_counter()
+        rng = np.random.Generator(np.random.Philox(np.random.SeedSequence([cfg.seed, epoch, 0x7A])))
+        order = rng.permutation(len(train_set))
+        model.train()
+        total_loss, seen = 0.0, 0
+        bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not progress,
+                   unit="batch", leave=False)
+        for step in bar:
+            idx = order[step * cfg.batch_size:(step + 1) * cfg.batch_size]
+            scenes = train_set.images[idx]
+            if cfg.augment:
+                scenes = augment_scenes(scenes, rng)
+            x = sensor_inputs(scenes, sensor, cfg.scheme, epoch * len(train_set) + step * cfg.batch_size)
+            y = torch.from_numpy(train_set.labels[idx])
+            loss = loss_fn(model(x.to(device)), y.to(device))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            total_loss += loss.item() * len(idx)
+            seen += len(idx)
+            bar.set_postfix(loss=f"{total_loss / seen:.4f}")
+        acc = evaluate_plain(model, test_set, sensor, cfg.scheme, device=device)
+        wall_s += time.perf_counter() - t0
+        history.append({"epoch": epoch + 1, "loss": total_loss / seen, "test_accuracy": acc, "wall_s": wall_s})
+        if progress:
+            tqdm.write(f"epoch {epoch + 1}: loss {total_loss / seen:.4f}  plain test accuracy {acc:.4f}  "
+                       f"({wall_s:.0f} s)")
+        save_training_state(state_path, {
+            "config": asdict(cfg), "model": model.state_dict(), "optimizer": opt.state_dict(),
+            "scheduler": sched.state_dict(), "epoch": epoch + 1, "history": history, "wall_s": wall_s})
+    final_acc = history[-1]["test_accuracy"] if history else None
+    info = {"dataset": cfg.dataset, "train_images": len(train_set), "test_images": len(test_set),
+            "scheme": cfg.scheme, "input_shape": list(input_shape(cfg.scheme, h, w)),
+            "sensor": sensor_cfg.to_dict(), "sensor_seed": cfg.seed, "plain_test_accuracy": final_acc,
+            "epochs": cfg.epochs, "train_wall_s": round(wall_s, 1), "device": str(device),
+            "torch_threads": torch.get_num_threads(), "history": history, "train_config": asdict(cfg)}
+    return save_checkpoint(cfg.out, model, arch, info)
