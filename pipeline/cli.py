@@ -155,12 +155,115 @@ def cmd_demo(args: argparse.Namespace) -> dict[str, Any]:
             "shape": list(frame.shape), "mean_dn": float(frame.mean())}
 
 
+DEFAULT_RUN_CONFIG = REPO_ROOT / "configs" / "pipeline" / "default.yaml"
+
+
+def load_run_config(args: argparse.Namespace):
+    """configs/pipeline YAML, then --set overrides, then the convenience flags."""
+    from sensor.configio import apply_overrides, read_yaml
+
+    from .run import RunConfig
+
+    path = args.config or DEFAULT_RUN_CONFIG
+    data = read_yaml(path)
+    sets = list(args.set or [])
+    for flag, dotted in (("key", "key.file"), ("scheme", "key.scheme"), ("limit", "source.limit"),
+                         ("dataset", "source.dataset"), ("data", "source.data"), ("checkpoint", "model.checkpoint"),
+                         ("mode", "model.mode"), ("predictions", "output.predictions"),
+                         ("batch_size", "pipeline.batch_size")):
+        value = getattr(args, flag, None)
+        if value is not None:
+            sets.append(f"{dotted}={value}")
+    if getattr(args, "rotation", False):
+        sets.append("key.rotation=true")
+    return RunConfig.from_dict(apply_overrides(data, sets), str(path))
+
+
+def add_run_options(p: argparse.ArgumentParser, model: bool = True, source: bool = True) -> None:
+    p.add_argument("--config", help="pipeline YAML (default: configs/pipeline/default.yaml)")
+    p.add_argument("--set", action="append", metavar="SECTION.FIELD=VALUE",
+                   help="override a config field, e.g. --set pipeline.batch_size=128 (repeatable)")
+    p.add_argument("--key", help="key file (privcam keygen)")
+    if source:
+        p.add_argument("--dataset", help="fashion-mnist | mnist | cifar10 | folder")
+        p.add_argument("--data", help="dataset path")
+        p.add_argument("--limit", type=int, help="number of items from the split")
+        p.add_argument("--scheme", choices=["pixel", "quad", "plane"], help="readout permutation scheme")
+        p.add_argument("--rotation", action="store_true", help="a fresh permutation per frame")
+    if model:
+        p.add_argument("--checkpoint", help="plain model checkpoint (.pt with its .json manifest)")
+        p.add_argument("--mode", choices=["fused", "fast"], help="keyed network mode")
+        p.add_argument("--predictions", help="write predictions here (.jsonl or .csv)")
+        p.add_argument("--batch-size", type=int, dest="batch_size", help="frames per model batch")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _finish(summary: dict[str, Any]) -> dict[str, Any]:
+    """A run that stopped on an error exits non-zero after reporting what it processed."""
+    if summary.get("error"):
+        summary["exit_status"] = 1
+    if summary.get("interrupted"):
+        summary["exit_status"] = 130
+    return summary
+
+
+def cmd_run(args: argparse.Namespace) -> dict[str, Any]:
+    from .run import run_pipeline
+
+    cfg = load_run_config(args)
+    if args.record:
+        from dataclasses import replace
+
+        cfg = replace(cfg, output=replace(cfg.output, record=args.record))
+    return _finish(run_pipeline(cfg, progress=not args.quiet))
+
+
+def cmd_record(args: argparse.Namespace) -> dict[str, Any]:
+    from .run import record_frames
+
+    return _finish(record_frames(load_run_config(args), args.out, progress=not args.quiet))
+
+
+def cmd_replay(args: argparse.Namespace) -> dict[str, Any]:
+    from .run import replay_recording
+
+    summary = replay_recording(args.recording, load_run_config(args), progress=not args.quiet)
+    report = summary.get("replay_report", {})
+    if report.get("problems"):
+        lost = report["frames_lost"]
+        if report.get("lost_is_lower_bound"):
+            lost = f"at least {lost}" if lost else "an unknown number of frames"
+        print(f"privcam replay: {summary['frames']} intact frames replayed, {lost} lost: "
+              f"{'; '.join(report['problems'])}", file=sys.stderr)
+    return _finish(summary)
+
+
+def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
+    from sensor.configio import apply_overrides, read_yaml
+
+    from .train import TrainConfig, train
+
+    data = read_yaml(args.config) if args.config else {}
+    sets = list(args.set or [])
+    for flag in ("dataset", "data", "model", "scheme", "epochs", "out", "limit_train", "limit_test", "sensor"):
+        value = getattr(args, flag, None)
+        if value is not None:
+            sets.append(f"{flag}={value}")
+    cfg = TrainConfig.from_dict(apply_overrides(data, sets), args.config or "train options")
+    manifest = train(cfg, progress=not args.quiet)
+    return {k: v for k, v in manifest.items() if k not in ("history", "sensor", "train_config")}
+
+
 EXAMPLES = {
     "capture": "privcam capture photo.jpg --sensor configs/sensors/default.yaml --out frame.dng "
                "--preview preview.png",
     "ptc": "privcam ptc --sensor configs/sensors/mono10.yaml --analog-gain 4 --json",
     "keygen": "privcam keygen --out camera.key",
     "demo": "privcam demo --out demo_out",
+    "run": "privcam run --key camera.key --limit 1000 --scheme pixel --rotation --predictions preds.jsonl --json",
+    "record": "privcam record --key camera.key --limit 200 --out frames.mcap",
+    "replay": "privcam replay frames.mcap --key camera.key --predictions preds.csv",
+    "train": "privcam train --config configs/train/compact_fashion_mnist.yaml",
 }
 
 
@@ -202,12 +305,37 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("keygen", cmd_keygen, "Create a 256-bit key file (hex, mode 0600). Refuses to overwrite.")
     p.add_argument("--out", required=True, help="key file to create")
 
+    p = add("run", cmd_run, "Run the pipeline: dataset scenes -> sensor with keyed readout -> keyed classifier.")
+    add_run_options(p)
+    p.add_argument("--record", help="also record the protected frames to this .mcap file")
+
+    p = add("record", cmd_record, "Capture protected frames into an MCAP recording (no model).")
+    add_run_options(p, model=False)
+    p.add_argument("--out", required=True, help="recording to write (.mcap)")
+
+    p = add("replay", cmd_replay,
+            "Stream a recording through the keyed classifier. The key's fingerprint must match the recording's; "
+            "damaged parts are skipped and reported.")
+    p.add_argument("recording", help="recording (.mcap)")
+    add_run_options(p, source=False)
+
+    p = add("train", cmd_train,
+            "Train a plain classifier on plain sensor frames (noise included), resumable; writes checkpoint + "
+            "manifest.")
+    p.add_argument("--config", help="training YAML (configs/train/)")
+    p.add_argument("--set", action="append", metavar="FIELD=VALUE", help="override a training field (repeatable)")
+    for flag, kind in (("--dataset", str), ("--data", str), ("--model", str), ("--scheme", str), ("--epochs", int),
+                       ("--out", str), ("--limit-train", int), ("--limit-test", int), ("--sensor", str)):
+        p.add_argument(flag, type=kind)
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
     p = add("demo", cmd_demo, "Built-in demo: a colour chart through the default sensor.")
     p.add_argument("--out", default="demo_out", help="output folder (default demo_out)")
     return parser
 
 
 def _print_human(summary: dict[str, Any]) -> None:
+    stages = summary.pop("stages", None)
     width = max(len(k) for k in summary) if summary else 0
     for key, value in summary.items():
         if isinstance(value, float):
@@ -215,6 +343,13 @@ def _print_human(summary: dict[str, Any]) -> None:
         elif isinstance(value, list) and len(value) > 8:
             value = f"[{len(value)} values]"
         print(f"{key:<{width}}  {value}")
+    if stages:
+        print(f"\n{'stage':<10} {'in':>7} {'out':>7} {'busy s':>8} {'items/s':>10} "
+              f"{'wait in s':>10} {'wait out s':>10}")
+        for st in stages:
+            rate = f"{st['items_per_busy_s']:.1f}" if st["items_per_busy_s"] else "-"
+            print(f"{st['name']:<10} {st['items_in']:>7} {st['items_out']:>7} {st['busy_s']:>8.3f} {rate:>10} "
+                  f"{st['wait_in_s']:>10.3f} {st['wait_out_s']:>10.3f}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -231,7 +366,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(summary, indent=2))
     else:
         _print_human(summary)
-    return 0
+    return int(summary.get("exit_status", 0))
 
 
 if __name__ == "__main__":

@@ -77,7 +77,7 @@ class Recorder:
     """Streaming MCAP writer of protected frames. Use as a context manager."""
 
     def __init__(self, path: str | os.PathLike, sensor_config: dict[str, Any], scheme: str, rotation: bool,
-                 key_fingerprint: str, chunk_size: int = 4 << 20) -> None:
+                 key_fingerprint: str, chunk_size: int = 256 << 10) -> None:
         self.path = Path(path)
         self.partial = self.path.with_name(self.path.name + ".partial")
         self.key_fingerprint = key_fingerprint

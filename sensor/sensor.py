@@ -14,11 +14,16 @@ every thread count.
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 
 from .adc import digitise_nb, electron_mean_nb
 from .cfa import colour_index_map
 from .config import SensorConfig
+from .frame import FrameMeta, ProtectedFrame
+from .keys import Key
+from .readout import ReadoutPermutation, readout_permutation
 
 
 def frame_rng(seed: int, frame_index: int) -> np.random.Generator:
@@ -45,7 +50,8 @@ def fixed_pattern(config: SensorConfig, height: int, width: int) -> tuple[np.nda
 
 
 class Sensor:
-    """A configured sensor with its fixed-pattern noise; ``expose`` digitises one frame.
+    """A configured sensor with its fixed-pattern noise; ``expose`` digitises one frame and
+    ``capture`` digitises it and reads it out in keyed order.
 
     Args:
         config: the sensor profile.
@@ -56,6 +62,7 @@ class Sensor:
         self.config = config
         self.seed = int(seed)
         self._maps: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}
+        self._readouts: dict[tuple[str, str, int, int], ReadoutPermutation] = {}
 
     def __repr__(self) -> str:
         return f"Sensor({self.config.name!r}, seed={self.seed})"
@@ -94,6 +101,41 @@ class Sensor:
         gain = cfg.system_gain_dn_per_e
         return digitise_nb(electrons, read_z, cfg.full_well_e, gain, cfg.read_noise_e * gain,
                            float(cfg.black_level_dn), float(cfg.max_dn))
+
+
+    def readout(self, key: Key, scheme: str, height: int, width: int,
+                frame_index: int | None = None) -> ReadoutPermutation:
+        """The keyed readout order of one frame; the static one (frame_index None) is built once."""
+        if frame_index is not None:
+            return readout_permutation(key, scheme, height, width, frame_index)
+        cache_key = (key.fingerprint, scheme, height, width)
+        if cache_key not in self._readouts:
+            self._readouts[cache_key] = readout_permutation(key, scheme, height, width)
+        return self._readouts[cache_key]
+
+    def capture(self, photons: np.ndarray, key: Key, frame_index: int = 0, scheme: str = "pixel",
+                rotation: bool = False, label: int | None = None,
+                capture_time_ns: int | None = None) -> ProtectedFrame:
+        """Expose, then read the frame out in the key's order: what a protected camera emits.
+
+        Args:
+            photons: (H, W) mean photons per pixel.
+            key: the secret key (only its fingerprint is attached to the frame).
+            frame_index: frame counter n: the noise seed and, with ``rotation``, the readout order.
+            scheme: "pixel", "quad" (2x2 CFA cells move whole) or "plane" (each CFA plane alone).
+            rotation: a fresh permutation per frame (key, n) instead of one static permutation.
+
+        Returns:
+            ProtectedFrame with (H, W) uint16 data in keyed slot order.
+        """
+        plain = self.expose(photons, frame_index)
+        h, w = plain.shape
+        order = self.readout(key, scheme, h, w, frame_index if rotation else None)
+        meta = FrameMeta(frame_index=int(frame_index), scheme=scheme, rotation=bool(rotation),
+                         key_fingerprint=key.fingerprint, bit_depth=self.config.bit_depth, cfa=self.config.cfa,
+                         height=h, width=w, capture_time_ns=time.time_ns() if capture_time_ns is None
+                         else int(capture_time_ns), label=None if label is None else int(label))
+        return ProtectedFrame(order.forward(plain, out=plain), meta)
 
 
 def _check_photons(photons: np.ndarray) -> np.ndarray:

@@ -1,0 +1,333 @@
+"""Assemble and run the sensor-to-classifier pipeline, and replay recordings through it.
+
+    dataset scene -> render photons + expose + keyed readout (Sensor.capture) -> [recorder]
+    -> batcher -> keyed classifier -> sinks (predictions file, metrics, progress bar)
+
+The classifier stage only ever receives :class:`~sensor.frame.ProtectedFrame` objects.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from models.checkpoint import load_checkpoint
+from sensor.config import SensorConfig
+from sensor.configio import dataclass_from_dict, read_yaml
+from sensor.errors import ConfigError, PrivcamError
+from sensor.frame import ProtectedFrame
+from sensor.keys import Key, load_key_file
+from sensor.scene import render_photons
+from sensor.sensor import Sensor
+
+from .classifier import FrameFormat, KeyedClassifier
+from .datasets import Dataset, load_dataset
+from .engine import Batch, Map, Pipeline, RunResult
+from .recording import Recorder, RecordingReader
+
+SCHEMES = ("pixel", "quad", "plane")
+
+
+@dataclass(frozen=True)
+class SourceSection:
+    dataset: str = "fashion-mnist"
+    split: str = "test"
+    data: str | None = None
+    limit: int | None = 2000
+    offset: int = 0
+
+
+@dataclass(frozen=True)
+class SensorSection:
+    profile: str = "configs/sensors/mono10.yaml"
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class KeySection:
+    file: str | None = None
+    scheme: str = "pixel"
+    rotation: bool = False
+
+    def __post_init__(self) -> None:
+        if self.scheme not in SCHEMES:
+            raise ConfigError("key", "scheme", f"one of {SCHEMES}", self.scheme)
+
+
+@dataclass(frozen=True)
+class ModelSection:
+    checkpoint: str = "models/weights/compact_fashion_mnist_pixel.pt"
+    mode: str = "fused"
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("fused", "fast"):
+            raise ConfigError("model", "mode", "fused or fast", self.mode)
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ConfigError("model", "device", "auto, cpu or cuda", self.device)
+
+
+@dataclass(frozen=True)
+class PipelineSection:
+    batch_size: int = 64
+    batch_timeout_s: float = 0.5
+    queue_size: int = 8
+
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "queue_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError("pipeline", name, ">= 1", getattr(self, name))
+        if self.batch_timeout_s <= 0:
+            raise ConfigError("pipeline", "batch_timeout_s", "> 0", self.batch_timeout_s)
+
+
+@dataclass(frozen=True)
+class OutputSection:
+    predictions: str | None = None
+    record: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.predictions and Path(self.predictions).suffix not in (".jsonl", ".csv"):
+            raise ConfigError("output", "predictions", "a .jsonl or .csv path", self.predictions)
+        if self.record and Path(self.record).suffix != ".mcap":
+            raise ConfigError("output", "record", "a .mcap path", self.record)
+
+
+_SECTIONS = {"source": SourceSection, "sensor": SensorSection, "key": KeySection, "model": ModelSection,
+             "pipeline": PipelineSection, "output": OutputSection}
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    source: SourceSection = field(default_factory=SourceSection)
+    sensor: SensorSection = field(default_factory=SensorSection)
+    key: KeySection = field(default_factory=KeySection)
+    model: ModelSection = field(default_factory=ModelSection)
+    pipeline: PipelineSection = field(default_factory=PipelineSection)
+    output: OutputSection = field(default_factory=OutputSection)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "config") -> RunConfig:
+        unknown = set(data) - set(_SECTIONS)
+        if unknown:
+            raise ConfigError(source, sorted(unknown)[0], f"one of the sections {sorted(_SECTIONS)}")
+        sections = {}
+        for name, section_cls in _SECTIONS.items():
+            try:
+                sections[name] = dataclass_from_dict(section_cls, data.get(name) or {}, f"{source} [{name}]")
+            except ConfigError as err:
+                raise ConfigError(err.source, f"{name}.{err.field}".replace(f"{name}.{name}.", f"{name}."),
+                                  err.expected, err.got) from None
+        return cls(**sections)
+
+    @classmethod
+    def from_yaml(cls, path: str | os.PathLike) -> RunConfig:
+        return cls.from_dict(read_yaml(path), str(path))
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("model", "device", "a CUDA device to be present (or use auto/cpu)", name)
+    return torch.device(name)
+
+
+def load_key(path: str | None) -> Key:
+    if not path:
+        raise ConfigError("key", "file", "a key file path (create one with: privcam keygen --out camera.key)")
+    return load_key_file(path)
+
+
+# -- sinks ------------------------------------------------------------------------------------------
+class PredictionSink:
+    """Counts accuracy and writes predictions (JSON lines or CSV) to a temp file, moved into place on close."""
+
+    FIELDS = ("frame_index", "label", "pred", "confidence")
+
+    def __init__(self, path: str | None, total: int | None, progress: bool) -> None:
+        self.path = Path(path) if path else None
+        self.count = self.correct = self.labelled = 0
+        self.predictions: list[dict[str, Any]] = []
+        self._fh: io.TextIOBase | None = None
+        self._csv = None
+        if self.path is not None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd, self._tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
+            self._fh = os.fdopen(fd, "w", newline="")
+            if self.path.suffix == ".csv":
+                self._csv = csv.DictWriter(self._fh, fieldnames=self.FIELDS)
+                self._csv.writeheader()
+        self._bar = tqdm(total=total, unit="frame", desc="frames", disable=not progress, smoothing=0.1)
+
+    def __call__(self, rows: list[dict[str, Any]]) -> None:
+        for row in rows:
+            self.count += 1
+            if row["label"] is not None:
+                self.labelled += 1
+                self.correct += int(row["pred"] == row["label"])
+            self.predictions.append(row)
+            if self._csv is not None:
+                self._csv.writerow(row)
+            elif self._fh is not None:
+                self._fh.write(json.dumps(row) + "\n")
+        self._bar.update(len(rows))
+        if self.labelled:
+            self._bar.set_postfix(accuracy=f"{self.correct / self.labelled:.4f}")
+
+    def close(self) -> None:
+        self._bar.close()
+        if self._fh is not None and not self._fh.closed:
+            self._fh.close()
+            os.replace(self._tmp, self.path)
+
+    @property
+    def accuracy(self) -> float | None:
+        return self.correct / self.labelled if self.labelled else None
+
+
+# -- stages -----------------------------------------------------------------------------------------
+def scene_items(data: Dataset, first_frame_index: int = 0) -> Iterator[tuple[int, np.ndarray, int | None]]:
+    """(frame index, scene image, label) for each dataset item."""
+    for i in range(len(data)):
+        label = None if data.labels is None else int(data.labels[i])
+        yield first_frame_index + i, data.images[i], label
+
+
+def capture_stage(sensor: Sensor, key: Key, scheme: str, rotation: bool):
+    """Stage function: (n, scene, label) -> ProtectedFrame. The plain frame never leaves it."""
+    def capture(item: tuple[int, np.ndarray, int | None]) -> ProtectedFrame:
+        n, scene, label = item
+        return sensor.capture(render_photons(scene, sensor.config), key, frame_index=n, scheme=scheme,
+                              rotation=rotation, label=label)
+    return capture
+
+
+def record_stage(recorder: Recorder):
+    def record(frame: ProtectedFrame) -> ProtectedFrame:
+        recorder.write(frame)
+        return frame
+    return record
+
+
+def summarise(result: RunResult, sink: PredictionSink, extra: dict[str, Any]) -> dict[str, Any]:
+    stages = [s.to_dict() for s in result.stages]
+    summary = {**extra, "frames": sink.count, "labelled": sink.labelled, "accuracy": sink.accuracy,
+               "wall_s": round(result.wall_s, 3),
+               "frames_per_s": round(sink.count / result.wall_s, 2) if result.wall_s > 0 else None,
+               "stages": stages, "interrupted": result.interrupted,
+               "error": None if result.error is None else f"{type(result.error).__name__}: {result.error}"}
+    if sink.path is not None:
+        summary["predictions"] = str(sink.path)
+    return summary
+
+
+def build_classifier(cfg: RunConfig, key: Key, fmt: FrameFormat) -> tuple[KeyedClassifier, dict[str, Any]]:
+    model, manifest = load_checkpoint(cfg.model.checkpoint)
+    trained_scheme = manifest.get("scheme")
+    representation = {"pixel": "mosaic", "quad": "packed", "plane": "packed"}
+    if trained_scheme and representation[trained_scheme] != representation[fmt.scheme]:
+        raise ConfigError("key", "scheme", f"a scheme whose network input matches the checkpoint's "
+                          f"({trained_scheme})", fmt.scheme)
+    device = pick_device(cfg.model.device)
+    return KeyedClassifier(model, key, fmt, mode=cfg.model.mode, device=device), manifest
+
+
+def run_pipeline(cfg: RunConfig, progress: bool = True) -> dict[str, Any]:
+    """Live run: dataset scenes through the keyed sensor into the keyed classifier."""
+    key = load_key(cfg.key.file)
+    sensor_cfg = SensorConfig.from_yaml(cfg.sensor.profile)
+    data = load_dataset(cfg.source.dataset, cfg.source.split, cfg.source.data).subset(cfg.source.limit,
+                                                                                        cfg.source.offset)
+    if len(data) == 0:
+        raise ConfigError("source", "limit", "at least one item in the selected range", cfg.source.limit)
+    h, w = data.images.shape[1:3]
+    fmt = FrameFormat(cfg.key.scheme, cfg.key.rotation, h, w, sensor_cfg.black_level_dn, sensor_cfg.max_dn)
+    classifier, manifest = build_classifier(cfg, key, fmt)
+    sensor = Sensor(sensor_cfg, seed=cfg.sensor.seed)
+    stages: list[Map | Batch] = [Map("sensor", capture_stage(sensor, key, cfg.key.scheme, cfg.key.rotation))]
+    on_close = []
+    recorder = None
+    if cfg.output.record:
+        recorder = Recorder(cfg.output.record, sensor_cfg.to_dict(), cfg.key.scheme, cfg.key.rotation, key.fingerprint)
+        stages.append(Map("recorder", record_stage(recorder)))
+        on_close.append(recorder.close)
+    stages += [Batch("batcher", cfg.pipeline.batch_size, cfg.pipeline.batch_timeout_s),
+               Map("model", classifier)]
+    sink = PredictionSink(cfg.output.predictions, len(data), progress)
+    on_close.append(sink.close)
+    result = Pipeline(scene_items(data, cfg.source.offset), stages, sink, cfg.pipeline.queue_size,
+                      on_close=on_close).run()
+    extra = {"job": "run", "dataset": cfg.source.dataset, "split": cfg.source.split, "scheme": cfg.key.scheme,
+             "rotation": cfg.key.rotation, "mode": cfg.model.mode, "device": str(classifier.device),
+             "key_fingerprint": key.fingerprint, "checkpoint": cfg.model.checkpoint,
+             "checkpoint_plain_accuracy": manifest.get("plain_test_accuracy")}
+    if recorder is not None:
+        extra["recording"] = {"path": cfg.output.record, "frames_written": recorder.frames_written}
+    return summarise(result, sink, extra)
+
+
+def replay_recording(path: str, cfg: RunConfig, progress: bool = True) -> dict[str, Any]:
+    """Stream a recording through the keyed classifier. Damaged parts are skipped and reported."""
+    key = load_key(cfg.key.file)
+    reader = RecordingReader(path)
+    if reader.key_fingerprint != key.fingerprint:
+        raise PrivcamError(f"{path}: recorded with key {reader.key_fingerprint}, but {cfg.key.file} has fingerprint "
+                           f"{key.fingerprint}; refusing to replay with the wrong key")
+    sensor_dict = reader.sensor_config() or {}
+    sensor_cfg = SensorConfig.from_dict(sensor_dict, f"{path} [privcam.sensor]")
+    frames = reader.frames()
+    first = next(frames, None)
+    if first is None:
+        report = reader.report.to_dict()
+        return {"job": "replay", "recording": path, "frames": 0, "replay_report": report,
+                "error": "no intact frame in the recording"}
+    fmt = FrameFormat(first.meta.scheme, first.meta.rotation, first.meta.height, first.meta.width,
+                      sensor_cfg.black_level_dn, sensor_cfg.max_dn)
+    classifier, manifest = build_classifier(cfg, key, fmt)
+
+    def all_frames() -> Iterator[ProtectedFrame]:
+        yield first
+        yield from frames
+
+    total = reader.report.expected_frames
+    sink = PredictionSink(cfg.output.predictions, total, progress)
+    stages = [Batch("batcher", cfg.pipeline.batch_size, cfg.pipeline.batch_timeout_s), Map("model", classifier)]
+    result = Pipeline(all_frames(), stages, sink, cfg.pipeline.queue_size, on_close=[sink.close]).run()
+    extra = {"job": "replay", "recording": path, "scheme": fmt.scheme, "rotation": fmt.rotation,
+             "mode": cfg.model.mode, "device": str(classifier.device), "key_fingerprint": key.fingerprint,
+             "checkpoint": cfg.model.checkpoint, "replay_report": reader.report.to_dict()}
+    return summarise(result, sink, extra)
+
+
+def record_frames(cfg: RunConfig, out: str, progress: bool = True) -> dict[str, Any]:
+    """Sensor and recorder only: capture the source's scenes as protected frames into ``out`` (.mcap)."""
+    key = load_key(cfg.key.file)
+    sensor_cfg = SensorConfig.from_yaml(cfg.sensor.profile)
+    data = load_dataset(cfg.source.dataset, cfg.source.split, cfg.source.data).subset(cfg.source.limit,
+                                                                                        cfg.source.offset)
+    sensor = Sensor(sensor_cfg, seed=cfg.sensor.seed)
+    recorder = Recorder(out, sensor_cfg.to_dict(), cfg.key.scheme, cfg.key.rotation, key.fingerprint)
+    bar = tqdm(total=len(data), unit="frame", desc="recording", disable=not progress)
+    stages = [Map("sensor", capture_stage(sensor, key, cfg.key.scheme, cfg.key.rotation)),
+              Map("recorder", record_stage(recorder))]
+    result = Pipeline(scene_items(data, cfg.source.offset), stages, lambda _: bar.update(1), cfg.pipeline.queue_size,
+                      on_close=[recorder.close, bar.close]).run()
+    return {"job": "record", "recording": out, "frames": recorder.frames_written, "scheme": cfg.key.scheme,
+            "rotation": cfg.key.rotation, "key_fingerprint": key.fingerprint, "wall_s": round(result.wall_s, 3),
+            "stages": [s.to_dict() for s in result.stages], "interrupted": result.interrupted,
+            "error": None if result.error is None else f"{type(result.error).__name__}: {result.error}"}

@@ -1,0 +1,209 @@
+"""End to end: live run, record, replay (bit for bit), wrong key, damaged recordings, interruption."""
+
+from __future__ import annotations
+
+import gzip
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from models.checkpoint import save_checkpoint
+from models.plain import build_model
+from pipeline.classifier import FrameFormat, KeyedClassifier, network_input
+from pipeline.cli import main
+from pipeline.recording import RecordingReader
+from pipeline.run import RunConfig, record_frames, replay_recording, run_pipeline
+from sensor.config import SensorConfig
+from sensor.errors import ConfigError, PrivcamError
+from sensor.keys import load_key_file, write_key_file
+from sensor.scene import render_photons
+from sensor.sensor import Sensor
+
+N_FRAMES = 40
+
+
+def write_idx(path, array: np.ndarray) -> None:
+    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(int(n).to_bytes(4, "big") for n in array.shape)
+    with gzip.open(path, "wb") as fh:
+        fh.write(header + array.astype(np.uint8).tobytes())
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("world")
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (N_FRAMES, 28, 28), dtype=np.uint8)
+    write_idx(root / "t10k-images-idx3-ubyte.gz", images)
+    write_idx(root / "t10k-labels-idx1-ubyte.gz", rng.integers(0, 10, N_FRAMES))
+    torch.manual_seed(0)
+    arch = {"name": "compact", "in_channels": 1, "num_classes": 10}
+    model = build_model(**arch)
+    save_checkpoint(root / "m.pt", model, arch, {"scheme": "pixel"})
+    arch4 = {"name": "compact", "in_channels": 4, "num_classes": 10}
+    save_checkpoint(root / "m4.pt", build_model(**arch4), arch4, {"scheme": "quad"})
+    write_key_file(root / "cam.key")
+    write_key_file(root / "other.key")
+    return root
+
+
+def config(world, **sections) -> RunConfig:
+    data = {"source": {"dataset": "mnist", "data": str(world), "limit": N_FRAMES},
+            "sensor": {"profile": "configs/sensors/mono10.yaml", "seed": 3},
+            "key": {"file": str(world / "cam.key"), "scheme": "pixel"},
+            "model": {"checkpoint": str(world / "m.pt"), "device": "cpu"},
+            "pipeline": {"batch_size": 8, "batch_timeout_s": 30.0}}
+    for name, values in sections.items():
+        data.setdefault(name, {}).update(values)
+    return RunConfig.from_dict(data, "test")
+
+
+@pytest.mark.parametrize("scheme, rotation, checkpoint", [("pixel", False, "m.pt"), ("pixel", True, "m.pt"),
+                                                          ("quad", True, "m4.pt"), ("plane", False, "m4.pt")])
+def test_live_run_equals_plain_model_and_replay_is_bit_exact(world, tmp_path, scheme, rotation, checkpoint):
+    rec, preds = tmp_path / "live.mcap", tmp_path / "live.jsonl"
+    cfg = config(world, key={"scheme": scheme, "rotation": rotation},
+                 model={"checkpoint": str(world / checkpoint)},
+                 output={"record": str(rec), "predictions": str(preds)})
+    summary = run_pipeline(cfg, progress=False)
+    assert summary["error"] is None and summary["frames"] == N_FRAMES
+    assert summary["recording"]["frames_written"] == N_FRAMES
+    live = [json.loads(line) for line in preds.read_text().splitlines()]
+
+    # The keyed classifier on protected frames predicts what the plain model predicts on plain frames.
+    from models.checkpoint import load_checkpoint
+    plain_model, _ = load_checkpoint(world / checkpoint)
+    sensor_cfg = SensorConfig.from_yaml("configs/sensors/mono10.yaml")
+    sensor = Sensor(sensor_cfg, seed=3)
+    from pipeline.datasets import load_dataset
+    data = load_dataset("mnist", "test", world)
+    plain = np.stack([sensor.expose(render_photons(im, sensor_cfg), i) for i, im in enumerate(data.images)])
+    with torch.no_grad():
+        logits = plain_model(torch.from_numpy(network_input(plain, scheme, sensor_cfg.black_level_dn,
+                                                            sensor_cfg.max_dn)))
+    assert [row["pred"] for row in live] == logits.argmax(1).tolist()
+    assert [row["label"] for row in live] == data.labels.tolist()
+
+    replay_preds = tmp_path / "replay.jsonl"
+    cfg_replay = config(world, model={"checkpoint": str(world / checkpoint)},
+                        output={"predictions": str(replay_preds)})
+    replayed = replay_recording(str(rec), cfg_replay, progress=False)
+    assert replayed["frames"] == N_FRAMES and replayed["replay_report"]["frames_lost"] == 0
+    assert replay_preds.read_text() == preds.read_text(), "replay must give the same predictions bit for bit"
+
+
+def test_model_stage_only_sees_protected_frames(world):
+    seen = []
+    original = KeyedClassifier.__call__
+
+    def spy(self, frames):
+        seen.extend(frames)
+        return original(self, frames)
+
+    KeyedClassifier.__call__ = spy
+    try:
+        run_pipeline(config(world), progress=False)
+    finally:
+        KeyedClassifier.__call__ = original
+    sensor_cfg = SensorConfig.from_yaml("configs/sensors/mono10.yaml")
+    sensor = Sensor(sensor_cfg, seed=3)
+    from pipeline.datasets import load_dataset
+    images = load_dataset("mnist", "test", world).images
+    assert len(seen) == N_FRAMES
+    for frame in seen[:5]:
+        plain = sensor.expose(render_photons(images[frame.meta.frame_index], sensor_cfg), frame.meta.frame_index)
+        assert not np.array_equal(frame.data, plain)
+        assert np.array_equal(np.sort(frame.data, axis=None), np.sort(plain, axis=None)), "a permutation"
+
+
+def test_replay_refuses_a_key_with_another_fingerprint(world, tmp_path):
+    rec = tmp_path / "r.mcap"
+    record_frames(config(world), str(rec), progress=False)
+    with pytest.raises(PrivcamError, match="refusing to replay"):
+        replay_recording(str(rec), config(world, key={"file": str(world / "other.key")}), progress=False)
+    text = rec.read_bytes()
+    secret = (world / "cam.key").read_text().strip()
+    assert secret.encode() not in text and bytes.fromhex(secret) not in text
+    assert load_key_file(world / "cam.key").fingerprint.encode() in text
+
+
+def test_damaged_recording_replays_intact_frames_without_traceback(world, tmp_path, capsys):
+    rec = tmp_path / "r.mcap"
+    cfg = config(world, source={"limit": N_FRAMES})
+    from pipeline import run as run_module
+    from pipeline.recording import Recorder
+
+    original = Recorder.__init__
+
+    def small_chunks(self, *args, **kwargs):
+        kwargs["chunk_size"] = 8000
+        original(self, *args, **kwargs)
+
+    Recorder.__init__ = small_chunks
+    try:
+        run_module.record_frames(cfg, str(rec), progress=False)
+    finally:
+        Recorder.__init__ = original
+    data = rec.read_bytes()
+    cut = tmp_path / "cut.mcap"
+    cut.write_bytes(data[: len(data) * 2 // 3])
+    args = ["replay", str(cut), "--key", str(world / "cam.key"), "--checkpoint", str(world / "m.pt"), "--quiet",
+            "--set", "model.device=cpu", "--json"]
+    assert main(args) == 0
+    out = capsys.readouterr()
+    summary = json.loads(out.out)
+    assert 0 < summary["frames"] < N_FRAMES
+    assert "truncated" in out.err and "Traceback" not in out.err
+
+    flipped = bytearray(data)
+    flipped[len(data) // 2] ^= 0xFF
+    (tmp_path / "flip.mcap").write_bytes(bytes(flipped))
+    reader = RecordingReader(tmp_path / "flip.mcap")
+    intact = list(reader.frames())
+    assert len(intact) + reader.report.frames_lost == N_FRAMES and reader.report.frames_lost > 0
+
+
+def test_stage_error_finalises_the_recording_and_reports(world, tmp_path, monkeypatch):
+    rec = tmp_path / "err.mcap"
+    calls = {"n": 0}
+    original = KeyedClassifier.__call__
+
+    def failing(self, frames):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError("model stage failed")
+        return original(self, frames)
+
+    monkeypatch.setattr(KeyedClassifier, "__call__", failing)
+    summary = run_pipeline(config(world, output={"record": str(rec)}), progress=False)
+    assert "model stage failed" in summary["error"]
+    assert summary["frames"] == 16
+    reader = RecordingReader(rec)
+    assert len(list(reader.frames())) == summary["recording"]["frames_written"] >= 16
+    assert reader.report.problems == []
+
+
+def test_config_errors_name_the_field(world):
+    with pytest.raises(ConfigError, match="pipeline.batch_size"):
+        config(world, pipeline={"batch_size": 0})
+    with pytest.raises(ConfigError, match="key.scheme"):
+        config(world, key={"scheme": "rows"})
+    with pytest.raises(ConfigError, match="key.file"):
+        run_pipeline(config(world, key={"file": None}), progress=False)
+    with pytest.raises(ConfigError, match="scheme"):
+        run_pipeline(config(world, key={"scheme": "quad"}), progress=False)  # 1-channel checkpoint
+
+
+def test_classifier_refuses_frames_of_another_format(world):
+    from models.checkpoint import load_checkpoint
+    model, _ = load_checkpoint(world / "m.pt")
+    key = load_key_file(world / "cam.key")
+    clf = KeyedClassifier(model, key, FrameFormat("pixel", False, 28, 28, 16, 1023), device="cpu")
+    sensor = Sensor(SensorConfig.from_yaml("configs/sensors/mono10.yaml"))
+    frame = sensor.capture(np.full((28, 28), 100.0), key, 0, scheme="pixel", rotation=True)
+    with pytest.raises(PrivcamError, match="rotation"):
+        clf([frame])
+    other = sensor.capture(np.full((28, 28), 100.0), load_key_file(world / "other.key"), 0, scheme="pixel")
+    with pytest.raises(PrivcamError, match="protected with key"):
+        clf([other])
