@@ -254,6 +254,40 @@ def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
     return {k: v for k, v in manifest.items() if k not in ("history", "sensor", "train_config")}
 
 
+def cmd_show(args: argparse.Namespace) -> dict[str, Any]:
+    import torch
+
+    from models.checkpoint import load_checkpoint
+    from models.plain import build_model
+    from sensor.keys import load_key_file
+    from sensor.scene import colour_chart
+
+    from .classifier import input_shape
+    from .show import show_panels
+
+    config = load_sensor_config(args.sensor)
+    if args.image:
+        kind, scene, _ = read_scene_or_raw(Path(args.image))
+        if kind != "scene":
+            raise CliError(f"{args.image}: show expects an 8-bit image as the scene")
+    else:
+        scene = colour_chart(96, 144)
+    h, w = scene.shape[:2]
+    if args.scheme != "pixel" and (h % 2 or w % 2):
+        scene = scene[: h - h % 2, : w - w % 2]
+    key = load_key_file(args.key)
+    if args.checkpoint:
+        model, _ = load_checkpoint(args.checkpoint)
+        weights = args.checkpoint
+    else:
+        torch.manual_seed(0)
+        model = build_model("compact", input_shape(args.scheme, *scene.shape[:2])[0], 10)
+        weights = "random init (seed 0)"
+    figure, facts = show_panels(scene, config, key, args.scheme, model, args.frame_index, args.seed)
+    _write_png(Path(args.out), figure)
+    return {"out": args.out, "weights": weights, **facts}
+
+
 EXAMPLES = {
     "capture": "privcam capture photo.jpg --sensor configs/sensors/default.yaml --out frame.dng "
                "--preview preview.png",
@@ -263,6 +297,7 @@ EXAMPLES = {
     "run": "privcam run --key camera.key --limit 1000 --scheme pixel --rotation --predictions preds.jsonl --json",
     "record": "privcam record --key camera.key --limit 200 --out frames.mcap",
     "replay": "privcam replay frames.mcap --key camera.key --predictions preds.csv",
+    "show": "privcam show photo.jpg --key camera.key --scheme quad --out show.png",
     "train": "privcam train --config configs/train/compact_fashion_mnist.yaml",
 }
 
@@ -328,6 +363,17 @@ def build_parser() -> argparse.ArgumentParser:
                        ("--out", str), ("--limit-train", int), ("--limit-test", int), ("--sensor", str)):
         p.add_argument(flag, type=kind)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    p = add("show", cmd_show,
+            "Write one PNG: scene, plain raw, protected frame, plain and keyed first-layer feature maps.")
+    p.add_argument("image", nargs="?", help="8-bit scene image (default: built-in colour chart)")
+    p.add_argument("--sensor", help="sensor profile YAML (default: configs/sensors/default.yaml)")
+    p.add_argument("--key", required=True, help="key file")
+    p.add_argument("--scheme", default="quad", choices=["pixel", "quad", "plane"])
+    p.add_argument("--checkpoint", help="plain model checkpoint (default: a randomly initialised compact net)")
+    p.add_argument("--frame-index", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="show.png", help="PNG to write (default show.png)")
 
     p = add("demo", cmd_demo, "Built-in demo: a colour chart through the default sensor.")
     p.add_argument("--out", default="demo_out", help="output folder (default demo_out)")
