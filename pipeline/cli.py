@@ -288,6 +288,16 @@ def cmd_show(args: argparse.Namespace) -> dict[str, Any]:
     return {"out": args.out, "weights": weights, **facts}
 
 
+def cmd_bench(args: argparse.Namespace) -> dict[str, Any]:
+    import importlib
+
+    module = importlib.import_module(f"benchmarks.{args.what}")
+    argv = list(args.extra or [])
+    if args.out:
+        argv += ["--json", args.out]
+    return module.main(argv)
+
+
 EXAMPLES = {
     "capture": "privcam capture photo.jpg --sensor configs/sensors/default.yaml --out frame.dng "
                "--preview preview.png",
@@ -298,6 +308,7 @@ EXAMPLES = {
     "record": "privcam record --key camera.key --limit 200 --out frames.mcap",
     "replay": "privcam replay frames.mcap --key camera.key --predictions preds.csv",
     "show": "privcam show photo.jpg --key camera.key --scheme quad --out show.png",
+    "bench": "privcam bench readout --out readout.json -- --height 3000 --width 4000",
     "train": "privcam train --config configs/train/compact_fashion_mnist.yaml",
 }
 
@@ -374,6 +385,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--frame-index", type=int, default=0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="show.png", help="PNG to write (default show.png)")
+
+    p = add("bench", cmd_bench,
+            "Throughput benchmarks, ratios against a baseline measured in the same run: readout (vs memcpy), "
+            "model (keyed vs plain), pipeline (threaded vs serial).")
+    p.add_argument("what", choices=["readout", "model", "pipeline"])
+    p.add_argument("--out", help="also write the JSON result here")
+    p.add_argument("extra", nargs=argparse.REMAINDER, help="options passed to the benchmark (after --)")
 
     p = add("demo", cmd_demo, "Built-in demo: a colour chart through the default sensor.")
     p.add_argument("--out", default="demo_out", help="output folder (default demo_out)")
