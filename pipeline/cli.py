@@ -289,13 +289,21 @@ def cmd_show(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_bench(args: argparse.Namespace) -> dict[str, Any]:
+    """Run a benchmark module; it prints its own table, the JSON result is returned (and kept in --out)."""
+    import contextlib
     import importlib
+    import tempfile
 
     module = importlib.import_module(f"benchmarks.{args.what}")
-    argv = list(args.extra or [])
-    if args.out:
-        argv += ["--json", args.out]
-    return module.main(argv)
+    out = Path(args.out) if args.out else Path(tempfile.mkstemp(suffix=".json")[1])
+    try:
+        with contextlib.redirect_stdout(sys.stderr if args.json else sys.stdout):
+            module.main(list(args.extra) + ["--json", str(out)])
+        result = json.loads(out.read_text())
+    finally:
+        if not args.out:
+            out.unlink(missing_ok=True)
+    return result if args.json else {"benchmark": args.what, "json": str(args.out) if args.out else None}
 
 
 EXAMPLES = {
@@ -391,7 +399,7 @@ def build_parser() -> argparse.ArgumentParser:
             "model (keyed vs plain), pipeline (threaded vs serial).")
     p.add_argument("what", choices=["readout", "model", "pipeline"])
     p.add_argument("--out", help="also write the JSON result here")
-    p.add_argument("extra", nargs=argparse.REMAINDER, help="options passed to the benchmark (after --)")
+    p.epilog += "\n\noptions after '--' go to the benchmark itself (see python -m benchmarks.WHAT --help)"
 
     p = add("demo", cmd_demo, "Built-in demo: a colour chart through the default sensor.")
     p.add_argument("--out", default="demo_out", help="output folder (default demo_out)")
@@ -417,7 +425,13 @@ def _print_human(summary: dict[str, Any]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    passthrough: list[str] = []
+    if argv[:1] == ["bench"] and "--" in argv:
+        cut = argv.index("--")
+        argv, passthrough = argv[:cut], argv[cut + 1:]
     args = build_parser().parse_args(argv)
+    args.extra = passthrough
     try:
         summary = args.func(args)
     except (PrivcamError, ValueError) as err:
