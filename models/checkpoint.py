@@ -43,6 +43,7 @@ def _atomic_write(path: Path, write: Any) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
+        os.chmod(tmp, 0o666 & ~_umask())
         write(tmp)
         os.replace(tmp, path)
     except BaseException:
@@ -111,3 +112,10 @@ def load_training_state(path: str | os.PathLike) -> dict[str, Any] | None:
     if not path.exists():
         return None
     return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def _umask() -> int:
+    """The process umask (mkstemp files are 0600; published files get the usual mode)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

@@ -68,15 +68,18 @@ class KeyedClassifier:
         fmt: frame format (scheme, rotation, size, levels).
         mode: "fused" (every feature map permuted) or "fast" (only the first layer keyed).
         device: where the model and its tables run (default: CUDA when present, else CPU).
+        check_fingerprint: refuse frames whose key fingerprint differs (turn off only to measure
+            what a wrong key gives, as an attacker with another key would).
     """
 
     def __init__(self, model: nn.Module, key: Key, fmt: FrameFormat, mode: str = "fused",
-                 device: torch.device | str | None = None) -> None:
+                 device: torch.device | str | None = None, check_fingerprint: bool = True) -> None:
         from models.keyed import keyed
 
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.fmt, self.mode, self.fingerprint = fmt, mode, key.fingerprint
         self._key = key
+        self.check_fingerprint = check_fingerprint
         static = readout_permutation(key, fmt.scheme, fmt.height, fmt.width).plane_tables()
         shape = input_shape(fmt.scheme, fmt.height, fmt.width)
         self.model = keyed(model.to(self.device).eval(), key, shape, torch.from_numpy(static), mode=mode,
@@ -85,7 +88,7 @@ class KeyedClassifier:
     def check(self, frame: ProtectedFrame) -> None:
         """Refuse frames this classifier cannot read, naming the mismatch."""
         m, f = frame.meta, self.fmt
-        if m.key_fingerprint != self.fingerprint:
+        if self.check_fingerprint and m.key_fingerprint != self.fingerprint:
             raise PrivcamError(f"frame {m.frame_index}: protected with key {m.key_fingerprint}, "
                                f"but the classifier holds key {self.fingerprint}")
         if (m.scheme, m.rotation, m.height, m.width) != (f.scheme, f.rotation, f.height, f.width):

@@ -16,6 +16,8 @@ import numpy as np
 from sensor.config import SensorConfig
 from sensor.errors import PrivcamError
 
+from .images import write_png
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_SENSOR = REPO_ROOT / "configs" / "sensors" / "default.yaml"
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
@@ -92,28 +94,9 @@ def cmd_capture(args: argparse.Namespace) -> dict[str, Any]:
     }
     if args.preview:
         preview = raw_to_srgb(frame, config)
-        _write_png(Path(args.preview), preview)
+        write_png(Path(args.preview), preview)
         summary["preview"] = str(args.preview)
     return summary
-
-
-def _write_png(path: Path, rgb: np.ndarray) -> None:
-    """Write an RGB uint8 image atomically (temporary file then rename)."""
-    import os
-    import tempfile
-
-    import cv2
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".png", dir=path.parent)
-    os.close(fd)
-    try:
-        if not cv2.imwrite(tmp, np.ascontiguousarray(rgb[..., ::-1] if rgb.ndim == 3 else rgb)):
-            raise CliError(f"{path}: could not encode PNG")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def cmd_ptc(args: argparse.Namespace) -> dict[str, Any]:
@@ -136,23 +119,9 @@ def cmd_keygen(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_demo(args: argparse.Namespace) -> dict[str, Any]:
-    """Built-in default job: the colour chart through the default sensor."""
-    from sensor.rawio import RawMeta, write_raw
-    from sensor.scene import colour_chart, raw_to_srgb, render_photons
-    from sensor.sensor import Sensor
+    from .demo import run_demo
 
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    config = load_sensor_config(None)
-    scene = colour_chart()
-    frame = Sensor(config, seed=0).expose(render_photons(scene, config), frame_index=0)
-    meta = RawMeta(width=frame.shape[1], height=frame.shape[0], bit_depth=config.bit_depth, cfa=config.cfa,
-                   black_level=config.black_level_dn, white_level=config.max_dn)
-    write_raw(out / "chart.dng", frame, meta)
-    _write_png(out / "scene.png", scene)
-    _write_png(out / "preview.png", raw_to_srgb(frame, config))
-    return {"sensor": config.name, "raw": str(out / "chart.dng"), "preview": str(out / "preview.png"),
-            "shape": list(frame.shape), "mean_dn": float(frame.mean())}
+    return run_demo(Path(args.out), args.limit, progress=not args.quiet)
 
 
 DEFAULT_RUN_CONFIG = REPO_ROOT / "configs" / "pipeline" / "default.yaml"
@@ -284,7 +253,7 @@ def cmd_show(args: argparse.Namespace) -> dict[str, Any]:
         model = build_model("compact", input_shape(args.scheme, *scene.shape[:2])[0], 10)
         weights = "random init (seed 0)"
     figure, facts = show_panels(scene, config, key, args.scheme, model, args.frame_index, args.seed)
-    _write_png(Path(args.out), figure)
+    write_png(Path(args.out), figure)
     return {"out": args.out, "weights": weights, **facts}
 
 
@@ -401,8 +370,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="also write the JSON result here")
     p.epilog += "\n\noptions after '--' go to the benchmark itself (see python -m benchmarks.WHAT --help)"
 
-    p = add("demo", cmd_demo, "Built-in demo: a colour chart through the default sensor.")
+    p = add("demo", cmd_demo,
+            "Built-in demo on the shipped Fashion-MNIST sample: sensor, rotating keyed readout, recording, keyed "
+            "classifier, replay, a wrong key, and show.png.")
     p.add_argument("--out", default="demo_out", help="output folder (default demo_out)")
+    p.add_argument("--limit", type=int, default=1000, help="frames from the sample (default 1000)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
     return parser
 
 

@@ -1,7 +1,8 @@
 """Scene sources: labelled image datasets as (N, H, W[, 3]) uint8 arrays.
 
 - Fashion-MNIST and MNIST in IDX format (optionally gzipped). Debian's
-  ``dataset-fashion-mnist`` installs them under ``/usr/share/datasets/fashion-mnist``.
+  ``dataset-fashion-mnist`` installs them under ``/usr/share/datasets/fashion-mnist``; the first
+  1000 test images ship with privcam as ``fashion-mnist-sample`` for the demo.
 - CIFAR-10 in its python pickle format (``data_batch_1..5``, ``test_batch``, ``batches.meta``).
 - A folder of images: labels from sub-folder names when there are sub-folders.
 """
@@ -19,6 +20,7 @@ import numpy as np
 from sensor.errors import DatasetError
 
 FASHION_MNIST_ROOT = Path("/usr/share/datasets/fashion-mnist")
+SAMPLE_ROOT = Path(__file__).resolve().parent / "data" / "fashion_mnist_sample"  # first 1000 test images
 FASHION_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker",
                    "Bag", "Ankle boot")
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
@@ -151,7 +153,9 @@ def load_image_folder(root: str | os.PathLike, grey: bool = False) -> Dataset:
 
 
 def load_dataset(name: str, split: str = "test", root: str | os.PathLike | None = None) -> Dataset:
-    """Dispatch by name: fashion-mnist, mnist, cifar10, folder."""
+    """Dispatch by name: fashion-mnist, fashion-mnist-sample (shipped, test split only), mnist, cifar10, folder."""
+    if name == "fashion-mnist-sample":
+        return load_idx_dataset(name, root or SAMPLE_ROOT, split, FASHION_CLASSES)
     if name == "fashion-mnist":
         return load_idx_dataset(name, root or FASHION_MNIST_ROOT, split, FASHION_CLASSES)
     if name == "mnist":
@@ -166,4 +170,5 @@ def load_dataset(name: str, split: str = "test", root: str | os.PathLike | None 
         if root is None:
             raise DatasetError("folder: expected --data PATH to a folder of images")
         return load_image_folder(root)
-    raise DatasetError(f"dataset: expected one of fashion-mnist, mnist, cifar10, folder, got {name!r}")
+    raise DatasetError(f"dataset: expected one of fashion-mnist, fashion-mnist-sample, mnist, cifar10, folder, "
+                       f"got {name!r}")

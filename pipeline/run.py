@@ -193,6 +193,9 @@ class PredictionSink:
         self._bar.close()
         if self._fh is not None and not self._fh.closed:
             self._fh.close()
+            mask = os.umask(0)
+            os.umask(mask)
+            os.chmod(self._tmp, 0o666 & ~mask)
             os.replace(self._tmp, self.path)
 
     @property
