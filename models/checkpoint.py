@@ -14,13 +14,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from sensor.atomic import atomic_path
 from sensor.errors import PrivcamError
 
 from .plain import build_model
@@ -36,19 +36,6 @@ def sha256_file(path: str | os.PathLike) -> str:
         for block in iter(lambda: fh.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
-
-
-def _atomic_write(path: Path, write: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        os.chmod(tmp, 0o666 & ~_umask())
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def manifest_path(path: str | os.PathLike) -> Path:
@@ -68,9 +55,11 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, arch: dict[str, A
     if extra or set(state) != plain_keys:
         raise CheckpointError(f"{path}: state_dict does not match a plain {arch['name']} "
                               f"(unexpected {sorted(extra)[:3]}); save the plain model, not a keyed twin")
-    _atomic_write(path, lambda tmp: torch.save({"arch": dict(arch), "state_dict": state}, tmp))
+    with atomic_path(path) as tmp:
+        torch.save({"arch": dict(arch), "state_dict": state}, tmp)
     manifest = {"file": path.name, "sha256": sha256_file(path), "arch": dict(arch), **info}
-    _atomic_write(manifest_path(path), lambda tmp: Path(tmp).write_text(json.dumps(manifest, indent=2) + "\n"))
+    with atomic_path(manifest_path(path)) as tmp:
+        tmp.write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest
 
 
@@ -104,7 +93,8 @@ def load_checkpoint(path: str | os.PathLike, device: torch.device | str = "cpu")
 
 def save_training_state(path: str | os.PathLike, state: dict[str, Any]) -> None:
     """Atomically save a resumable training state (model, optimiser, epoch, RNG states)."""
-    _atomic_write(Path(path), lambda tmp: torch.save(state, tmp))
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
 
 
 def load_training_state(path: str | os.PathLike) -> dict[str, Any] | None:
@@ -112,10 +102,3 @@ def load_training_state(path: str | os.PathLike) -> dict[str, Any] | None:
     if not path.exists():
         return None
     return torch.load(path, map_location="cpu", weights_only=False)
-
-
-def _umask() -> int:
-    """The process umask (mkstemp files are 0600; published files get the usual mode)."""
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask

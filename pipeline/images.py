@@ -1,34 +1,21 @@
-"""Atomic PNG output for previews and figures."""
+"""PNG output for previews and figures, written atomically."""
 
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 import cv2
 import numpy as np
 
+from sensor.atomic import atomic_path
 from sensor.errors import PrivcamError
 
 
-def write_png(path: Path, rgb: np.ndarray) -> None:
-    """Write an RGB uint8 image atomically (temporary file then rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".png", dir=path.parent)
-    os.close(fd)
-    try:
-        os.chmod(tmp, 0o666 & ~_umask())
-        if not cv2.imwrite(tmp, np.ascontiguousarray(rgb[..., ::-1] if rgb.ndim == 3 else rgb)):
-            raise PrivcamError(f"{path}: could not encode PNG")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _umask() -> int:
-    """The process umask (mkstemp files are 0600; published files get the usual mode)."""
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+def write_png(path: str | os.PathLike, rgb: np.ndarray) -> None:
+    """Write an (H, W, 3) RGB or (H, W) grey uint8 image (temporary file, then rename)."""
+    with atomic_path(path) as tmp:
+        ok, encoded = cv2.imencode(".png", np.ascontiguousarray(rgb[..., ::-1] if rgb.ndim == 3 else rgb))
+        if not ok:
+            raise PrivcamError(f"{Path(path)}: could not encode PNG")
+        tmp.write_bytes(encoded.tobytes())

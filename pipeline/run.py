@@ -12,7 +12,6 @@ import csv
 import io
 import json
 import os
-import tempfile
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -23,6 +22,7 @@ import torch
 from tqdm import tqdm
 
 from models.checkpoint import load_checkpoint
+from sensor.atomic import atomic_path
 from sensor.config import SensorConfig
 from sensor.configio import dataclass_from_dict, read_yaml
 from sensor.errors import ConfigError, PrivcamError
@@ -166,9 +166,8 @@ class PredictionSink:
         self._fh: io.TextIOBase | None = None
         self._csv = None
         if self.path is not None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            fd, self._tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
-            self._fh = os.fdopen(fd, "w", newline="")
+            self._staged = atomic_path(self.path)
+            self._fh = open(self._staged.__enter__(), "w", newline="")  # noqa: SIM115 - closed in close()
             if self.path.suffix == ".csv":
                 self._csv = csv.DictWriter(self._fh, fieldnames=self.FIELDS)
                 self._csv.writeheader()
@@ -193,10 +192,7 @@ class PredictionSink:
         self._bar.close()
         if self._fh is not None and not self._fh.closed:
             self._fh.close()
-            mask = os.umask(0)
-            os.umask(mask)
-            os.chmod(self._tmp, 0o666 & ~mask)
-            os.replace(self._tmp, self.path)
+            self._staged.__exit__(None, None, None)  # what was predicted so far is kept, even after an error
 
     @property
     def accuracy(self) -> float | None:

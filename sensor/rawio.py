@@ -28,9 +28,7 @@ from __future__ import annotations
 
 import os
 import re
-import secrets
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Literal
@@ -39,6 +37,7 @@ import cv2
 import numpy as np
 import yaml
 
+from .atomic import staged_files
 from .cfa import PATTERNS
 from .errors import RawFormatError
 
@@ -557,46 +556,6 @@ def read_raw(path: str | os.PathLike[str], **hints: Any) -> RawFrame:
 # ---------------------------------------------------------------------------------------------
 
 
-def _create_temp(target: Path) -> Path:
-    """Create an empty temporary file next to ``target`` with the same suffix (mode 0o666 & ~umask)."""
-    for _ in range(100):
-        tmp = target.with_name(f".{target.name}.{secrets.token_hex(6)}.tmp{target.suffix}")
-        try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-        except FileExistsError:
-            continue
-        os.close(fd)
-        return tmp
-    raise FileExistsError(f"{target}: could not create a unique temporary file")  # pragma: no cover
-
-
-def _fsync(path: Path) -> None:
-    with open(path, "rb+") as f:
-        os.fsync(f.fileno())
-
-
-@contextmanager
-def _staged(targets: Sequence[Path]) -> Iterator[list[Path]]:
-    """Yield temporary paths for ``targets``; on normal exit move each onto its target.
-
-    Targets are replaced last to first, so a frame file is replaced after its sidecar. On any
-    exception before the moves every temporary file is removed and no target is touched.
-    """
-    temps: list[Path] = []
-    try:
-        for target in targets:
-            temps.append(_create_temp(target))
-        yield temps
-        for tmp in temps:
-            _fsync(tmp)
-        for tmp, target in reversed(list(zip(temps, targets, strict=True))):
-            os.replace(tmp, target)
-    except BaseException:
-        for tmp in temps:
-            tmp.unlink(missing_ok=True)
-        raise
-
-
 def _write_npy(tmp: Path, data: np.ndarray, meta: RawMeta) -> None:
     with open(tmp, "wb") as f:
         np.save(f, data.astype(_uint16_dtype(meta.byte_order)), allow_pickle=False)
@@ -708,7 +667,7 @@ def write_raw(path: str | os.PathLike[str], frame_or_array: RawFrame | np.ndarra
     meta = validate_meta(p, {f.name: getattr(meta, f.name) for f in fields(RawMeta)})
     check_data(p, data, meta)
     targets = [p] if p.suffix.lower() in _NO_SIDECAR else [p, sidecar_path(p)]
-    with _staged(targets) as temps:
+    with staged_files(targets) as temps:
         writer(temps[0], data, meta)
         if len(temps) > 1:
             temps[1].write_text(_sidecar_text(meta), encoding="utf-8")
