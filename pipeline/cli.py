@@ -275,6 +275,35 @@ def cmd_bench(args: argparse.Namespace) -> dict[str, Any]:
     return result if args.json else {"benchmark": args.what, "json": str(args.out) if args.out else None}
 
 
+def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
+    from sensor.keys import Key, load_key_file
+
+    from .datasets import load_dataset
+    from .evaluate import AttackBudget, accuracy_table
+
+    if args.what != "accuracy":
+        raise CliError(f"eval {args.what}: not available yet (only 'accuracy')")
+    key = load_key_file(args.key) if args.key else Key.generate()
+    test = load_dataset(args.dataset, "test", args.data).subset(args.limit_test)
+    train = load_dataset(args.dataset, "train", args.data)
+    sensor_cfg = load_sensor_config(args.sensor)
+    budget = AttackBudget(train_images=args.attack_train_images, epochs=args.attack_epochs)
+    table = accuracy_table(args.checkpoint, test, train, sensor_cfg, key, args.scheme, budget,
+                           progress=not args.quiet)
+    if args.out:
+        from sensor.atomic import atomic_path
+
+        with atomic_path(args.out) as tmp:
+            tmp.write_text(json.dumps(table, indent=2) + "\n")
+    if not args.json:
+        print(f"{table['dataset']}: {table['test_images']} test images, chance {table['chance']:.3f}")
+        for mode in table["modes"]:
+            for row in mode["rows"]:
+                print(f"  {mode['key_mode']:<9} {row['row']}. {row['name']:<70} {row['accuracy']:.4f}")
+        return {"out": args.out}
+    return table
+
+
 EXAMPLES = {
     "capture": "privcam capture photo.jpg --sensor configs/sensors/default.yaml --out frame.dng "
                "--preview preview.png",
@@ -286,6 +315,7 @@ EXAMPLES = {
     "replay": "privcam replay frames.mcap --key camera.key --predictions preds.csv",
     "show": "privcam show photo.jpg --key camera.key --scheme quad --out show.png",
     "bench": "privcam bench readout --out readout.json -- --height 3000 --width 4000",
+    "eval": "privcam eval accuracy --checkpoint models/weights/compact_fashion_mnist_pixel.pt --json",
     "train": "privcam train --config configs/train/compact_fashion_mnist.yaml",
 }
 
@@ -369,6 +399,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("what", choices=["readout", "model", "pipeline"])
     p.add_argument("--out", help="also write the JSON result here")
     p.epilog += "\n\noptions after '--' go to the benchmark itself (see python -m benchmarks.WHAT --help)"
+
+    p = add("eval", cmd_eval,
+            "Accuracy table (static key and per-frame rotation): plain, no key, fine-tune attack, MLP attack, keyed, "
+            "wrong key.")
+    p.add_argument("what", choices=["accuracy"], help="which table")
+    p.add_argument("--checkpoint", default=str(REPO_ROOT / "models" / "weights" / "compact_fashion_mnist_pixel.pt"))
+    p.add_argument("--dataset", default="fashion-mnist")
+    p.add_argument("--data", help="dataset path")
+    p.add_argument("--sensor", default=str(REPO_ROOT / "configs" / "sensors" / "mono10.yaml"))
+    p.add_argument("--scheme", default="pixel", choices=["pixel", "quad", "plane"])
+    p.add_argument("--key", help="key file (default: a fresh random key)")
+    p.add_argument("--limit-test", type=int, help="test images (default: the whole test split)")
+    p.add_argument("--attack-train-images", type=int, default=10_000, help="attacker's labelled frames")
+    p.add_argument("--attack-epochs", type=int, default=3, help="attacker's epochs (same for both key modes)")
+    p.add_argument("--out", help="also write the table (JSON) here")
+    p.add_argument("--quiet", action="store_true")
 
     p = add("demo", cmd_demo,
             "Built-in demo on the shipped Fashion-MNIST sample: sensor, rotating keyed readout, recording, keyed "

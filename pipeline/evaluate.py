@@ -1,0 +1,198 @@
+"""``privcam eval accuracy``: the reference paper's table on real data, for a static key and for
+per-frame rotation.
+
+Rows (each with accuracy, test images, and the training budget for the attacks):
+
+1. plain model on plain frames;
+2. plain model on protected frames (no key);
+3. fine-tune attack: the attacker has the plain weights and labelled protected frames, not the
+   key, and fine-tunes the plain model on them;
+4. permutation-blind attack: an MLP trained from scratch on labelled protected frames (a fixed
+   permutation hides nothing from a learner without spatial priors);
+5. keyed model on protected frames;
+6. keyed model built from a wrong key.
+
+Frames are the sensor's real output (noise included); attack training frames come from the train
+split with frame indices disjoint from the test frames; both key modes get the same attack budget.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from models.checkpoint import load_checkpoint
+from sensor.config import SensorConfig
+from sensor.keys import Key
+from sensor.scene import render_photons
+from sensor.sensor import Sensor
+
+from .classifier import FrameFormat, KeyedClassifier, network_input
+from .datasets import Dataset
+
+TEST_FRAME_BASE = 0
+ATTACK_FRAME_BASE = 10_000_000  # attacker's frames never share an index (noise, rotation) with test frames
+
+
+@dataclass(frozen=True)
+class AttackBudget:
+    train_images: int = 10_000
+    epochs: int = 3
+    batch_size: int = 128
+    finetune_lr: float = 0.01
+    mlp_lr: float = 1e-3
+    mlp_hidden: int = 512
+    seed: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"train_images": self.train_images, "epochs": self.epochs, "batch_size": self.batch_size,
+                "finetune_lr": self.finetune_lr, "mlp_lr": self.mlp_lr, "mlp_hidden": self.mlp_hidden}
+
+
+def capture_frames(images: np.ndarray, sensor: Sensor, key: Key, scheme: str, rotation: bool,
+                   first_index: int, progress: bool = False, desc: str = "frames") -> tuple[np.ndarray, np.ndarray]:
+    """Scenes -> (plain frames, protected frames), each (B, H, W) uint16, frame n = first_index + i."""
+    plain = np.empty((len(images), *images.shape[1:3]), np.uint16)
+    protected = np.empty_like(plain)
+    h, w = plain.shape[1:]
+    static = None if rotation else sensor.readout(key, scheme, h, w)
+    for i in tqdm(range(len(images)), desc=desc, disable=not progress, unit="frame", leave=False):
+        n = first_index + i
+        plain[i] = sensor.expose(render_photons(images[i], sensor.config), n)
+        order = static if static is not None else sensor.readout(key, scheme, h, w, n)
+        protected[i] = order.forward(plain[i])
+    return plain, protected
+
+
+def _inputs(frames: np.ndarray, scheme: str, cfg: SensorConfig) -> torch.Tensor:
+    return torch.from_numpy(network_input(frames, scheme, cfg.black_level_dn, cfg.max_dn))
+
+
+@torch.inference_mode()
+def accuracy(model: nn.Module, x: torch.Tensor, labels: np.ndarray, batch: int = 500, **kw: Any) -> float:
+    """Top-1 accuracy of ``model`` (extra keyword arguments such as ``input_perm`` per batch are sliced)."""
+    model.eval()
+    correct = 0
+    for s in range(0, len(x), batch):
+        extra = {k: v[s:s + batch] for k, v in kw.items()}
+        correct += int((model(x[s:s + batch], **extra).argmax(1) == torch.from_numpy(labels[s:s + batch])).sum())
+    return correct / len(x)
+
+
+def train_classifier(model: nn.Module, x: torch.Tensor, y: np.ndarray, epochs: int, lr: float, batch: int,
+                     seed: int, optimizer: str = "sgd", progress: bool = False, desc: str = "attack") -> float:
+    """Plain supervised training (the attacker's). Returns wall seconds."""
+    torch.manual_seed(seed)
+    params = model.parameters()
+    opt = (torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=5e-4) if optimizer == "sgd"
+           else torch.optim.Adam(params, lr=lr))
+    labels = torch.from_numpy(y)
+    loss_fn = nn.CrossEntropyLoss()
+    t0 = time.perf_counter()
+    gen = torch.Generator().manual_seed(seed)
+    for _ in tqdm(range(epochs), desc=desc, disable=not progress, leave=False):
+        model.train()
+        order = torch.randperm(len(x), generator=gen)
+        for s in range(0, len(x), batch):
+            idx = order[s:s + batch]
+            loss = loss_fn(model(x[idx]), labels[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    return time.perf_counter() - t0
+
+
+def mlp(in_features: int, hidden: int, num_classes: int) -> nn.Sequential:
+    """Permutation-blind learner: no spatial prior at all."""
+    return nn.Sequential(nn.Flatten(1), nn.Linear(in_features, hidden), nn.ReLU(), nn.Dropout(0.2),
+                         nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, num_classes))
+
+
+def accuracy_table(checkpoint: str, test: Dataset, train: Dataset, sensor_cfg: SensorConfig, key: Key,
+                   scheme: str, budget: AttackBudget, rotations: tuple[bool, ...] = (False, True),
+                   progress: bool = True, sensor_seed: int = 0) -> dict[str, Any]:
+    """All six rows for each key mode. Returns a JSON-ready dict."""
+    model, manifest = load_checkpoint(checkpoint)
+    num_classes = model.fc.out_features if hasattr(model, "fc") else int(test.labels.max()) + 1
+    sensor = Sensor(sensor_cfg, seed=sensor_seed)
+    h, w = test.images.shape[1:3]
+    fmt_kw = {"height": h, "width": w, "black_level": sensor_cfg.black_level_dn, "max_dn": sensor_cfg.max_dn}
+    attack_set = train.subset(budget.train_images)
+    chance = 1.0 / num_classes
+    modes = []
+    for rotation in rotations:
+        mode_name = "rotation" if rotation else "static"
+        t0 = time.perf_counter()
+        plain, prot = capture_frames(test.images, sensor, key, scheme, rotation, TEST_FRAME_BASE, progress,
+                                     f"{mode_name}: test frames")
+        _, prot_attack = capture_frames(attack_set.images, sensor, key, scheme, rotation, ATTACK_FRAME_BASE,
+                                        progress, f"{mode_name}: attacker frames")
+        x_plain, x_prot, x_attack = (_inputs(f, scheme, sensor_cfg) for f in (plain, prot, prot_attack))
+        rows: list[dict[str, Any]] = []
+        row = _row_adder(rows, len(test))
+        plain_model, _ = load_checkpoint(checkpoint)
+        plain_preds = _predictions(plain_model, x_plain)
+        row(1, "plain model, plain frames", float((plain_preds == test.labels).mean()))
+        row(2, "plain model, protected frames (no key)", accuracy(plain_model, x_prot, test.labels))
+
+        attacker, _ = load_checkpoint(checkpoint)
+        secs = train_classifier(attacker, x_attack, attack_set.labels, budget.epochs, budget.finetune_lr,
+                                budget.batch_size, budget.seed, progress=progress, desc=f"{mode_name}: fine-tune")
+        row(3, "fine-tune attack: plain weights + labelled protected frames, no key",
+            accuracy(attacker, x_prot, test.labels), attack_budget={**budget.to_dict(), "wall_s": round(secs, 1)})
+
+        torch.manual_seed(budget.seed)
+        blind = mlp(x_attack[0].numel(), budget.mlp_hidden, num_classes)
+        secs = train_classifier(blind, x_attack, attack_set.labels, budget.epochs, budget.mlp_lr, budget.batch_size,
+                                budget.seed, optimizer="adam", progress=progress, desc=f"{mode_name}: MLP")
+        row(4, "permutation-blind attack: MLP trained on labelled protected frames",
+            accuracy(blind, x_prot, test.labels), attack_budget={**budget.to_dict(), "wall_s": round(secs, 1)})
+
+        fmt = FrameFormat(scheme, rotation, **fmt_kw)
+        keyed_preds = _keyed_predictions(plain_model, key, fmt, x_prot, test, rotation, scheme)
+        row(5, "keyed model, protected frames", float((keyed_preds == test.labels).mean()),
+            agrees_with_row1_on=int((keyed_preds == plain_preds).sum()))
+        wrong = Key.generate()
+        wrong_preds = _keyed_predictions(load_checkpoint(checkpoint)[0], wrong, fmt, x_prot, test, rotation, scheme)
+        row(6, "keyed model built with a wrong key", float((wrong_preds == test.labels).mean()))
+        modes.append({"key_mode": mode_name, "rows": rows, "wall_s": round(time.perf_counter() - t0, 1)})
+    return {"dataset": test.name, "test_images": len(test), "chance": chance, "scheme": scheme,
+            "checkpoint": checkpoint, "checkpoint_sha256": manifest.get("sha256"), "sensor": sensor_cfg.name,
+            "key_fingerprint": key.fingerprint, "modes": modes}
+
+
+def _row_adder(rows: list[dict[str, Any]], n_test: int):
+    def add(number: int, name: str, acc: float, **extra: Any) -> None:
+        rows.append({"row": number, "name": name, "accuracy": acc, "test_images": n_test, **extra})
+    return add
+
+
+@torch.inference_mode()
+def _predictions(model: nn.Module, x: torch.Tensor, batch: int = 500) -> np.ndarray:
+    model.eval()
+    return torch.cat([model(x[s:s + batch]).argmax(1) for s in range(0, len(x), batch)]).numpy()
+
+
+@torch.inference_mode()
+def _keyed_predictions(model: nn.Module, key: Key, fmt: FrameFormat, x_prot: torch.Tensor, test: Dataset,
+                       rotation: bool, scheme: str, batch: int = 500) -> np.ndarray:
+    """The keyed twin on protected inputs; with rotation each frame's table comes from (key, n)."""
+    from sensor.readout import plane_tables_torch, readout_seed
+
+    clf = KeyedClassifier(model, key, fmt, device="cpu", check_fingerprint=False)
+    out = []
+    for s in range(0, len(x_prot), batch):
+        xb = x_prot[s:s + batch]
+        if rotation:
+            seeds = [readout_seed(key, scheme, TEST_FRAME_BASE + s + i) for i in range(len(xb))]
+            tables = plane_tables_torch(scheme, fmt.height, fmt.width, seeds, "cpu")
+            out.append(clf.model(xb, input_perm=tables).argmax(1))
+        else:
+            out.append(clf.model(xb).argmax(1))
+    return torch.cat(out).numpy()
