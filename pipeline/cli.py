@@ -63,18 +63,9 @@ def read_scene_or_raw(path: Path) -> tuple[str, np.ndarray, Any]:
                    f"({', '.join(sorted(RAW_SUFFIXES))})")
 
 
-def raw_to_photons(raw: np.ndarray, meta: Any, config: SensorConfig) -> np.ndarray:
-    """Treat a raw frame's normalised linear values as the scene seen by ``config``'s sensor."""
-    if meta.cfa != config.cfa:
-        raise CliError(f"raw input has CFA {meta.cfa} but the sensor profile expects {config.cfa}")
-    span = max(float(meta.white_level) - float(meta.black_level), 1.0)
-    linear = np.clip((raw.astype(np.float64) - meta.black_level) / span, 0.0, 1.0)
-    return linear * (config.white_photons_per_s * config.exposure_s)
-
-
 def cmd_capture(args: argparse.Namespace) -> dict[str, Any]:
     from sensor.rawio import RawMeta, write_raw
-    from sensor.scene import raw_to_srgb, render_photons
+    from sensor.scene import raw_to_photons, raw_to_srgb, render_photons
     from sensor.sensor import Sensor
 
     config = load_sensor_config(args.sensor)

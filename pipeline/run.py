@@ -28,7 +28,9 @@ from sensor.configio import dataclass_from_dict, read_yaml
 from sensor.errors import ConfigError, PrivcamError
 from sensor.frame import ProtectedFrame
 from sensor.keys import Key, load_key_file
-from sensor.scene import render_photons
+from sensor.rawio import EXTENSIONS as RAW_EXTENSIONS
+from sensor.rawio import RawFrame, read_raw
+from sensor.scene import raw_to_photons, render_photons
 from sensor.sensor import Sensor
 
 from .classifier import FrameFormat, KeyedClassifier
@@ -207,12 +209,40 @@ def scene_items(data: Dataset, first_frame_index: int = 0) -> Iterator[tuple[int
         yield first_frame_index + i, data.images[i], label
 
 
+def raw_folder_items(files: list[Path], first_frame_index: int = 0) -> Iterator[tuple[int, RawFrame, None]]:
+    """(frame index, raw frame, None) for each raw file, read lazily."""
+    for i, path in enumerate(files):
+        yield first_frame_index + i, read_raw(path), None
+
+
+def open_source(cfg: RunConfig) -> tuple[Iterator[tuple[int, Any, int | None]], int, tuple[int, int]]:
+    """The configured source as (items, count, frame (H, W)). ``rawfolder`` reads frames lazily."""
+    src = cfg.source
+    if src.dataset == "rawfolder":
+        if not src.data:
+            raise ConfigError("source", "data", "a folder of raw frames for dataset rawfolder")
+        folder = Path(src.data)
+        if not folder.is_dir():
+            raise ConfigError("source", "data", "a folder of raw frames", src.data)
+        files = sorted(p for p in folder.iterdir() if p.suffix.lower() in RAW_EXTENSIONS)
+        files = files[src.offset:None if src.limit is None else src.offset + src.limit]
+        if not files:
+            raise ConfigError("source", "data", f"a folder with raw frames ({', '.join(RAW_EXTENSIONS)})", src.data)
+        return raw_folder_items(files, src.offset), len(files), read_raw(files[0]).data.shape
+    data = load_dataset(src.dataset, src.split, src.data).subset(src.limit, src.offset)
+    if len(data) == 0:
+        raise ConfigError("source", "limit", "at least one item in the selected range", src.limit)
+    return scene_items(data, src.offset), len(data), data.images.shape[1:3]
+
+
 def capture_stage(sensor: Sensor, key: Key, scheme: str, rotation: bool):
-    """Stage function: (n, scene, label) -> ProtectedFrame. The plain frame never leaves it."""
-    def capture(item: tuple[int, np.ndarray, int | None]) -> ProtectedFrame:
+    """Stage function: (n, scene or raw frame, label) -> ProtectedFrame. The plain frame never leaves it."""
+    def capture(item: tuple[int, np.ndarray | RawFrame, int | None]) -> ProtectedFrame:
         n, scene, label = item
-        return sensor.capture(render_photons(scene, sensor.config), key, frame_index=n, scheme=scheme,
-                              rotation=rotation, label=label)
+        cfg = sensor.config
+        photons = (raw_to_photons(scene.data, scene.meta, cfg) if isinstance(scene, RawFrame)
+                   else render_photons(scene, cfg))
+        return sensor.capture(photons, key, frame_index=n, scheme=scheme, rotation=rotation, label=label)
     return capture
 
 
@@ -250,11 +280,7 @@ def run_pipeline(cfg: RunConfig, progress: bool = True) -> dict[str, Any]:
     """Live run: dataset scenes through the keyed sensor into the keyed classifier."""
     key = load_key(cfg.key.file)
     sensor_cfg = SensorConfig.from_yaml(cfg.sensor.profile)
-    data = load_dataset(cfg.source.dataset, cfg.source.split, cfg.source.data).subset(cfg.source.limit,
-                                                                                        cfg.source.offset)
-    if len(data) == 0:
-        raise ConfigError("source", "limit", "at least one item in the selected range", cfg.source.limit)
-    h, w = data.images.shape[1:3]
+    items, total, (h, w) = open_source(cfg)
     fmt = FrameFormat(cfg.key.scheme, cfg.key.rotation, h, w, sensor_cfg.black_level_dn, sensor_cfg.max_dn)
     classifier, manifest = build_classifier(cfg, key, fmt)
     sensor = Sensor(sensor_cfg, seed=cfg.sensor.seed)
@@ -267,9 +293,9 @@ def run_pipeline(cfg: RunConfig, progress: bool = True) -> dict[str, Any]:
         on_close.append(recorder.close)
     stages += [Batch("batcher", cfg.pipeline.batch_size, cfg.pipeline.batch_timeout_s),
                Map("model", classifier)]
-    sink = PredictionSink(cfg.output.predictions, len(data), progress)
+    sink = PredictionSink(cfg.output.predictions, total, progress)
     on_close.append(sink.close)
-    result = Pipeline(scene_items(data, cfg.source.offset), stages, sink, cfg.pipeline.queue_size,
+    result = Pipeline(items, stages, sink, cfg.pipeline.queue_size,
                       on_close=on_close).run()
     extra = {"job": "run", "dataset": cfg.source.dataset, "split": cfg.source.split, "scheme": cfg.key.scheme,
              "rotation": cfg.key.rotation, "mode": cfg.model.mode, "device": str(classifier.device),
@@ -317,14 +343,13 @@ def record_frames(cfg: RunConfig, out: str, progress: bool = True) -> dict[str, 
     """Sensor and recorder only: capture the source's scenes as protected frames into ``out`` (.mcap)."""
     key = load_key(cfg.key.file)
     sensor_cfg = SensorConfig.from_yaml(cfg.sensor.profile)
-    data = load_dataset(cfg.source.dataset, cfg.source.split, cfg.source.data).subset(cfg.source.limit,
-                                                                                        cfg.source.offset)
+    items, total, _ = open_source(cfg)
     sensor = Sensor(sensor_cfg, seed=cfg.sensor.seed)
     recorder = Recorder(out, sensor_cfg.to_dict(), cfg.key.scheme, cfg.key.rotation, key.fingerprint)
-    bar = tqdm(total=len(data), unit="frame", desc="recording", disable=not progress)
+    bar = tqdm(total=total, unit="frame", desc="recording", disable=not progress)
     stages = [Map("sensor", capture_stage(sensor, key, cfg.key.scheme, cfg.key.rotation)),
               Map("recorder", record_stage(recorder))]
-    result = Pipeline(scene_items(data, cfg.source.offset), stages, lambda _: bar.update(1), cfg.pipeline.queue_size,
+    result = Pipeline(items, stages, lambda _: bar.update(1), cfg.pipeline.queue_size,
                       on_close=[recorder.close, bar.close]).run()
     return {"job": "record", "recording": out, "frames": recorder.frames_written, "scheme": cfg.key.scheme,
             "rotation": cfg.key.rotation, "key_fingerprint": key.fingerprint, "wall_s": round(result.wall_s, 3),

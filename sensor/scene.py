@@ -122,6 +122,23 @@ def render_photons(image: np.ndarray, config: SensorConfig, isp: IspParams | Non
     return plane * (config.white_photons_per_s * config.exposure_s)
 
 
+def raw_to_photons(raw: np.ndarray, meta: object, config: SensorConfig) -> np.ndarray:
+    """A raw frame as a scene: its values normalised between black and white level are linear
+    camera signal, mapped to photons like a white patch. ``meta`` is a :class:`sensor.rawio.RawMeta`.
+
+    Args:
+        raw: (H, W) uint16 mosaic whose CFA must match ``config.cfa``.
+
+    Returns:
+        (H, W) float64 mean photons per pixel.
+    """
+    if meta.cfa != config.cfa:
+        raise ValueError(f"raw input has CFA {meta.cfa} but the sensor profile expects {config.cfa}")
+    span = max(float(meta.white_level) - float(meta.black_level), 1.0)
+    linear = np.clip((raw.astype(np.float64) - meta.black_level) / span, 0.0, 1.0)
+    return linear * (config.white_photons_per_s * config.exposure_s)
+
+
 def raw_to_srgb(raw: np.ndarray, config: SensorConfig, isp: IspParams | None = None) -> np.ndarray:
     """Preview ISP: black level, normalise, demosaic, white balance, colour matrix, gamma, tone.
 

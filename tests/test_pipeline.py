@@ -207,3 +207,19 @@ def test_classifier_refuses_frames_of_another_format(world):
     other = sensor.capture(np.full((28, 28), 100.0), load_key_file(world / "other.key"), 0, scheme="pixel")
     with pytest.raises(PrivcamError, match="protected with key"):
         clf([other])
+
+
+def test_a_folder_of_raw_frames_is_a_source(world, tmp_path):
+    from sensor.rawio import RawMeta, write_raw
+
+    folder = tmp_path / "raws"
+    folder.mkdir()
+    rng = np.random.default_rng(5)
+    for i in range(5):
+        data = rng.integers(16, 1023, (28, 28), dtype=np.uint16)
+        write_raw(folder / f"f{i}.npy", data, RawMeta(width=28, height=28, bit_depth=10, cfa="mono", black_level=16))
+    summary = run_pipeline(config(world, source={"dataset": "rawfolder", "data": str(folder), "limit": None}),
+                           progress=False)
+    assert summary["error"] is None and summary["frames"] == 5 and summary["labelled"] == 0
+    with pytest.raises(ConfigError, match="source"):
+        run_pipeline(config(world, source={"dataset": "rawfolder", "data": str(tmp_path / "none")}), progress=False)
