@@ -55,7 +55,7 @@ _PLANE_LABEL0 = 16  # plane k of the plane scheme is seeded _hash62(seed, 16 + k
 _SEED_LIMIT = 1 << 62
 _INDEX_LIMIT = 1 << 32  # _hash62 indices (r*K + c) must stay below 2**32
 _BLOCK_BYTES = 1 << 20  # row-block buffer of the transposing kernels (about one L2)
-_LITTLE_ENDIAN = sys.byteorder == "little"  # the word-tile transposes assume little-endian lanes
+_LITTLE_ENDIAN = sys.byteorder == "little"  # the uint64 word tiles assume little-endian lanes
 _TILE_BYTES = 128  # column strips of the strip kernels are this many bytes wide per sub-row
 
 # ----------------------------------------------------------------------------------------------
@@ -461,66 +461,58 @@ def _tr4x16(w0, w1, w2, w3):
 
 
 @numba.njit(nogil=True, cache=True)
-def _tr2x32(w0, w1):
-    """Transpose a 2 x 2 tile of uint32 lanes held in 2 uint64 words (little-endian)."""
-    lo32, hi32, s32 = np.uint64(0x00000000FFFFFFFF), np.uint64(0xFFFFFFFF00000000), np.uint64(32)
-    return (w0 & lo32) | (w1 << s32), (w0 >> s32) | (w1 & hi32)
+def _word_tiles(buf, big, r0):
+    """True if the block transpose between buf (h, P, K, Q) and big (N, K, P, R, Q) can move 4 x 4
+    tiles of uint16 units as uint64 words (2-byte units, K, R, h and r0 multiples of 4). Only
+    2-byte units gain from it (measured: 4-byte units in 2 x 2 tiles were not faster)."""
+    h, cols, qq = buf.shape[0], buf.shape[2], buf.shape[3]
+    return (_LITTLE_ENDIAN and qq * buf.itemsize == 2 and cols % 4 == 0 and big.shape[3] % 4 == 0
+            and h % 4 == 0 and r0 % 4 == 0)
 
 
 @numba.njit(nogil=True, cache=True)
-def _word_lanes(buf, big, r0):
-    """Lanes per uint64 word (4 for 2-byte units, 2 for 4-byte units) if the block transpose
-    between buf (h, P, K, Q) and big (N, K, P, R, Q) can move whole words, else 0."""
-    h, cols, qq = buf.shape[0], buf.shape[2], buf.shape[3]
-    unit = qq * buf.itemsize
-    if not _LITTLE_ENDIAN or (unit != 2 and unit != 4):
-        return 0
-    lanes = 8 // unit
-    if cols % lanes or big.shape[3] % lanes or h % lanes or r0 % lanes:
-        return 0
-    return lanes
+def _move_units(buf, big, n, r0, store):
+    """:func:`_move_t` one unit at a time."""
+    h, pp, cols, qq = buf.shape
+    for p in range(pp):
+        for q in range(qq):
+            for c in range(cols):
+                for k in range(h):
+                    if store:
+                        big[n, c, p, r0 + k, q] = buf[k, p, c, q]
+                    else:
+                        buf[k, p, c, q] = big[n, c, p, r0 + k, q]
 
 
 @numba.njit(nogil=True, cache=True)
 def _move_t(buf, big, n, r0, store):
     """Blocked transpose between a row block and the transposed layout:
     store: big[n, c, p, r0 + k, q] = buf[k, p, c, q]; else buf[k, p, c, q] = big[n, c, p, r0 + k, q].
-    buf (h, P, K, Q), big (N, K, P, R, Q). Moves 4 x 4 (or 2 x 2) tiles of uint64 words when the
-    sizes allow it (about twice as fast), else single units."""
+    buf (h, P, K, Q), big (N, K, P, R, Q). Moves 4 x 4 tiles of uint16 as uint64 words when
+    :func:`_word_tiles` allows it (about 30% faster for the pixel scheme), else single units
+    (the two uint16 lanes of a plane-scheme unit as one uint32)."""
     h, pp, cols, qq = buf.shape
-    lanes = _word_lanes(buf, big, r0)
-    if lanes == 0:
-        for p in range(pp):
-            for q in range(qq):
-                for c in range(cols):
-                    for k in range(h):
-                        if store:
-                            big[n, c, p, r0 + k, q] = buf[k, p, c, q]
-                        else:
-                            buf[k, p, c, q] = big[n, c, p, r0 + k, q]
+    if not _word_tiles(buf, big, r0):
+        if qq == 2 and buf.itemsize == 2:  # plane: move the 2 lanes of a unit as one uint32
+            _move_units(buf.view(np.uint32), big.view(np.uint32), n, r0, store)
+        else:
+            _move_units(buf, big, n, r0, store)
         return
     b64 = buf.reshape(buf.size).view(np.uint64)
     g64 = big.reshape(big.size).view(np.uint64)
-    cw, rw = cols // lanes, big.shape[3] // lanes  # words per sub-row of buf and of big
-    bstep, gstep = pp * cw, pp * rw  # word stride between rows k of buf and rows c of big
+    cw, rw = cols // 4, big.shape[3] // 4  # words per sub-row of buf and of big
+    bs, gs = pp * cw, pp * rw  # word strides between rows k of buf and between rows c of big
     for p in range(pp):
         for cj in range(cw):
-            for kk in range(0, h, lanes):
-                bi = (kk * pp + p) * cw + cj  # word of buf[kk, p, cj*lanes : (cj+1)*lanes]
-                gi = ((n * cols + cj * lanes) * pp + p) * rw + (r0 + kk) // lanes
-                if lanes == 4:
-                    if store:
-                        o0, o1, o2, o3 = _tr4x16(b64[bi], b64[bi + bstep], b64[bi + 2 * bstep],
-                                                 b64[bi + 3 * bstep])
-                        g64[gi], g64[gi + gstep], g64[gi + 2 * gstep], g64[gi + 3 * gstep] = o0, o1, o2, o3
-                    else:
-                        o0, o1, o2, o3 = _tr4x16(g64[gi], g64[gi + gstep], g64[gi + 2 * gstep],
-                                                 g64[gi + 3 * gstep])
-                        b64[bi], b64[bi + bstep], b64[bi + 2 * bstep], b64[bi + 3 * bstep] = o0, o1, o2, o3
-                elif store:
-                    g64[gi], g64[gi + gstep] = _tr2x32(b64[bi], b64[bi + bstep])
+            for k in range(0, h, 4):
+                bi = (k * pp + p) * cw + cj  # the word holding buf[k, p, 4cj : 4cj + 4]
+                gi = ((n * cols + 4 * cj) * pp + p) * rw + (r0 + k) // 4  # big[n, 4cj, p, r0 + k : +4]
+                if store:
+                    w0, w1, w2, w3 = _tr4x16(b64[bi], b64[bi + bs], b64[bi + 2 * bs], b64[bi + 3 * bs])
+                    g64[gi], g64[gi + gs], g64[gi + 2 * gs], g64[gi + 3 * gs] = w0, w1, w2, w3
                 else:
-                    b64[bi], b64[bi + bstep] = _tr2x32(g64[gi], g64[gi + gstep])
+                    w0, w1, w2, w3 = _tr4x16(g64[gi], g64[gi + gs], g64[gi + 2 * gs], g64[gi + 3 * gs])
+                    b64[bi], b64[bi + bs], b64[bi + 2 * bs], b64[bi + 3 * bs] = w0, w1, w2, w3
 
 
 def _rows_to_t_ref(src: np.ndarray, tab: np.ndarray, scatter: bool) -> np.ndarray:
@@ -644,7 +636,7 @@ def _units(frames: np.ndarray, scheme: str) -> np.ndarray:
 
 def _block_rows(units: np.ndarray) -> int:
     """Rows per block of the transposing kernels: up to _BLOCK_BYTES of buffer, 8 to 64 rows, a
-    multiple of 4 (for the word tiles of :func:`_move_t`; 64 measured best for 12 MP frames)."""
+    multiple of 4 (for the word tiles of :func:`_move_t`). 64 measured best for 12 MP frames."""
     row_bytes = units[0, 0].nbytes
     return int(max(8, min(64, _BLOCK_BYTES // max(1, row_bytes))) // 4 * 4)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import sys
 
 import numpy as np
 import pytest
@@ -121,12 +122,15 @@ def test_row_kernel_matches_reference(layout, tab_dtype, scatter):
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("tab_dtype", [np.uint16, np.int32])
 @pytest.mark.parametrize("scatter", [False, True])
-def test_transposing_kernels_match_reference(layout, tab_dtype, scatter):
-    x, tab, _ = _units_and_tables(layout, tab_dtype)
-    n, rows, p, cols, q = x.shape
+@pytest.mark.parametrize("rows, cols", [(11, 19), (12, 20)])
+def test_transposing_kernels_match_reference(layout, tab_dtype, scatter, rows, cols):
+    # 11 x 19 moves single units; 12 x 20 moves uint64 word tiles for the pixel layout (uint16
+    # units) with blocks 4, 8 and 64
+    x, tab, _ = _units_and_tables(layout, tab_dtype, rows=rows, cols=cols)
+    n, _, p, _, q = x.shape
     xt = ro._swap_rk(x)  # a source in the transposed layout (N, K, P, R, Q)
     assert xt.shape == (n, cols, p, rows, q)
-    for block in (1, 4, 64):  # 4 does not divide the 11 rows
+    for block in (1, 4, 6, 8, 64):
         out_t = np.empty_like(xt)
         ro._rows_to_t_nb(x, tab, out_t, block, scatter)
         assert np.array_equal(out_t, ro._rows_to_t_ref(x, tab, scatter))
@@ -134,6 +138,15 @@ def test_transposing_kernels_match_reference(layout, tab_dtype, scatter):
         ro._t_to_rows_nb(xt, tab, out, block, scatter)
         assert np.array_equal(out, ro._t_to_rows_ref(xt, tab, scatter))
     assert np.array_equal(ro._t_to_rows_ref(ro._rows_to_t_ref(x, tab, scatter), tab, not scatter), x)
+
+
+@pytest.mark.skipif(sys.byteorder != "little", reason="word tiles are only used on little-endian machines")
+def test_word_tile_transpose():
+    rng = np.random.default_rng(5)
+    w = rng.integers(0, 1 << 63, 4, dtype=np.uint64)
+    tile = w.view(np.uint16).reshape(4, 4)  # row i = the 4 lanes of word i (little-endian)
+    got = np.array(ro._tr4x16(*w), np.uint64).view(np.uint16).reshape(4, 4)
+    assert np.array_equal(got, tile.T)
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
