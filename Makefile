@@ -25,7 +25,10 @@ test: $(STAMP)
 	$(BIN)/python -m pytest
 
 bench: $(STAMP)
-	$(BIN)/python -m benchmarks.run --json benchmarks/results.json
+	mkdir -p benchmarks/results
+	$(BIN)/privcam bench readout --out benchmarks/results/readout.json
+	$(BIN)/privcam bench model --out benchmarks/results/model.json
+	$(BIN)/privcam bench pipeline --out benchmarks/results/pipeline.json
 
 clean:
 	rm -rf $(VENV) demo_out build *.egg-info

@@ -33,11 +33,29 @@ def _mix32(x):
     return x ^ (x >> 16)
 
 
-def _hash62(seed: int, idx):
-    """Keyed 62-bit hash of each index (idx: uint64 ndarray or int64 tensor, values < 2**32)."""
+def round_keys(seed: int) -> tuple[int, int, int, int, int, int]:
+    """Six 32-bit round keys from a 62-bit seed, each depending on both seed halves."""
     s0, s1 = seed & _M32, (seed >> 32) & _M32
-    a = _mix32(_mix32((idx ^ s0) & _M32) ^ s1)
-    b = _mix32(_mix32(((idx + 0x9E3779B9) & _M32) ^ s1) ^ a ^ s0)
+    k0 = _mix32(s0 ^ _mix32(s1 ^ 0x243F6A88))
+    k1 = _mix32(s1 ^ _mix32(k0 ^ 0x85A308D3))
+    k2 = _mix32(k0 ^ _mix32(k1 ^ 0x13198A2E))
+    k3 = _mix32(k1 ^ _mix32(k2 ^ 0x03707344))
+    k4 = _mix32(k2 ^ _mix32(k3 ^ 0xA4093822))
+    k5 = _mix32(k3 ^ _mix32(k4 ^ 0x299F31D0))
+    return k0, k1, k2, k3, k4, k5
+
+
+def _hash62(seed: int, idx):
+    """Keyed 62-bit hash of each index (idx: int, uint64 ndarray or int64 tensor, values < 2**32).
+
+    Two independent three-round keyed bijections of the 32-bit index (key XOR, then an avalanche
+    mix, three times) give the high and low 31 bits. Every round key depends on the whole seed,
+    so seeds that differ in a few bits give unrelated orders (a single XOR-with-the-seed round
+    would make ``seed ^ 1`` produce the order of ``idx ^ 1``).
+    """
+    k0, k1, k2, k3, k4, k5 = round_keys(int(seed))
+    a = _mix32(_mix32(_mix32(idx ^ k0) ^ k1) ^ k2)
+    b = _mix32(_mix32(_mix32(idx ^ k3) ^ k4) ^ k5)
     return ((a & 0x7FFFFFFF) << 31) | (b & 0x7FFFFFFF)
 
 

@@ -47,7 +47,7 @@ import numpy as np
 import torch
 
 from .keys import Key
-from .permutation import _hash62
+from .permutation import _hash62, round_keys
 
 SCHEMES: tuple[str, ...] = ("pixel", "quad", "plane")
 _PASS_LABELS = (0, 1, 2)  # seed_a, seed_b, seed_c = _hash62(seed, label)
@@ -150,23 +150,25 @@ def _mix32_nb(x):
 
 
 @numba.njit(nogil=True, cache=True)
-def _hash62_nb(s0, s1, idx):
-    """_hash62 of one uint64 index < 2**32, with s0, s1 the low and high seed halves (uint64)."""
-    m = np.uint64(0xFFFFFFFF)
-    a = _mix32_nb(_mix32_nb((idx ^ s0) & m) ^ s1)
-    b = _mix32_nb(_mix32_nb(((idx + np.uint64(0x9E3779B9)) & m) ^ s1) ^ a ^ s0)
+def _hash62_nb(k, idx):
+    """_hash62 of one uint64 index < 2**32; k is the (6,) uint64 array of :func:`round_keys`."""
+    a = _mix32_nb(_mix32_nb(_mix32_nb(idx ^ k[0]) ^ k[1]) ^ k[2])
+    b = _mix32_nb(_mix32_nb(_mix32_nb(idx ^ k[3]) ^ k[4]) ^ k[5])
     m31 = np.uint64(0x7FFFFFFF)
     return ((a & m31) << np.uint64(31)) | (b & m31)
 
 
+def _keys_nb(seed: int) -> np.ndarray:
+    """Round keys of ``seed`` as the (6,) uint64 array the numba hash takes."""
+    return np.array(round_keys(int(seed)), np.uint64)
+
+
 @numba.njit(nogil=True, cache=True, parallel=True)
-def _hash62_array_nb(seed, n):
-    """(n,) uint64: _hash62(seed, arange(n)). Used to check the numba hash against numpy."""
-    s = np.uint64(seed)
-    s0, s1 = s & np.uint64(0xFFFFFFFF), s >> np.uint64(32)
+def _hash62_array_nb(k, n):
+    """(n,) uint64: _hash62(seed, arange(n)) with k = _keys_nb(seed). Checks the numba hash."""
     out = np.empty(n, np.uint64)
     for i in numba.prange(n):
-        out[i] = _hash62_nb(s0, s1, np.uint64(i))
+        out[i] = _hash62_nb(k, np.uint64(i))
     return out
 
 
@@ -228,11 +230,9 @@ def _row_perms_ref(seed: int, rows: int, cols: int) -> np.ndarray:
 
 
 @numba.njit(nogil=True, cache=True, parallel=True)
-def _row_perms_nb(seed, out):
-    """Numba :func:`_row_perms_ref` written into out (rows, cols) of an integer dtype."""
+def _row_perms_nb(k, out):
+    """Numba :func:`_row_perms_ref` written into out (rows, cols) of an integer dtype; k = _keys_nb(seed)."""
     rows, cols = out.shape
-    s = np.uint64(seed)
-    s0, s1 = s & np.uint64(0xFFFFFFFF), s >> np.uint64(32)
     nb = 1
     while nb < cols:
         nb *= 2
@@ -242,7 +242,7 @@ def _row_perms_nb(seed, out):
         counts = np.empty(nb + 1, np.int64)
         base = np.uint64(r) * np.uint64(cols)
         for c in range(cols):
-            keys[c] = _hash62_nb(s0, s1, base + np.uint64(c))
+            keys[c] = _hash62_nb(k, base + np.uint64(c))
         _argsort62_nb(keys, order, counts)
         for c in range(cols):
             out[r, c] = order[c]
@@ -270,7 +270,7 @@ def three_pass_tables(seed: int, rows: int, cols: int) -> tuple[np.ndarray, np.n
     dt = _table_dtype(rows, cols)
     a, b, c = np.empty((rows, cols), dt), np.empty((cols, rows), dt), np.empty((rows, cols), dt)
     for s, out in ((sa, a), (sb, b), (sc, c)):
-        _row_perms_nb(s, out)
+        _row_perms_nb(_keys_nb(s), out)
     return a, b, c
 
 
