@@ -10,7 +10,9 @@ Rows (each with accuracy, test images, and the training budget for the attacks):
 4. permutation-blind attack: an MLP trained from scratch on labelled protected frames (a fixed
    permutation hides nothing from a learner without spatial priors);
 5. keyed model on protected frames;
-6. keyed model built from a wrong key.
+6. keyed model built from a wrong key;
+7. histogram attack: the same MLP trained on each frame's sorted pixel values, which every
+   permutation preserves: what no readout permutation, static or rotating, can hide.
 
 Frames are the sensor's real output (noise included); attack training frames come from the train
 split with frame indices disjoint from the test frames; both key modes get the same attack budget.
@@ -161,6 +163,13 @@ def accuracy_table(checkpoint: str, test: Dataset, train: Dataset, sensor_cfg: S
         wrong = Key.generate()
         wrong_preds = _keyed_predictions(load_checkpoint(checkpoint)[0], wrong, fmt, x_prot, test, rotation, scheme)
         row(6, "keyed model built with a wrong key", float((wrong_preds == test.labels).mean()))
+        x_hist, x_hist_test = (torch.sort(x.flatten(1), dim=1).values for x in (x_attack, x_prot))
+        torch.manual_seed(budget.seed)
+        hist_mlp = mlp(x_hist[0].numel(), budget.mlp_hidden, num_classes)
+        secs = train_classifier(hist_mlp, x_hist, attack_set.labels, budget.epochs, budget.mlp_lr, budget.batch_size,
+                                budget.seed, optimizer="adam", progress=progress, desc=f"{mode_name}: histogram")
+        row(7, "histogram attack: MLP on each frame's sorted pixel values (no permutation hides these)",
+            accuracy(hist_mlp, x_hist_test, test.labels), attack_budget={**budget.to_dict(), "wall_s": round(secs, 1)})
         modes.append({"key_mode": mode_name, "rows": rows, "wall_s": round(time.perf_counter() - t0, 1)})
     return {"dataset": test.name, "test_images": len(test), "chance": chance, "scheme": scheme,
             "checkpoint": checkpoint, "checkpoint_sha256": manifest.get("sha256"), "sensor": sensor_cfg.name,

@@ -114,7 +114,7 @@ def test_cifar10_train_and_eval_through_the_cli(tmp_path, capsys):
     assert [m["key_mode"] for m in table["modes"]] == ["static", "rotation"]
     for mode in table["modes"]:
         rows = {r["row"]: r for r in mode["rows"]}
-        assert sorted(rows) == [1, 2, 3, 4, 5, 6]
+        assert sorted(rows) == [1, 2, 3, 4, 5, 6, 7]
         assert rows[5]["accuracy"] == rows[1]["accuracy"] and rows[5]["agrees_with_row1_on"] == 12
         assert rows[3]["attack_budget"]["train_images"] == 24 and rows[4]["attack_budget"]["epochs"] == 1
         assert all(r["test_images"] == 12 for r in rows.values())
