@@ -127,3 +127,29 @@ def test_expose_rejects_bad_photons():
         sensor.expose(np.full((4, 4), -1.0))
     with pytest.raises(ValueError, match="frame_index"):
         sensor.expose(np.zeros((4, 4)), frame_index=-1)
+
+
+def test_capture_emits_a_keyed_readout_with_public_metadata():
+    from sensor.keys import Key
+
+    key = Key(bytes(range(32)))
+    cfg = SensorConfig()
+    sensor = Sensor(cfg, seed=4)
+    photons = np.random.default_rng(1).uniform(0, 8000, (32, 48))
+    plain = sensor.expose(photons, 9)
+    for scheme in ("pixel", "quad", "plane"):
+        for rotation in (False, True):
+            frame = sensor.capture(photons, key, frame_index=9, scheme=scheme, rotation=rotation, label=3)
+            meta = frame.meta
+            assert (meta.frame_index, meta.scheme, meta.rotation, meta.label) == (9, scheme, rotation, 3)
+            assert (meta.bit_depth, meta.cfa, meta.height, meta.width) == (12, "RGGB", 32, 48)
+            assert meta.key_fingerprint == key.fingerprint
+            assert not np.array_equal(frame.data, plain)
+            order = sensor.readout(key, scheme, 32, 48, 9 if rotation else None)
+            assert np.array_equal(order.inverse(frame.data), plain)
+            assert bytes(range(32)).hex() not in repr(frame) + repr(meta) + repr(order)
+    static_a = sensor.capture(photons, key, 1, scheme="pixel").data
+    static_b = sensor.capture(photons, key, 2, scheme="pixel").data
+    order = sensor.readout(key, "pixel", 32, 48)
+    assert np.array_equal(order.inverse(static_a), sensor.expose(photons, 1))
+    assert np.array_equal(order.inverse(static_b), sensor.expose(photons, 2)), "static key: one order for all"
