@@ -14,30 +14,19 @@ re-measured here).
 from __future__ import annotations
 
 import argparse
-import json
 import platform
-import statistics
 import time
 
 import torch
 from torch import nn
 
+from benchmarks.common import median_seconds, write_json
 from models.keyed import KeyedMaxPool2d, keyed
 from models.plain import build_model
 from sensor.keys import Key
 from sensor.permutation import random_permutation_torch
 
 CASES = [("compact", (1, 28, 28)), ("vgg16_bn", (3, 32, 32)), ("preresnet20", (3, 32, 32))]
-
-
-def _median_s(fn, repeat: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 @torch.inference_mode()
@@ -52,9 +41,9 @@ def bench_models(batch: int, repeat: int, key: Key) -> list[dict]:
         fused = keyed(model, key, shape, perm, mode="fused").eval()
         build_s = time.perf_counter() - t0
         fast = keyed(model, key, shape, perm, mode="fast").eval()
-        plain_s = _median_s(lambda m=model, x=x: m(x), repeat)
-        fused_s = _median_s(lambda m=fused, x=x: m(x), repeat)
-        fast_s = _median_s(lambda m=fast, x=x: m(x), repeat)
+        plain_s = median_seconds(lambda m=model, x=x: m(x), repeat)
+        fused_s = median_seconds(lambda m=fused, x=x: m(x), repeat)
+        fast_s = median_seconds(lambda m=fast, x=x: m(x), repeat)
         rows.append({"model": name, "input": list(shape), "batch": batch,
                      "plain_images_per_s": batch / plain_s, "fused_images_per_s": batch / fused_s,
                      "fast_images_per_s": batch / fast_s, "fused_over_plain": plain_s / fused_s,
@@ -69,8 +58,8 @@ def bench_pool(key: Key, repeat: int) -> dict:
     perm_out = random_permutation_torch(key.seed("bench/pool/out"), 16 * 16)
     keyed_pool = KeyedMaxPool2d(pool, (32, 32), in_perm=perm_in, out_perm=perm_out)
     x = torch.randn(64, 64, 32, 32)
-    plain_s = _median_s(lambda: pool(x), repeat)
-    keyed_s = _median_s(lambda: keyed_pool(x), repeat)
+    plain_s = median_seconds(lambda: pool(x), repeat)
+    keyed_s = median_seconds(lambda: keyed_pool(x), repeat)
     return {"op": "max_pool2d 2x2 on (64, 64, 32, 32)", "plain_s": plain_s, "keyed_s": keyed_s,
             "keyed_over_plain_time": keyed_s / plain_s, "reference_repo_quoted_s": 0.85}
 
@@ -93,9 +82,7 @@ def main(argv: list[str] | None = None) -> dict:
     p = result["keyed_pool"]
     print(f"keyed max-pool batch 64: {p['keyed_s'] * 1e3:.1f} ms (plain {p['plain_s'] * 1e3:.1f} ms; "
           f"reference repo quoted {p['reference_repo_quoted_s'] * 1e3:.0f} ms)")
-    if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(result, fh, indent=2)
+    write_json(args.json, result)
     return result
 
 

@@ -12,12 +12,12 @@ interleaved, best of each).
 from __future__ import annotations
 
 import argparse
-import json
 import time
 
 import numpy as np
 import torch
 
+from benchmarks.common import write_json
 from models.plain import build_model
 from pipeline.classifier import FrameFormat, KeyedClassifier, input_shape
 from pipeline.engine import Batch, Map, Pipeline
@@ -76,9 +76,7 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"{name:<22} rotation={str(rotation):<5} serial {row['serial_frames_per_s']:8.1f} f/s  "
                   f"pipeline {row['pipeline_frames_per_s']:8.1f} f/s  x{row['speedup_over_serial']:.2f}")
     result = {"benchmark": "pipeline", "torch_threads": torch.get_num_threads(), "cases": rows}
-    if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(result, fh, indent=2)
+    write_json(args.json, result)
     return result
 
 

@@ -23,7 +23,6 @@ it out.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -34,6 +33,7 @@ import numba
 import numpy as np
 import torch
 
+from benchmarks.common import write_json
 from sensor import readout as ro
 from sensor.keys import Key
 
@@ -207,10 +207,8 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("--height, --width and --repeat must be positive")
     report = run(args.height, args.width, args.repeat, args.torch_tables)
     print_table(report)
-    if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(report, fh, indent=2)
-            fh.write("\n")
+    write_json(args.json, report)
+    return report
 
 
 if __name__ == "__main__":

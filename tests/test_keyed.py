@@ -24,15 +24,7 @@ from models.plain import CompactNet, build_model
 from sensor.keys import Key
 from sensor.permutation import random_permutation_torch
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """One intra-op thread: the test machine's 2 cores are shared, and spinning OpenMP workers
-    slow down badly when oversubscribed. Restored afterwards."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 TOL = 1e-4
 KEY = Key(bytes(range(32)))

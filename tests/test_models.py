@@ -9,15 +9,7 @@ from torch import nn
 
 from models.plain import MODEL_NAMES, CompactNet, PreResNet, build_model, vgg16_bn
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """One intra-op thread: the test machine's 2 cores are shared, and spinning OpenMP workers
-    slow down badly when oversubscribed. Restored afterwards."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def n_params(model: nn.Module) -> int:
