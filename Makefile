@@ -11,7 +11,7 @@ $(STAMP): setup.cfg pyproject.toml
 	$(BIN)/pip install --quiet --upgrade pip
 	# torch first and pinned: a CPU wheel on local disk here; unpinned torch pulls a CUDA build.
 	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e '.[test,raw]'
+	$(BIN)/pip install --quiet -e '.[test,raw,ray]'
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -158,6 +158,12 @@ def add_run_options(p: argparse.ArgumentParser, model: bool = True, source: bool
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
+def add_ray_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--ray", action="store_true", help="run on Ray (pip install 'privcam[ray]')")
+    p.add_argument("--actors", type=int, default=2, help="with --ray: model actors (default 2)")
+    p.add_argument("--ray-address", help="with --ray: an existing cluster (ray.init(address=...)), e.g. auto")
+
+
 def _finish(summary: dict[str, Any]) -> dict[str, Any]:
     """A run that stopped on an error exits non-zero after reporting what it processed."""
     if summary.get("error"):
@@ -175,6 +181,11 @@ def cmd_run(args: argparse.Namespace) -> dict[str, Any]:
         from dataclasses import replace
 
         cfg = replace(cfg, output=replace(cfg.output, record=args.record))
+    if args.ray:
+        from .ray_backend import run_cameras_on_ray
+
+        return _finish(run_cameras_on_ray(cfg, cameras=args.cameras, actors=args.actors,
+                                          ray_address=args.ray_address, progress=not args.quiet))
     return _finish(run_pipeline(cfg, progress=not args.quiet))
 
 
@@ -187,7 +198,17 @@ def cmd_record(args: argparse.Namespace) -> dict[str, Any]:
 def cmd_replay(args: argparse.Namespace) -> dict[str, Any]:
     from .run import replay_recording
 
-    summary = replay_recording(args.recording, load_run_config(args), progress=not args.quiet)
+    cfg = load_run_config(args)
+    if args.ray:
+        from .ray_backend import replay_on_ray
+
+        summary = replay_on_ray(args.recording, cfg.key.file or "", cfg.model.checkpoint, out=args.predictions,
+                                batch_size=cfg.pipeline.batch_size, actors=args.actors, mode=cfg.model.mode,
+                                ray_address=args.ray_address, progress=not args.quiet, device=cfg.model.device)
+    elif len(args.recording) != 1:
+        raise CliError("replay: several recordings need --ray (or replay them one at a time)")
+    else:
+        summary = replay_recording(args.recording[0], cfg, progress=not args.quiet)
     report = summary.get("replay_report", {})
     if report.get("problems"):
         lost = report["frames_lost"]
@@ -272,8 +293,10 @@ def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
     from .datasets import load_dataset
     from .evaluate import AttackBudget, accuracy_table
 
-    if args.what != "accuracy":
-        raise CliError(f"eval {args.what}: not available yet (only 'accuracy')")
+    if args.what == "privacy":
+        from .privacy import privacy_cli
+
+        return privacy_cli(args)
     key = load_key_file(args.key) if args.key else Key.generate()
     test = load_dataset(args.dataset, "test", args.data).subset(args.limit_test)
     train = load_dataset(args.dataset, "train", args.data)
@@ -312,6 +335,8 @@ EXAMPLES = {
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .privacy import add_privacy_arguments
+
     parser = argparse.ArgumentParser(
         prog="privcam",
         description="Simulated camera sensor with a keyed, privacy-preserving ADC readout.",
@@ -352,6 +377,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("run", cmd_run, "Run the pipeline: dataset scenes -> sensor with keyed readout -> keyed classifier.")
     add_run_options(p)
     p.add_argument("--record", help="also record the protected frames to this .mcap file")
+    add_ray_options(p)
+    p.add_argument("--cameras", type=int, default=2, help="with --ray: simulated cameras (Ray actors)")
 
     p = add("record", cmd_record, "Capture protected frames into an MCAP recording (no model).")
     add_run_options(p, model=False)
@@ -360,8 +387,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("replay", cmd_replay,
             "Stream a recording through the keyed classifier. The key's fingerprint must match the recording's; "
             "damaged parts are skipped and reported.")
-    p.add_argument("recording", help="recording (.mcap)")
+    p.add_argument("recording", nargs="+", help="recording(s) (.mcap); with --ray also folders and globs")
     add_run_options(p, source=False)
+    add_ray_options(p)
 
     p = add("train", cmd_train,
             "Train a plain classifier on plain sensor frames (noise included), resumable; writes checkpoint + "
@@ -386,26 +414,38 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("bench", cmd_bench,
             "Throughput benchmarks, ratios against a baseline measured in the same run: readout (vs memcpy), "
-            "model (keyed vs plain), pipeline (threaded vs serial).")
-    p.add_argument("what", choices=["readout", "model", "pipeline"])
+            "model (keyed vs plain), pipeline (threaded vs serial), ray (local vs Ray replay, 1 and 2 actors).")
+    p.add_argument("what", choices=["readout", "model", "pipeline", "ray"])
     p.add_argument("--out", help="also write the JSON result here")
     p.epilog += "\n\noptions after '--' go to the benchmark itself (see python -m benchmarks.WHAT --help)"
 
     p = add("eval", cmd_eval,
-            "Accuracy table (static key and per-frame rotation): plain, no key, fine-tune attack, MLP attack, keyed, "
-            "wrong key.")
-    p.add_argument("what", choices=["accuracy"], help="which table")
-    p.add_argument("--checkpoint", default=str(REPO_ROOT / "models" / "weights" / "compact_fashion_mnist_pixel.pt"))
-    p.add_argument("--dataset", default="fashion-mnist")
-    p.add_argument("--data", help="dataset path")
-    p.add_argument("--sensor", default=str(REPO_ROOT / "configs" / "sensors" / "mono10.yaml"))
-    p.add_argument("--scheme", default="pixel", choices=["pixel", "quad", "plane"])
-    p.add_argument("--key", help="key file (default: a fresh random key)")
-    p.add_argument("--limit-test", type=int, help="test images (default: the whole test split)")
-    p.add_argument("--attack-train-images", type=int, default=10_000, help="attacker's labelled frames")
-    p.add_argument("--attack-epochs", type=int, default=3, help="attacker's epochs (same for both key modes)")
-    p.add_argument("--out", help="also write the table (JSON) here")
-    p.add_argument("--quiet", action="store_true")
+            "Evaluation tables. 'accuracy': plain, no key, fine-tune attack, MLP attack, keyed, wrong key, histogram "
+            "attack, for a static key and per-frame rotation. 'privacy': every protection method (keyed readout, "
+            "EtC, ELE, Image-to-Perturbation) under the same attacks. Run 'privcam eval accuracy --help'.")
+    p.epilog += "\n  privcam eval privacy --limit-test 2000 --json"
+    what = p.add_subparsers(dest="what", required=True, metavar="TABLE")
+    acc = what.add_parser("accuracy", help="the accuracy table", description="The accuracy table.",
+                          epilog=f"example:\n  {EXAMPLES['eval']}",
+                          formatter_class=argparse.RawDescriptionHelpFormatter)
+    acc.add_argument("--json", action="store_true", help="print a machine-readable summary on stdout")
+    acc.add_argument("--checkpoint", default=str(REPO_ROOT / "models" / "weights" / "compact_fashion_mnist_pixel.pt"))
+    acc.add_argument("--dataset", default="fashion-mnist")
+    acc.add_argument("--data", help="dataset path")
+    acc.add_argument("--sensor", default=str(REPO_ROOT / "configs" / "sensors" / "mono10.yaml"))
+    acc.add_argument("--scheme", default="pixel", choices=["pixel", "quad", "plane"])
+    acc.add_argument("--key", help="key file (default: a fresh random key)")
+    acc.add_argument("--limit-test", type=int, help="test images (default: the whole test split)")
+    acc.add_argument("--attack-train-images", type=int, default=10_000, help="attacker's labelled frames")
+    acc.add_argument("--attack-epochs", type=int, default=3, help="attacker's epochs (same for both key modes)")
+    acc.add_argument("--out", help="also write the table (JSON) here")
+    acc.add_argument("--quiet", action="store_true")
+    priv = what.add_parser("privacy", help="the privacy table (methods x attacks)",
+                           description="Every protection method under the same attacks.",
+                           epilog="example:\n  privcam eval privacy --limit-test 2000 --threads 1 --out privacy.json",
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+    priv.add_argument("--json", action="store_true", help="print a machine-readable summary on stdout")
+    add_privacy_arguments(priv)
 
     p = add("demo", cmd_demo,
             "Built-in demo on the shipped Fashion-MNIST sample: sensor, rotating keyed readout, recording, keyed "

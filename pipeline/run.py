@@ -100,8 +100,9 @@ class OutputSection:
     record: str | None = None
 
     def __post_init__(self) -> None:
-        if self.predictions and Path(self.predictions).suffix not in (".jsonl", ".csv"):
-            raise ConfigError("output", "predictions", "a .jsonl or .csv path", self.predictions)
+        if self.predictions and Path(self.predictions).suffix not in (".jsonl", ".csv", ".parquet"):
+            raise ConfigError("output", "predictions", "a .jsonl, .csv or (with --ray) .parquet path",
+                              self.predictions)
         if self.record and Path(self.record).suffix != ".mcap":
             raise ConfigError("output", "record", "a .mcap path", self.record)
 
@@ -163,6 +164,9 @@ class PredictionSink:
 
     def __init__(self, path: str | None, total: int | None, progress: bool) -> None:
         self.path = Path(path) if path else None
+        if self.path is not None and self.path.suffix == ".parquet":
+            raise ConfigError("output", "predictions", ".jsonl or .csv for a local run (.parquet needs --ray)",
+                              str(path))
         self.count = self.correct = self.labelled = 0
         self.predictions: list[dict[str, Any]] = []
         self._fh: io.TextIOBase | None = None
