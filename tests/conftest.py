@@ -14,3 +14,14 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(old)
+
+
+@pytest.fixture(scope="module")
+def one_thread(one_torch_thread):
+    """Tiny frames: one torch and one numba thread is much faster on shared cores. Restored afterwards."""
+    import numba
+
+    old = numba.get_num_threads()
+    numba.set_num_threads(1)
+    yield
+    numba.set_num_threads(old)

@@ -29,17 +29,7 @@ FULL = FrameSpec(0, 65535)  # 16-bit samples: two random frames make every posit
 CHECKPOINT = "models/weights/compact_fashion_mnist_pixel.pt"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny frames: one torch and numba thread is much faster, and the test machine's cores are shared."""
-    import numba
-
-    threads, numba_threads = torch.get_num_threads(), numba.get_num_threads()
-    torch.set_num_threads(1)
-    numba.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-    numba.set_num_threads(numba_threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def random_frames(n: int, h: int = 24, w: int = 32, seed: int = 0, max_dn: int = 65535) -> np.ndarray:

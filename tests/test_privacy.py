@@ -10,7 +10,6 @@ import zipfile
 import cv2
 import numpy as np
 import pytest
-import torch
 
 from pipeline.datasets import Dataset
 from pipeline.privacy import (
@@ -36,17 +35,7 @@ ROWS = ("authorised_accuracy", "unauthorised_accuracy", "wrong_key_accuracy", "f
         "inversion_psnr", "protected_ssim", "throughput_frames_per_s")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny frames: one torch and numba thread is much faster, and the test machine's cores are shared."""
-    import numba
-
-    threads, numba_threads = torch.get_num_threads(), numba.get_num_threads()
-    torch.set_num_threads(1)
-    numba.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-    numba.set_num_threads(numba_threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def scenes(n: int, size: int = 16, seed: int = 0, colour: bool = False) -> Dataset:

@@ -29,17 +29,7 @@ RGGB12 = FrameSpec(64, 4095, "RGGB")
 KEYED = [m for m in pr.METHOD_NAMES if m != "i2p"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny frames: one torch and numba thread is much faster, and the test machine's cores are shared."""
-    import numba
-
-    threads, numba_threads = torch.get_num_threads(), numba.get_num_threads()
-    torch.set_num_threads(1)
-    numba.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-    numba.set_num_threads(numba_threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def frames(spec: FrameSpec, n: int = 3, h: int = 16, w: int = 24, seed: int = 0) -> np.ndarray:
