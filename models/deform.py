@@ -27,20 +27,11 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from .keyed import gather_table, position_table
+from .keyed import _pair, gather_table, position_table
 
 __all__ = ["DeformConv2d", "deform_conv2d", "table_to_offsets"]
 
 _OUTSIDE = -2.0  # a sample position that reads 0 (anything <= -1 does)
-
-
-def _pair(value: int | Sequence[int], name: str) -> tuple[int, int]:
-    if isinstance(value, int) and not isinstance(value, bool):
-        return (value, value)
-    if isinstance(value, Sequence) and len(value) == 2 and all(
-            isinstance(v, int) and not isinstance(v, bool) for v in value):
-        return (int(value[0]), int(value[1]))
-    raise ValueError(f"{name}: expected an int or a pair of ints, got {value!r}")
 
 
 def deform_conv2d(input: Tensor, offset: Tensor, weight: Tensor, bias: Tensor | None = None,

@@ -616,15 +616,7 @@ class KeyedPreActBlock(nn.Module):
         self.bn2, self.conv2, self.downsample = block.bn2, conv2, downsample
         self.stride = block.stride
 
-    def forward(self, x: Tensor) -> Tensor:
-        residual = x
-        out = self.relu(self.bn1(x))
-        out = self.conv1(out)
-        out = self.relu(self.bn2(out))
-        out = self.conv2(out)
-        if self.downsample is not None:
-            residual = self.downsample(x)
-        return out + residual
+    forward = PreActBlock.forward  # the same computation; the keyed convs keep both branches in one order
 
 
 # ----------------------------------------------------------------------------------------------

@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from models.checkpoint import load_checkpoint
 
-from .evaluate import AttackBudget, accuracy, mlp, train_classifier
+from .evaluate import AttackBudget, accuracy, mlp_attack, train_classifier  # noqa: F401 (mlp_attack re-exported)
 from .protection import RELATIONS, UNet
 
 # ----------------------------------------------------------------------------------------------
@@ -345,11 +345,3 @@ def finetune_attack(checkpoint: str, x_train: torch.Tensor, y_train: np.ndarray,
     return {"accuracy": accuracy(model, x_test, y_test), "wall_s": round(secs, 1)}
 
 
-def mlp_attack(x_train: torch.Tensor, y_train: np.ndarray, x_test: torch.Tensor, y_test: np.ndarray,
-               num_classes: int, budget: AttackBudget, progress: bool = False) -> dict[str, Any]:
-    """A permutation-blind MLP trained from scratch on labelled protected frames."""
-    torch.manual_seed(budget.seed)
-    model = mlp(x_train[0].numel(), budget.mlp_hidden, num_classes)
-    secs = train_classifier(model, x_train, y_train, budget.epochs, budget.mlp_lr, budget.batch_size, budget.seed,
-                            optimizer="adam", progress=progress, desc="MLP attack")
-    return {"accuracy": accuracy(model, x_test, y_test), "wall_s": round(secs, 1)}

@@ -116,6 +116,17 @@ def mlp(in_features: int, hidden: int, num_classes: int) -> nn.Sequential:
                          nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, num_classes))
 
 
+def mlp_attack(x_train: torch.Tensor, y_train: np.ndarray, x_test: torch.Tensor, y_test: np.ndarray,
+               num_classes: int, budget: AttackBudget, progress: bool = False,
+               desc: str = "MLP attack") -> dict[str, Any]:
+    """A permutation-blind MLP trained from scratch on labelled frames. Returns accuracy and wall seconds."""
+    torch.manual_seed(budget.seed)
+    model = mlp(x_train[0].numel(), budget.mlp_hidden, num_classes)
+    secs = train_classifier(model, x_train, y_train, budget.epochs, budget.mlp_lr, budget.batch_size, budget.seed,
+                            optimizer="adam", progress=progress, desc=desc)
+    return {"accuracy": accuracy(model, x_test, y_test), "wall_s": round(secs, 1)}
+
+
 def accuracy_table(checkpoint: str, test: Dataset, train: Dataset, sensor_cfg: SensorConfig, key: Key,
                    scheme: str, budget: AttackBudget, rotations: tuple[bool, ...] = (False, True),
                    progress: bool = True, sensor_seed: int = 0) -> dict[str, Any]:
@@ -149,12 +160,10 @@ def accuracy_table(checkpoint: str, test: Dataset, train: Dataset, sensor_cfg: S
         row(3, "fine-tune attack: plain weights + labelled protected frames, no key",
             accuracy(attacker, x_prot, test.labels), attack_budget={**budget.to_dict(), "wall_s": round(secs, 1)})
 
-        torch.manual_seed(budget.seed)
-        blind = mlp(x_attack[0].numel(), budget.mlp_hidden, num_classes)
-        secs = train_classifier(blind, x_attack, attack_set.labels, budget.epochs, budget.mlp_lr, budget.batch_size,
-                                budget.seed, optimizer="adam", progress=progress, desc=f"{mode_name}: MLP")
-        row(4, "permutation-blind attack: MLP trained on labelled protected frames",
-            accuracy(blind, x_prot, test.labels), attack_budget={**budget.to_dict(), "wall_s": round(secs, 1)})
+        blind = mlp_attack(x_attack, attack_set.labels, x_prot, test.labels, num_classes, budget, progress,
+                           f"{mode_name}: MLP")
+        row(4, "permutation-blind attack: MLP trained on labelled protected frames", blind["accuracy"],
+            attack_budget={**budget.to_dict(), "wall_s": blind["wall_s"]})
 
         fmt = FrameFormat(scheme, rotation, **fmt_kw)
         keyed_preds = _keyed_predictions(plain_model, key, fmt, x_prot, test, rotation, scheme)
@@ -164,12 +173,10 @@ def accuracy_table(checkpoint: str, test: Dataset, train: Dataset, sensor_cfg: S
         wrong_preds = _keyed_predictions(load_checkpoint(checkpoint)[0], wrong, fmt, x_prot, test, rotation, scheme)
         row(6, "keyed model built with a wrong key", float((wrong_preds == test.labels).mean()))
         x_hist, x_hist_test = (torch.sort(x.flatten(1), dim=1).values for x in (x_attack, x_prot))
-        torch.manual_seed(budget.seed)
-        hist_mlp = mlp(x_hist[0].numel(), budget.mlp_hidden, num_classes)
-        secs = train_classifier(hist_mlp, x_hist, attack_set.labels, budget.epochs, budget.mlp_lr, budget.batch_size,
-                                budget.seed, optimizer="adam", progress=progress, desc=f"{mode_name}: histogram")
+        hist = mlp_attack(x_hist, attack_set.labels, x_hist_test, test.labels, num_classes, budget, progress,
+                          f"{mode_name}: histogram")
         row(7, "histogram attack: MLP on each frame's sorted pixel values (no permutation hides these)",
-            accuracy(hist_mlp, x_hist_test, test.labels), attack_budget={**budget.to_dict(), "wall_s": round(secs, 1)})
+            hist["accuracy"], attack_budget={**budget.to_dict(), "wall_s": hist["wall_s"]})
         modes.append({"key_mode": mode_name, "rows": rows, "wall_s": round(time.perf_counter() - t0, 1)})
     return {"dataset": test.name, "test_images": len(test), "chance": chance, "scheme": scheme,
             "checkpoint": checkpoint, "checkpoint_sha256": manifest.get("sha256"), "sensor": sensor_cfg.name,
