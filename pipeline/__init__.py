@@ -1,4 +1,4 @@
-"""privcam's product layer: the ``privcam`` command (:mod:`pipeline.cli`), the streaming pipeline
-(:mod:`pipeline.engine`, :mod:`pipeline.run`), the model stage (:mod:`pipeline.classifier`),
-recordings (:mod:`pipeline.recording`), datasets, training and evaluation.
+"""privcam's product layer: the ``privcam`` command (:mod:`pipeline.cli.main`), the streaming pipeline
+(:mod:`pipeline.stream.engine`, :mod:`pipeline.stream.run`), the model stage (:mod:`pipeline.stream.classifier`),
+recordings (:mod:`pipeline.stream.recording`), datasets, training and evaluation.
 """

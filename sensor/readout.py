@@ -562,7 +562,7 @@ def _t_to_rows_nb(src, tab, dst, block, scatter):
 
 
 # Pass B without scratch (in place): strips of columns permuted through an L2-sized buffer.
-# Slower than the transposed path here (see benchmarks.readout); kept for comparison.
+# Slower than the transposed path here (see pipeline.bench.readout); kept for comparison.
 
 
 def _cols_ref(src: np.ndarray, tabt: np.ndarray, scatter: bool) -> np.ndarray:

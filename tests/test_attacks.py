@@ -7,7 +7,7 @@ import pytest
 import torch
 from skimage import metrics
 
-from pipeline.attacks import (
+from pipeline.lab.attacks import (
     finetune_attack,
     gaussian_window,
     inversion_attack,
@@ -20,8 +20,8 @@ from pipeline.attacks import (
     recovery_fraction,
     ssim,
 )
-from pipeline.evaluate import AttackBudget
-from pipeline.protection import ELE, EtC, FrameSpec, ReadoutProtection
+from pipeline.lab.evaluate import AttackBudget
+from pipeline.lab.protection import ELE, EtC, FrameSpec, ReadoutProtection
 from sensor.keys import Key
 
 KEY = Key(bytes(range(32)))

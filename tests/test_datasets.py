@@ -6,7 +6,7 @@ import pickle
 import numpy as np
 import pytest
 
-from pipeline.datasets import load_cifar10, load_dataset, load_idx_dataset, read_idx
+from pipeline.stream.datasets import load_cifar10, load_dataset, load_idx_dataset, read_idx
 from sensor.errors import DatasetError
 
 

@@ -5,7 +5,7 @@ import time
 
 import pytest
 
-from pipeline.engine import Batch, Map, Pipeline
+from pipeline.stream.engine import Batch, Map, Pipeline
 
 
 def privcam_threads() -> list[threading.Thread]:

@@ -6,7 +6,7 @@ import stat
 
 import pytest
 
-from pipeline.cli import main
+from pipeline.cli.main import main
 from sensor.errors import KeyFileError
 from sensor.keys import Key, load_key_file, write_key_file
 

@@ -11,10 +11,10 @@ import torch
 
 from models.checkpoint import save_checkpoint
 from models.plain import build_model
-from pipeline.classifier import FrameFormat, KeyedClassifier, network_input
-from pipeline.cli import main
-from pipeline.recording import RecordingReader
-from pipeline.run import RunConfig, record_frames, replay_recording, run_pipeline
+from pipeline.cli.main import main
+from pipeline.stream.classifier import FrameFormat, KeyedClassifier, network_input
+from pipeline.stream.recording import RecordingReader
+from pipeline.stream.run import RunConfig, record_frames, replay_recording, run_pipeline
 from sensor.config import SensorConfig
 from sensor.errors import ConfigError, PrivcamError
 from sensor.keys import load_key_file, write_key_file
@@ -76,7 +76,7 @@ def test_live_run_equals_plain_model_and_replay_is_bit_exact(world, tmp_path, sc
     plain_model, _ = load_checkpoint(world / checkpoint)
     sensor_cfg = SensorConfig.from_yaml("configs/sensors/mono10.yaml")
     sensor = Sensor(sensor_cfg, seed=3)
-    from pipeline.datasets import load_dataset
+    from pipeline.stream.datasets import load_dataset
     data = load_dataset("mnist", "test", world)
     plain = np.stack([sensor.expose(render_photons(im, sensor_cfg), i) for i, im in enumerate(data.images)])
     with torch.no_grad():
@@ -108,7 +108,7 @@ def test_model_stage_only_sees_protected_frames(world):
         KeyedClassifier.__call__ = original
     sensor_cfg = SensorConfig.from_yaml("configs/sensors/mono10.yaml")
     sensor = Sensor(sensor_cfg, seed=3)
-    from pipeline.datasets import load_dataset
+    from pipeline.stream.datasets import load_dataset
     images = load_dataset("mnist", "test", world).images
     assert len(seen) == N_FRAMES
     for frame in seen[:5]:
@@ -131,8 +131,8 @@ def test_replay_refuses_a_key_with_another_fingerprint(world, tmp_path):
 def test_damaged_recording_replays_intact_frames_without_traceback(world, tmp_path, capsys):
     rec = tmp_path / "r.mcap"
     cfg = config(world, source={"limit": N_FRAMES})
-    from pipeline import run as run_module
-    from pipeline.recording import Recorder
+    from pipeline.stream import run as run_module
+    from pipeline.stream.recording import Recorder
 
     original = Recorder.__init__
 

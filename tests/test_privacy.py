@@ -11,8 +11,7 @@ import cv2
 import numpy as np
 import pytest
 
-from pipeline.datasets import Dataset
-from pipeline.privacy import (
+from pipeline.lab.privacy import (
     PrivacyBudget,
     add_privacy_arguments,
     foolbox_images,
@@ -21,7 +20,8 @@ from pipeline.privacy import (
     privacy_cli,
     privacy_table,
 )
-from pipeline.protection import METHOD_NAMES
+from pipeline.lab.protection import METHOD_NAMES
+from pipeline.stream.datasets import Dataset
 from sensor.config import SensorConfig
 from sensor.keys import Key, write_key_file
 

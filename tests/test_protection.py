@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from models.plain import CompactNet
-from pipeline import protection as pr
-from pipeline.protection import (
+from pipeline.lab import protection as pr
+from pipeline.lab.protection import (
     ELE,
     MONO10,
     EtC,

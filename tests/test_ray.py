@@ -21,7 +21,7 @@ pytest.importorskip("pyarrow")
 
 from models.checkpoint import save_checkpoint  # noqa: E402
 from models.plain import build_model  # noqa: E402
-from pipeline.ray_backend import (  # noqa: E402, I001 - imported after the skip
+from pipeline.ray.backend import (  # noqa: E402, I001 - imported after the skip
     RecordingDatasource,
     camera_shards,
     expand_recordings,
@@ -29,8 +29,8 @@ from pipeline.ray_backend import (  # noqa: E402, I001 - imported after the skip
     run_cameras_on_ray,
     scan_header,
 )
-from pipeline.recording import Recorder, RecordingReader  # noqa: E402
-from pipeline.run import RunConfig, record_frames, replay_recording, run_pipeline  # noqa: E402
+from pipeline.stream.recording import Recorder, RecordingReader  # noqa: E402
+from pipeline.stream.run import RunConfig, record_frames, replay_recording, run_pipeline  # noqa: E402
 from sensor.errors import ConfigError, PrivcamError  # noqa: E402
 from sensor.frame import ProtectedFrame  # noqa: E402
 from sensor.keys import write_key_file  # noqa: E402
@@ -150,7 +150,7 @@ def test_parquet_output_one_actor_other_batch_size_and_globs(ray_session, world,
 
 
 def test_wrong_key_is_refused_per_recording_before_any_work(world, monkeypatch):
-    from pipeline import ray_backend
+    from pipeline.ray import backend as ray_backend
 
     def no_ray(*args, **kwargs):
         raise AssertionError("Ray must not be touched before the fingerprints are checked")

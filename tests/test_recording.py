@@ -3,7 +3,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipeline.recording import Recorder, RecordingError, RecordingReader
+from pipeline.stream.recording import Recorder, RecordingError, RecordingReader
 from sensor.errors import PrivcamError
 from sensor.frame import FrameMeta, ProtectedFrame
 

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from models.checkpoint import load_checkpoint, read_manifest
-from pipeline import train as train_module
-from pipeline.cli import main
-from pipeline.train import TrainConfig, train
+from pipeline.lab import train as train_module
+from pipeline.cli.main import main
+from pipeline.lab.train import TrainConfig, train
 
 
 def write_cifar(root, n_per_batch: int = 12, seed: int = 0) -> None:

@@ -3,7 +3,7 @@
 A :class:`Protection` maps plain sensor frames (B, H, W) uint16 (values in [0, max_dn]) and their
 frame indices to protected frames of the same shape and dtype, and says how an authorised user
 classifies them (:meth:`Protection.authorised_logits`). The pipeline can run any of them in place
-of the keyed readout, and :mod:`pipeline.privacy` measures all of them with the same attacks.
+of the keyed readout, and :mod:`pipeline.lab.privacy` measures all of them with the same attacks.
 
 =======================  =====  ==========  =================================================
 stage                    keyed  invertible  authorised classifier
@@ -66,7 +66,7 @@ from sensor.readout import (
     three_pass_tables_numpy,
 )
 
-from .classifier import FrameFormat, KeyedClassifier, network_input
+from ..stream.classifier import FrameFormat, KeyedClassifier, network_input
 
 RELATIONS = ("equal", "negate", "xor")  # how a protected sample relates to its plain source (attacks)
 METHOD_NAMES = ("readout-static", "readout-rotating", "etc-static", "etc-rotating", "ele-static", "ele-rotating",
@@ -214,7 +214,7 @@ def _logits_in_batches(model: nn.Module, x: torch.Tensor, batch: int) -> torch.T
 class ReadoutProtection(Protection):
     """The keyed ADC readout (:mod:`sensor.readout`): static, or rotated per frame (key, n).
 
-    The authorised classifier is the keyed twin (:class:`pipeline.classifier.KeyedClassifier`), which
+    The authorised classifier is the keyed twin (:class:`pipeline.stream.classifier.KeyedClassifier`), which
     reads the protected frames without ever unscrambling them.
 
     Args:
@@ -555,7 +555,7 @@ class UNet(nn.Module):
 
 def to_classifier_layout(y: torch.Tensor, scheme: str) -> torch.Tensor:
     """(B, 1, H, W) normalised mosaic -> the classifier's input layout (differentiable twin of
-    :func:`pipeline.classifier.network_input` on normalised values)."""
+    :func:`pipeline.stream.classifier.network_input` on normalised values)."""
     if scheme == "pixel":
         return y
     return torch.stack([y[:, 0, dy::2, dx::2] for dy in (0, 1) for dx in (0, 1)], dim=1)

@@ -1,8 +1,8 @@
 """Scale out on Ray: replay many recordings, serve many simulated cameras (optional extra ``ray``).
 
 privcam does not schedule a cluster itself; it hands Ray two jobs and keeps the work in one place.
-The per-batch work is :class:`~pipeline.classifier.KeyedClassifier` (protected frames in,
-predictions out), built by :func:`pipeline.run.build_classifier` exactly as the local pipeline
+The per-batch work is :class:`~pipeline.stream.classifier.KeyedClassifier` (protected frames in,
+predictions out), built by :func:`pipeline.stream.run.build_classifier` exactly as the local pipeline
 builds it, here inside each Ray actor (:class:`KeyedBatchPredictor`).
 
 Replay (:func:`replay_on_ray`)::
@@ -86,11 +86,20 @@ from sensor.frame import ProtectedFrame
 from sensor.keys import Key
 from sensor.sensor import Sensor
 
-from .classifier import FrameFormat, KeyedClassifier
-from .datasets import load_dataset
-from .engine import StageStats
-from .recording import MAGIC, Recorder, RecordingError, RecordingReader, ReplayReport, decode_frame, encode_frame
-from .run import (
+from ..resources import resolve
+from ..stream.classifier import FrameFormat, KeyedClassifier
+from ..stream.datasets import load_dataset
+from ..stream.engine import StageStats
+from ..stream.recording import (
+    MAGIC,
+    Recorder,
+    RecordingError,
+    RecordingReader,
+    ReplayReport,
+    decode_frame,
+    encode_frame,
+)
+from ..stream.run import (
     KeySection,
     ModelSection,
     RunConfig,
@@ -250,7 +259,7 @@ def _batch_rows_table(rows: list[dict[str, Any]]) -> pa.Table:
 def read_recording_blocks(header: RecordingHeader, batch_size: int, block_bytes: int) -> Iterator[pa.Table]:
     """Read task body: a recording as blocks of whole batches, then one report row.
 
-    Rows: ``frames`` holds up to ``batch_size`` encoded frames (:func:`~pipeline.recording.encode_frame`),
+    Rows: ``frames`` holds up to ``batch_size`` encoded frames (:func:`~pipeline.stream.recording.encode_frame`),
     cut every ``batch_size`` intact frames from the first, as the local replay batches them.
     """
     reader = MappedRecordingReader(header.path)
@@ -320,8 +329,8 @@ class RecordingDatasource(Datasource):
 class KeyedBatchPredictor:
     """The model side of every Ray path: key and checkpoint loaded once per actor, from their paths.
 
-    One :class:`~pipeline.classifier.KeyedClassifier` per frame format, built on first use with
-    :func:`pipeline.run.build_classifier` (same checks as the local pipeline) and cached, errors included.
+    One :class:`~pipeline.stream.classifier.KeyedClassifier` per frame format, built on first use with
+    :func:`pipeline.stream.run.build_classifier` (same checks as the local pipeline) and cached, errors included.
     ``__call__`` is the ``map_batches`` entry (pyarrow tables of :data:`BATCH_SCHEMA` rows in,
     :data:`PREDICTION_SCHEMA` rows out); :meth:`classify` is the plain call for the live workers.
 
@@ -802,7 +811,7 @@ class CameraActor:
     def setup(self) -> str:
         """Load sensor profile, key (from its path) and the shard's scenes; returns the key fingerprint."""
         c = self.cfg
-        self.sensor_cfg = SensorConfig.from_yaml(c.sensor.profile)
+        self.sensor_cfg = SensorConfig.from_yaml(resolve(c.sensor.profile))
         key = load_key(c.key.file)
         self.fingerprint = key.fingerprint
         self.data = load_dataset(c.source.dataset, c.source.split, c.source.data).subset(self.end - self.first,
@@ -934,7 +943,7 @@ def run_cameras_on_ray(cfg: RunConfig, cameras: int = 2, actors: int = 2, ray_ad
     if actors < 1:
         raise ConfigError("run", "actors", ">= 1", actors)
     key = load_key(cfg.key.file)
-    sensor_cfg = SensorConfig.from_yaml(cfg.sensor.profile)
+    sensor_cfg = SensorConfig.from_yaml(resolve(cfg.sensor.profile))
     data = load_dataset(cfg.source.dataset, cfg.source.split, cfg.source.data).subset(cfg.source.limit,
                                                                                         cfg.source.offset)
     if len(data) == 0:

@@ -33,6 +33,7 @@ from sensor.rawio import RawFrame, read_raw
 from sensor.scene import raw_to_photons, render_photons
 from sensor.sensor import Sensor
 
+from ..resources import DEFAULT_CHECKPOINT, MONO_PROFILE, resolve
 from .classifier import FrameFormat, KeyedClassifier
 from .datasets import Dataset, load_dataset
 from .engine import Batch, Map, Pipeline, RunResult
@@ -52,7 +53,7 @@ class SourceSection:
 
 @dataclass(frozen=True)
 class SensorSection:
-    profile: str = "configs/sensors/mono10.yaml"
+    profile: str = MONO_PROFILE
     seed: int = 0
 
 
@@ -69,7 +70,7 @@ class KeySection:
 
 @dataclass(frozen=True)
 class ModelSection:
-    checkpoint: str = "models/weights/compact_fashion_mnist_pixel.pt"
+    checkpoint: str = DEFAULT_CHECKPOINT
     mode: str = "fused"
     device: str = "auto"
 
@@ -270,7 +271,7 @@ def summarise(result: RunResult, sink: PredictionSink, extra: dict[str, Any]) ->
 
 
 def build_classifier(cfg: RunConfig, key: Key, fmt: FrameFormat) -> tuple[KeyedClassifier, dict[str, Any]]:
-    model, manifest = load_checkpoint(cfg.model.checkpoint)
+    model, manifest = load_checkpoint(resolve(cfg.model.checkpoint))
     trained_scheme = manifest.get("scheme")
     representation = {"pixel": "mosaic", "quad": "packed", "plane": "packed"}
     if trained_scheme and representation[trained_scheme] != representation[fmt.scheme]:
@@ -283,7 +284,7 @@ def build_classifier(cfg: RunConfig, key: Key, fmt: FrameFormat) -> tuple[KeyedC
 def run_pipeline(cfg: RunConfig, progress: bool = True) -> dict[str, Any]:
     """Live run: dataset scenes through the keyed sensor into the keyed classifier."""
     key = load_key(cfg.key.file)
-    sensor_cfg = SensorConfig.from_yaml(cfg.sensor.profile)
+    sensor_cfg = SensorConfig.from_yaml(resolve(cfg.sensor.profile))
     items, total, (h, w) = open_source(cfg)
     fmt = FrameFormat(cfg.key.scheme, cfg.key.rotation, h, w, sensor_cfg.black_level_dn, sensor_cfg.max_dn)
     classifier, manifest = build_classifier(cfg, key, fmt)
@@ -346,7 +347,7 @@ def replay_recording(path: str, cfg: RunConfig, progress: bool = True) -> dict[s
 def record_frames(cfg: RunConfig, out: str, progress: bool = True) -> dict[str, Any]:
     """Sensor and recorder only: capture the source's scenes as protected frames into ``out`` (.mcap)."""
     key = load_key(cfg.key.file)
-    sensor_cfg = SensorConfig.from_yaml(cfg.sensor.profile)
+    sensor_cfg = SensorConfig.from_yaml(resolve(cfg.sensor.profile))
     items, total, _ = open_source(cfg)
     sensor = Sensor(sensor_cfg, seed=cfg.sensor.seed)
     recorder = Recorder(out, sensor_cfg.to_dict(), cfg.key.scheme, cfg.key.rotation, key.fingerprint)

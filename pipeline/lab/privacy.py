@@ -1,6 +1,6 @@
 """``privcam eval privacy``: every protection method under the same attacks, side by side.
 
-For each method (:data:`pipeline.protection.METHOD_NAMES`) one row of:
+For each method (:data:`pipeline.lab.protection.METHOD_NAMES`) one row of:
 
 * ``authorised_accuracy``: the authorised path (:meth:`Protection.authorised_logits`);
 * ``unauthorised_accuracy``: the plain model on the protected frames, no key (for the keyless
@@ -52,6 +52,8 @@ from sensor.keys import Key
 from sensor.scene import render_photons
 from sensor.sensor import Sensor
 
+from ..resources import COLOUR_PROFILE, DEFAULT_CHECKPOINT, MONO_PROFILE, resolve
+from ..stream.datasets import CIFAR10_CLASSES, Dataset
 from .attacks import (
     finetune_attack,
     inversion_attack,
@@ -62,7 +64,6 @@ from .attacks import (
     recovery_fraction,
     ssim,
 )
-from .datasets import CIFAR10_CLASSES, Dataset
 from .evaluate import ATTACK_FRAME_BASE, TEST_FRAME_BASE, AttackBudget, accuracy
 from .protection import (
     METHOD_NAMES,
@@ -74,8 +75,6 @@ from .protection import (
 )
 
 I2P_FRAME_BASE = 20_000_000  # the defender's I2P training frames: indices disjoint from test and attacker frames
-REPO_ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_CHECKPOINT = REPO_ROOT / "models" / "weights" / "compact_fashion_mnist_pixel.pt"
 CIFAR_NOTE = ("no trained CIFAR-10 classifier: accuracy columns and I2P (trained against a classifier) are not "
               "measured; the inversion attacker trains on natural 32x32 patches (foolbox's ImageNet photos and "
               "CIFAR-100 images) and is tested on the 20 real CIFAR-10 images")
@@ -360,7 +359,7 @@ def privacy_table(checkpoint: str | os.PathLike, test: Dataset, train: Dataset, 
     tables = [_fashion_table(str(checkpoint), test, train, sensor_cfg, key, scheme, budget, methods, block, progress,
                              sensor_seed)]
     if cifar is not None:
-        cfg = cifar_sensor_cfg or SensorConfig.from_yaml(REPO_ROOT / "configs" / "sensors" / "default.yaml")
+        cfg = cifar_sensor_cfg or SensorConfig.from_yaml(resolve(COLOUR_PROFILE))
         tables.append(_cifar_table(cifar, cfg, key, cifar_scheme, budget, methods, block, progress, sensor_seed))
     return {"tables": tables, "budget": budget.to_dict(), "block": block, "key_fingerprint": key.fingerprint,
             "torch_threads": torch.get_num_threads(), "wall_s": round(time.perf_counter() - t0, 1)}
@@ -404,10 +403,10 @@ def format_table(table: dict[str, Any]) -> str:
 
 def add_privacy_arguments(p: argparse.ArgumentParser) -> None:
     """Options of ``privcam eval privacy`` (``--json`` comes from the CLI's common options)."""
-    p.add_argument("--checkpoint", default=str(DEFAULT_CHECKPOINT), help="plain classifier (.pt with manifest)")
+    p.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT, help="plain classifier (.pt with manifest)")
     p.add_argument("--dataset", default="fashion-mnist", help="dataset of the classifier (default fashion-mnist)")
     p.add_argument("--data", help="dataset path")
-    p.add_argument("--sensor", default=str(REPO_ROOT / "configs" / "sensors" / "mono10.yaml"))
+    p.add_argument("--sensor", default=MONO_PROFILE)
     p.add_argument("--scheme", default="pixel", choices=["pixel", "quad", "plane"], help="readout scheme")
     p.add_argument("--key", help="key file (default: a fresh random key)")
     p.add_argument("--methods", default=",".join(METHOD_NAMES), help=f"comma list of {', '.join(METHOD_NAMES)}")
@@ -423,7 +422,7 @@ def add_privacy_arguments(p: argparse.ArgumentParser) -> None:
                    help="I2P feature extractor: the classifier's first conv block or a fixed random conv stack")
     p.add_argument("--kpa-pairs", default="1,2,4,8", help="known-plaintext pair counts (default 1,2,4,8)")
     p.add_argument("--cifar", help="foolbox wheel or folder with cifar10_*.png (pip download --no-deps foolbox)")
-    p.add_argument("--cifar-sensor", default=str(REPO_ROOT / "configs" / "sensors" / "default.yaml"))
+    p.add_argument("--cifar-sensor", default=COLOUR_PROFILE)
     p.add_argument("--cifar-scheme", default="quad", choices=["pixel", "quad", "plane"])
     p.add_argument("--cifar-attack-images", type=int, default=2000, help="CIFAR attacker's natural patches")
     p.add_argument("--seed", type=int, default=0, help="training and sampling seed (default 0)")
@@ -438,7 +437,7 @@ def privacy_cli(args: argparse.Namespace) -> dict[str, Any]:
     from sensor.atomic import atomic_path
     from sensor.keys import load_key_file
 
-    from .datasets import load_dataset
+    from ..stream.datasets import load_dataset
 
     if args.threads:
         import numba
@@ -453,9 +452,10 @@ def privacy_cli(args: argparse.Namespace) -> dict[str, Any]:
                            kpa_pairs=tuple(int(k) for k in args.kpa_pairs.split(",")),
                            cifar_attack_images=args.cifar_attack_images, seed=args.seed)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    table = privacy_table(args.checkpoint, load_dataset(args.dataset, "test", args.data),
-                          load_dataset(args.dataset, "train", args.data), SensorConfig.from_yaml(args.sensor), key,
-                          args.scheme, budget, methods, args.cifar, SensorConfig.from_yaml(args.cifar_sensor),
+    sensor_cfg = SensorConfig.from_yaml(resolve(args.sensor))
+    table = privacy_table(str(resolve(args.checkpoint)), load_dataset(args.dataset, "test", args.data),
+                          load_dataset(args.dataset, "train", args.data), sensor_cfg, key,
+                          args.scheme, budget, methods, args.cifar, SensorConfig.from_yaml(resolve(args.cifar_sensor)),
                           args.cifar_scheme, args.block, progress=not args.quiet)
     if args.out:
         with atomic_path(args.out) as tmp:

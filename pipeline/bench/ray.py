@@ -1,14 +1,14 @@
 """Replay throughput, local vs Ray, on the same recordings; Ray scaling with 1 and 2 model actors.
 
-Run: ``python -m benchmarks.ray --json out.json [--recordings 4 --frames 2500 --batch 64 --actors 1,2
+Run: ``python -m pipeline.bench.ray --json out.json [--recordings 4 --frames 2500 --batch 64 --actors 1,2
 --ray-address ADDR --rounds 2]`` (needs the optional extra ``ray``).
 
 Recordings: random 28x28 scenes through the mono10 sensor, pixel scheme, a fixed public test key
 (benchmarks protect nothing); the model is a randomly initialised compact net (throughput does not
-depend on the weights). Baseline: ``pipeline.run.replay_recording`` on each recording in turn, in
+depend on the weights). Baseline: ``pipeline.stream.run.replay_recording`` on each recording in turn, in
 this process as ``privcam replay`` runs it (torch ends with one thread per core), and in a child process
 limited to one thread (the per-core rate). Ray:
-``pipeline.ray_backend.replay_on_ray`` with 1 CPU and 1 torch thread per actor, so the actor count is
+``pipeline.ray.backend.replay_on_ray`` with 1 CPU and 1 torch thread per actor, so the actor count is
 the only thing that changes. Rounds are interleaved, best of each. Reported per Ray run: end-to-end
 frames/s (actor start included), seconds to the first prediction and the steady rate after it, and
 whether every prediction equals the local replay's. A local Ray started here runs its workers at
@@ -36,8 +36,8 @@ import torch
 
 from models.checkpoint import save_checkpoint
 from models.plain import build_model
-from pipeline.recording import Recorder
-from pipeline.run import RunConfig, replay_recording
+from pipeline.stream.recording import Recorder
+from pipeline.stream.run import RunConfig, replay_recording
 from sensor.config import SensorConfig
 from sensor.keys import Key, write_key_file
 from sensor.scene import render_photons
@@ -89,7 +89,7 @@ def local_replay(paths: list[str], key_file: str, checkpoint: str, batch: int, o
 def local_replay_one_thread(paths: list[str], key_file: str, checkpoint: str, batch: int, out_dir: Path) -> dict:
     """:func:`local_replay` in a child process limited to one thread (OMP_NUM_THREADS=NUMBA_NUM_THREADS=1): the
     per-core rate. In-process this is not possible: building the keyed model resets torch to one thread per core."""
-    code = ("import json, sys; from pathlib import Path; from benchmarks.ray import local_replay; "
+    code = ("import json, sys; from pathlib import Path; from pipeline.bench.ray import local_replay; "
             "a = json.loads(sys.argv[1]); r = local_replay(a[0], a[1], a[2], a[3], Path(a[4])); "
             "r.pop('lines'); print(json.dumps(r))")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "NUMBA_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
@@ -100,7 +100,7 @@ def local_replay_one_thread(paths: list[str], key_file: str, checkpoint: str, ba
 
 def ray_replay(paths: list[str], key_file: str, checkpoint: str, batch: int, actors: int, out: Path,
                ray_address: str | None) -> dict:
-    from pipeline.ray_backend import READ_CPUS, cluster_cpus, replay_on_ray
+    from pipeline.ray.backend import READ_CPUS, cluster_cpus, replay_on_ray
 
     total, node = cluster_cpus()
     cpus = min(1.0, node, math.floor((total - READ_CPUS) / actors * 100) / 100)  # 1 torch thread per actor
@@ -148,7 +148,7 @@ def actor_memory(key_file: str, checkpoint: str, threads: int = 1) -> dict:
     """Resident memory of one model actor before and after building the keyed model, and its tensor bytes."""
     import ray
 
-    from pipeline.classifier import FrameFormat
+    from pipeline.stream.classifier import FrameFormat
 
     def rss_mb() -> float | None:
         try:
@@ -159,7 +159,7 @@ def actor_memory(key_file: str, checkpoint: str, threads: int = 1) -> dict:
 
     @ray.remote(num_cpus=0)
     def measure(fmt: dict) -> dict:
-        from pipeline.ray_backend import KeyedBatchPredictor
+        from pipeline.ray.backend import KeyedBatchPredictor
 
         before = rss_mb()
         predictor = KeyedBatchPredictor(key_file, checkpoint, "fused", "cpu", threads)
@@ -179,7 +179,7 @@ def driver_sink_rate(root: Path, batches: int = 400, batch: int = 64) -> dict:
     """Frames/s the driver can take in: prediction rows (pyarrow, shuffled batch order) -> reorder -> file."""
     import pyarrow as pa
 
-    from pipeline.ray_backend import PREDICTION_SCHEMA, PredictionWriter, RecordingHeader, ReorderingSink
+    from pipeline.ray.backend import PREDICTION_SCHEMA, PredictionWriter, RecordingHeader, ReorderingSink
 
     header = RecordingHeader(0, "synthetic.mcap", None, "pixel", False, 16, 1023, None, 0)
     rows = [{"rec_index": 0, "batch_index": b, "frame_index": list(range(b * batch, (b + 1) * batch)),
@@ -204,7 +204,7 @@ def driver_sink_rate(root: Path, batches: int = 400, batch: int = 64) -> dict:
 
 
 def run(args: argparse.Namespace, root: Path) -> dict:
-    from pipeline.ray_backend import ensure_ray, ray_info
+    from pipeline.ray.backend import ensure_ray, ray_info
 
     key_file, checkpoint, paths = make_world(root, args.recordings, args.frames, args.rotation)
     frame_bytes = HW[0] * HW[1] * 2

@@ -24,16 +24,12 @@ from sensor.rawio import RawMeta, write_raw
 from sensor.scene import colour_chart, raw_to_srgb, render_photons
 from sensor.sensor import Sensor
 
-from .classifier import FrameFormat, KeyedClassifier
-from .datasets import load_dataset
+from ..resources import COLOUR_PROFILE, DEFAULT_CHECKPOINT, MONO_PROFILE, resolve
+from ..stream.classifier import FrameFormat, KeyedClassifier
+from ..stream.datasets import load_dataset
+from ..stream.run import RunConfig, replay_recording, run_pipeline
 from .images import write_png
-from .run import RunConfig, replay_recording, run_pipeline
 from .show import show_panels
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
-CHECKPOINT = REPO_ROOT / "models" / "weights" / "compact_fashion_mnist_pixel.pt"
-MONO_PROFILE = REPO_ROOT / "configs" / "sensors" / "mono10.yaml"
-COLOUR_PROFILE = REPO_ROOT / "configs" / "sensors" / "default.yaml"
 
 
 def wrong_key_accuracy(frames: list, labels: np.ndarray, model_path: Path, fmt: FrameFormat) -> float:
@@ -51,7 +47,7 @@ def run_demo(out: Path, limit: int = 1000, progress: bool = True) -> dict[str, A
         write_key_file(key_path)
     key = load_key_file(key_path)
 
-    colour = SensorConfig.from_yaml(COLOUR_PROFILE)
+    colour = SensorConfig.from_yaml(resolve(COLOUR_PROFILE))
     chart = Sensor(colour, seed=0).expose(render_photons(colour_chart(), colour), frame_index=0)
     write_raw(out / "chart.dng", chart, RawMeta(width=chart.shape[1], height=chart.shape[0],
                                                 bit_depth=colour.bit_depth, cfa=colour.cfa,
@@ -60,23 +56,23 @@ def run_demo(out: Path, limit: int = 1000, progress: bool = True) -> dict[str, A
 
     cfg = RunConfig.from_dict({
         "source": {"dataset": "fashion-mnist-sample", "limit": limit},
-        "sensor": {"profile": str(MONO_PROFILE), "seed": 0},
+        "sensor": {"profile": str(resolve(MONO_PROFILE)), "seed": 0},
         "key": {"file": str(key_path), "scheme": "pixel", "rotation": True},
-        "model": {"checkpoint": str(CHECKPOINT), "mode": "fused"},
+        "model": {"checkpoint": str(resolve(DEFAULT_CHECKPOINT)), "mode": "fused"},
         "output": {"predictions": str(out / "predictions.jsonl"), "record": str(out / "frames.mcap")}}, "demo")
     live = run_pipeline(cfg, progress=progress)
     replay_cfg = replace(cfg, output=replace(cfg.output, predictions=str(out / "replay.jsonl"), record=None))
     replayed = replay_recording(str(out / "frames.mcap"), replay_cfg, progress=progress)
     identical = (out / "predictions.jsonl").read_bytes() == (out / "replay.jsonl").read_bytes()
 
-    mono = SensorConfig.from_yaml(MONO_PROFILE)
+    mono = SensorConfig.from_yaml(resolve(MONO_PROFILE))
     sample = load_dataset("fashion-mnist-sample").subset(limit)
     sensor = Sensor(mono, seed=0)
     frames = [sensor.capture(render_photons(im, mono), key, i, scheme="pixel") for i, im in enumerate(sample.images)]
     fmt = FrameFormat("pixel", False, 28, 28, mono.black_level_dn, mono.max_dn)
-    wrong_acc = wrong_key_accuracy(frames, sample.labels, CHECKPOINT, fmt)
+    wrong_acc = wrong_key_accuracy(frames, sample.labels, resolve(DEFAULT_CHECKPOINT), fmt)
 
-    model, _ = load_checkpoint(CHECKPOINT)
+    model, _ = load_checkpoint(resolve(DEFAULT_CHECKPOINT))
     figure, _ = show_panels(sample.images[0], mono, key, "pixel", model)
     write_png(out / "show.png", figure)
     return {"key_fingerprint": key.fingerprint, "frames": live["frames"], "keyed_accuracy": live["accuracy"],

@@ -7,7 +7,7 @@
 * :func:`inversion_attack` (ITN-Attack, Ito et al. 2021): train a U-Net on (protected, plain) pairs,
   reconstruct held-out frames, report SSIM and PSNR against the originals.
 * :func:`finetune_attack` and :func:`mlp_attack`: the classifier attacks of ``privcam eval accuracy``
-  (:mod:`pipeline.evaluate`), on any protection's frames.
+  (:mod:`pipeline.lab.evaluate`), on any protection's frames.
 * :func:`ssim` and :func:`psnr` in numpy. SSIM is Wang et al. 2004 with an 11-tap Gaussian window
   (sigma 1.5, truncated at 3.5 sigma), K1 = 0.01, K2 = 0.03, population covariances, averaged over
   the positions where the window fits inside the image; this equals scikit-image's

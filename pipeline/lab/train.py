@@ -2,7 +2,7 @@
 
 Scenes are augmented (random shift by padding-and-crop, horizontal flip) *before* the sensor, then
 rendered to photons and exposed with the sensor's noise; the network sees
-:func:`pipeline.classifier.network_input` of the plain frames. The keyed twin of the result
+:func:`pipeline.stream.classifier.network_input` of the plain frames. The keyed twin of the result
 classifies protected frames without retraining.
 
 Resumable: the full training state (model, optimiser, scheduler, epoch, best accuracy) is saved
@@ -29,8 +29,9 @@ from sensor.errors import ConfigError
 from sensor.scene import render_photons
 from sensor.sensor import Sensor
 
-from .classifier import input_shape, network_input
-from .datasets import Dataset, load_dataset
+from ..resources import MONO_PROFILE, resolve
+from ..stream.classifier import input_shape, network_input
+from ..stream.datasets import Dataset, load_dataset
 
 
 @dataclass(frozen=True)
@@ -39,7 +40,7 @@ class TrainConfig:
     data: str | None = None
     model: str = "compact"
     scheme: str = "pixel"
-    sensor: str = "configs/sensors/mono10.yaml"
+    sensor: str = MONO_PROFILE
     epochs: int = 8
     batch_size: int = 128
     lr: float = 0.05
@@ -49,7 +50,7 @@ class TrainConfig:
     seed: int = 0
     limit_train: int | None = None
     limit_test: int | None = None
-    out: str = "models/weights/compact_fashion_mnist_pixel.pt"
+    out: str = "compact_fashion_mnist_pixel.pt"
 
     def __post_init__(self) -> None:
         if self.scheme not in ("pixel", "quad", "plane"):
@@ -108,7 +109,7 @@ def train(cfg: TrainConfig, progress: bool = True, device: torch.device | str | 
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     train_set = load_dataset(cfg.dataset, "train", cfg.data).subset(cfg.limit_train)
     test_set = load_dataset(cfg.dataset, "test", cfg.data).subset(cfg.limit_test)
-    sensor_cfg = SensorConfig.from_yaml(cfg.sensor)
+    sensor_cfg = SensorConfig.from_yaml(resolve(cfg.sensor))
     sensor = Sensor(sensor_cfg, seed=cfg.seed)
     h, w = train_set.images.shape[1:3]
     c = input_shape(cfg.scheme, h, w)[0]

@@ -35,8 +35,8 @@ from sensor.keys import Key
 from sensor.scene import render_photons
 from sensor.sensor import Sensor
 
-from .classifier import FrameFormat, KeyedClassifier, network_input
-from .datasets import Dataset
+from ..stream.classifier import FrameFormat, KeyedClassifier, network_input
+from ..stream.datasets import Dataset
 
 TEST_FRAME_BASE = 0
 ATTACK_FRAME_BASE = 10_000_000  # attacker's frames never share an index (noise, rotation) with test frames

@@ -16,10 +16,9 @@ import numpy as np
 from sensor.config import SensorConfig
 from sensor.errors import PrivcamError
 
+from ..resources import COLOUR_PROFILE, DEFAULT_CHECKPOINT, MONO_PROFILE, RUN_CONFIG, resolve
 from .images import write_png
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_SENSOR = REPO_ROOT / "configs" / "sensors" / "default.yaml"
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
 RAW_SUFFIXES = {".npy", ".raw", ".bin", ".dng", ".png", ".tif", ".tiff"}
 
@@ -31,8 +30,8 @@ class CliError(PrivcamError):
 def load_sensor_config(path: str | None) -> SensorConfig:
     """The named YAML profile, or the built-in default (equal to configs/sensors/default.yaml)."""
     if path is None:
-        return SensorConfig.from_yaml(DEFAULT_SENSOR) if DEFAULT_SENSOR.exists() else SensorConfig()
-    return SensorConfig.from_yaml(path)
+        return SensorConfig.from_yaml(resolve(COLOUR_PROFILE))
+    return SensorConfig.from_yaml(resolve(path))
 
 
 def read_scene_or_raw(path: Path) -> tuple[str, np.ndarray, Any]:
@@ -115,16 +114,15 @@ def cmd_demo(args: argparse.Namespace) -> dict[str, Any]:
     return run_demo(Path(args.out), args.limit, progress=not args.quiet)
 
 
-DEFAULT_RUN_CONFIG = REPO_ROOT / "configs" / "pipeline" / "default.yaml"
 
 
 def load_run_config(args: argparse.Namespace):
     """configs/pipeline YAML, then --set overrides, then the convenience flags."""
     from sensor.configio import apply_overrides, read_yaml
 
-    from .run import RunConfig
+    from ..stream.run import RunConfig
 
-    path = args.config or DEFAULT_RUN_CONFIG
+    path = resolve(args.config or RUN_CONFIG)
     data = read_yaml(path)
     sets = list(args.set or [])
     for flag, dotted in (("key", "key.file"), ("scheme", "key.scheme"), ("limit", "source.limit"),
@@ -174,7 +172,7 @@ def _finish(summary: dict[str, Any]) -> dict[str, Any]:
 
 
 def cmd_run(args: argparse.Namespace) -> dict[str, Any]:
-    from .run import run_pipeline
+    from ..stream.run import run_pipeline
 
     cfg = load_run_config(args)
     if args.record:
@@ -182,7 +180,7 @@ def cmd_run(args: argparse.Namespace) -> dict[str, Any]:
 
         cfg = replace(cfg, output=replace(cfg.output, record=args.record))
     if args.ray:
-        from .ray_backend import run_cameras_on_ray
+        from ..ray.backend import run_cameras_on_ray
 
         return _finish(run_cameras_on_ray(cfg, cameras=args.cameras, actors=args.actors,
                                           ray_address=args.ray_address, progress=not args.quiet))
@@ -190,17 +188,17 @@ def cmd_run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_record(args: argparse.Namespace) -> dict[str, Any]:
-    from .run import record_frames
+    from ..stream.run import record_frames
 
     return _finish(record_frames(load_run_config(args), args.out, progress=not args.quiet))
 
 
 def cmd_replay(args: argparse.Namespace) -> dict[str, Any]:
-    from .run import replay_recording
+    from ..stream.run import replay_recording
 
     cfg = load_run_config(args)
     if args.ray:
-        from .ray_backend import replay_on_ray
+        from ..ray.backend import replay_on_ray
 
         summary = replay_on_ray(args.recording, cfg.key.file or "", cfg.model.checkpoint, out=args.predictions,
                                 batch_size=cfg.pipeline.batch_size, actors=args.actors, mode=cfg.model.mode,
@@ -222,9 +220,9 @@ def cmd_replay(args: argparse.Namespace) -> dict[str, Any]:
 def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
     from sensor.configio import apply_overrides, read_yaml
 
-    from .train import TrainConfig, train
+    from ..lab.train import TrainConfig, train
 
-    data = read_yaml(args.config) if args.config else {}
+    data = read_yaml(resolve(args.config)) if args.config else {}
     sets = list(args.set or [])
     for flag in ("dataset", "data", "model", "scheme", "epochs", "out", "limit_train", "limit_test", "sensor"):
         value = getattr(args, flag, None)
@@ -243,7 +241,7 @@ def cmd_show(args: argparse.Namespace) -> dict[str, Any]:
     from sensor.keys import load_key_file
     from sensor.scene import colour_chart
 
-    from .classifier import input_shape
+    from ..stream.classifier import input_shape
     from .show import show_panels
 
     config = load_sensor_config(args.sensor)
@@ -258,7 +256,7 @@ def cmd_show(args: argparse.Namespace) -> dict[str, Any]:
         scene = scene[: h - h % 2, : w - w % 2]
     key = load_key_file(args.key)
     if args.checkpoint:
-        model, _ = load_checkpoint(args.checkpoint)
+        model, _ = load_checkpoint(resolve(args.checkpoint))
         weights = args.checkpoint
     else:
         torch.manual_seed(0)
@@ -275,7 +273,7 @@ def cmd_bench(args: argparse.Namespace) -> dict[str, Any]:
     import importlib
     import tempfile
 
-    module = importlib.import_module(f"benchmarks.{args.what}")
+    module = importlib.import_module(f"pipeline.bench.{args.what}")
     out = Path(args.out) if args.out else Path(tempfile.mkstemp(suffix=".json")[1])
     try:
         with contextlib.redirect_stdout(sys.stderr if args.json else sys.stdout):
@@ -290,11 +288,11 @@ def cmd_bench(args: argparse.Namespace) -> dict[str, Any]:
 def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
     from sensor.keys import Key, load_key_file
 
-    from .datasets import load_dataset
-    from .evaluate import AttackBudget, accuracy_table
+    from ..lab.evaluate import AttackBudget, accuracy_table
+    from ..stream.datasets import load_dataset
 
     if args.what == "privacy":
-        from .privacy import privacy_cli
+        from ..lab.privacy import privacy_cli
 
         return privacy_cli(args)
     key = load_key_file(args.key) if args.key else Key.generate()
@@ -302,7 +300,7 @@ def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
     train = load_dataset(args.dataset, "train", args.data)
     sensor_cfg = load_sensor_config(args.sensor)
     budget = AttackBudget(train_images=args.attack_train_images, epochs=args.attack_epochs)
-    table = accuracy_table(args.checkpoint, test, train, sensor_cfg, key, args.scheme, budget,
+    table = accuracy_table(str(resolve(args.checkpoint)), test, train, sensor_cfg, key, args.scheme, budget,
                            progress=not args.quiet)
     if args.out:
         from sensor.atomic import atomic_path
@@ -335,7 +333,7 @@ EXAMPLES = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .privacy import add_privacy_arguments
+    from ..lab.privacy import add_privacy_arguments
 
     parser = argparse.ArgumentParser(
         prog="privcam",
@@ -417,7 +415,7 @@ def build_parser() -> argparse.ArgumentParser:
             "model (keyed vs plain), pipeline (threaded vs serial), ray (local vs Ray replay, 1 and 2 actors).")
     p.add_argument("what", choices=["readout", "model", "pipeline", "ray"])
     p.add_argument("--out", help="also write the JSON result here")
-    p.epilog += "\n\noptions after '--' go to the benchmark itself (see python -m benchmarks.WHAT --help)"
+    p.epilog += "\n\noptions after '--' go to the benchmark itself (see python -m pipeline.bench.WHAT --help)"
 
     p = add("eval", cmd_eval,
             "Evaluation tables. 'accuracy': plain, no key, fine-tune attack, MLP attack, keyed, wrong key, histogram "
@@ -429,10 +427,10 @@ def build_parser() -> argparse.ArgumentParser:
                           epilog=f"example:\n  {EXAMPLES['eval']}",
                           formatter_class=argparse.RawDescriptionHelpFormatter)
     acc.add_argument("--json", action="store_true", help="print a machine-readable summary on stdout")
-    acc.add_argument("--checkpoint", default=str(REPO_ROOT / "models" / "weights" / "compact_fashion_mnist_pixel.pt"))
+    acc.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT)
     acc.add_argument("--dataset", default="fashion-mnist")
     acc.add_argument("--data", help="dataset path")
-    acc.add_argument("--sensor", default=str(REPO_ROOT / "configs" / "sensors" / "mono10.yaml"))
+    acc.add_argument("--sensor", default=MONO_PROFILE)
     acc.add_argument("--scheme", default="pixel", choices=["pixel", "quad", "plane"])
     acc.add_argument("--key", help="key file (default: a fresh random key)")
     acc.add_argument("--limit-test", type=int, help="test images (default: the whole test split)")

@@ -1,6 +1,6 @@
 """End-to-end pipeline throughput: threaded stages with bounded queues vs the same work serially.
 
-Run: ``python -m benchmarks.pipeline --json out.json [--frames 2000 --batch 64]``
+Run: ``python -m pipeline.bench.pipeline --json out.json [--frames 2000 --batch 64]``
 
 Scenes are random 28x28 (mono10 sensor, pixel scheme) or 64x96 (default RGGB sensor, quad scheme)
 images held in memory; the model is a randomly initialised compact net (throughput does not
@@ -17,11 +17,11 @@ import time
 import numpy as np
 import torch
 
-from benchmarks.common import write_json
 from models.plain import build_model
-from pipeline.classifier import FrameFormat, KeyedClassifier, input_shape
-from pipeline.engine import Batch, Map, Pipeline
-from pipeline.run import capture_stage
+from pipeline.bench.common import write_json
+from pipeline.stream.classifier import FrameFormat, KeyedClassifier, input_shape
+from pipeline.stream.engine import Batch, Map, Pipeline
+from pipeline.stream.run import capture_stage
 from sensor.config import SensorConfig
 from sensor.keys import Key
 from sensor.sensor import Sensor

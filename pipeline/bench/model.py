@@ -1,6 +1,6 @@
 """Throughput of keyed models against their plain twins, and the cost of building the tables.
 
-Run: ``python -m benchmarks.model --json out.json [--batch 64 --repeat 5]``
+Run: ``python -m pipeline.bench.model --json out.json [--batch 64 --repeat 5]``
 
 Per architecture (compact on 1x28x28, VGG16-BN and PreResNet-20 on 3x32x32): images/s of the
 plain model, the keyed twin in fused mode (every feature map permuted) and in fast mode (first
@@ -20,9 +20,9 @@ import time
 import torch
 from torch import nn
 
-from benchmarks.common import median_seconds, write_json
 from models.keyed import KeyedMaxPool2d, keyed
 from models.plain import build_model
+from pipeline.bench.common import median_seconds, write_json
 from sensor.keys import Key
 from sensor.permutation import random_permutation_torch
 

@@ -1,6 +1,6 @@
 """Throughput of the keyed readout permutation against memcpy.
 
-Run: ``python -m benchmarks.readout --json out.json [--height H --width W --repeat N]``
+Run: ``python -m pipeline.bench.readout --json out.json [--height H --width W --repeat N]``
 (default a 12 MP frame, 3000 x 4000 uint16).
 
 Every case moves one (H, W) uint16 frame into a preallocated output. Cases are measured
@@ -33,7 +33,7 @@ import numba
 import numpy as np
 import torch
 
-from benchmarks.common import write_json
+from pipeline.bench.common import write_json
 from sensor import readout as ro
 from sensor.keys import Key
 

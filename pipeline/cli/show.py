@@ -18,7 +18,7 @@ from sensor.keys import Key
 from sensor.scene import raw_to_srgb, render_photons
 from sensor.sensor import Sensor
 
-from .classifier import input_shape, network_input
+from ..stream.classifier import input_shape, network_input
 
 PANEL_PX = 224
 

@@ -1,1 +1,0 @@
-"""Benchmarks of privcam (run as modules, e.g. ``python -m benchmarks.readout``)."""

@@ -1,0 +1,1 @@
+"""Benchmarks of privcam (run as modules, e.g. ``python -m pipeline.bench.readout``)."""
