@@ -21,14 +21,9 @@ pytest.importorskip("pyarrow")
 
 from models.checkpoint import save_checkpoint  # noqa: E402
 from models.plain import build_model  # noqa: E402
-from pipeline.ray.backend import (  # noqa: E402, I001 - imported after the skip
-    RecordingDatasource,
-    camera_shards,
-    expand_recordings,
-    replay_on_ray,
-    run_cameras_on_ray,
-    scan_header,
-)
+from pipeline.ray.cameras import camera_shards, run_cameras_on_ray  # noqa: E402, I001 - imported after the skip
+from pipeline.ray.datasource import RecordingDatasource, expand_recordings, scan_header  # noqa: E402
+from pipeline.ray.replay import replay_on_ray  # noqa: E402
 from pipeline.stream.recording import Recorder, RecordingReader  # noqa: E402
 from pipeline.stream.run import RunConfig, record_frames, replay_recording, run_pipeline  # noqa: E402
 from sensor.errors import ConfigError, PrivcamError  # noqa: E402
@@ -150,12 +145,12 @@ def test_parquet_output_one_actor_other_batch_size_and_globs(ray_session, world,
 
 
 def test_wrong_key_is_refused_per_recording_before_any_work(world, monkeypatch):
-    from pipeline.ray import backend as ray_backend
+    from pipeline.ray import replay as ray_replay
 
     def no_ray(*args, **kwargs):
         raise AssertionError("Ray must not be touched before the fingerprints are checked")
 
-    monkeypatch.setattr(ray_backend, "ensure_ray", no_ray)
+    monkeypatch.setattr(ray_replay, "ensure_ray", no_ray)
     with pytest.raises(PrivcamError, match="a.mcap: recorded with key .* refusing to replay with the wrong key"):
         replay_on_ray([str(world / "recordings")], str(world / "other.key"), str(world / "m.pt"), None,
                       batch_size=BATCH, actors=1, mode="fused", ray_address=None, progress=False)

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from models.checkpoint import load_checkpoint, read_manifest
-from pipeline.lab import train as train_module
 from pipeline.cli.main import main
+from pipeline.lab import train as train_module
 from pipeline.lab.train import TrainConfig, train
 
 

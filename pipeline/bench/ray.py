@@ -8,7 +8,7 @@ Recordings: random 28x28 scenes through the mono10 sensor, pixel scheme, a fixed
 depend on the weights). Baseline: ``pipeline.stream.run.replay_recording`` on each recording in turn, in
 this process as ``privcam replay`` runs it (torch ends with one thread per core), and in a child process
 limited to one thread (the per-core rate). Ray:
-``pipeline.ray.backend.replay_on_ray`` with 1 CPU and 1 torch thread per actor, so the actor count is
+``pipeline.ray.replay.replay_on_ray`` with 1 CPU and 1 torch thread per actor, so the actor count is
 the only thing that changes. Rounds are interleaved, best of each. Reported per Ray run: end-to-end
 frames/s (actor start included), seconds to the first prediction and the steady rate after it, and
 whether every prediction equals the local replay's. A local Ray started here runs its workers at
@@ -100,7 +100,9 @@ def local_replay_one_thread(paths: list[str], key_file: str, checkpoint: str, ba
 
 def ray_replay(paths: list[str], key_file: str, checkpoint: str, batch: int, actors: int, out: Path,
                ray_address: str | None) -> dict:
-    from pipeline.ray.backend import READ_CPUS, cluster_cpus, replay_on_ray
+    from pipeline.ray.cluster import cluster_cpus
+    from pipeline.ray.datasource import READ_CPUS
+    from pipeline.ray.replay import replay_on_ray
 
     total, node = cluster_cpus()
     cpus = min(1.0, node, math.floor((total - READ_CPUS) / actors * 100) / 100)  # 1 torch thread per actor
@@ -159,7 +161,7 @@ def actor_memory(key_file: str, checkpoint: str, threads: int = 1) -> dict:
 
     @ray.remote(num_cpus=0)
     def measure(fmt: dict) -> dict:
-        from pipeline.ray.backend import KeyedBatchPredictor
+        from pipeline.ray.replay import KeyedBatchPredictor
 
         before = rss_mb()
         predictor = KeyedBatchPredictor(key_file, checkpoint, "fused", "cpu", threads)
@@ -179,7 +181,9 @@ def driver_sink_rate(root: Path, batches: int = 400, batch: int = 64) -> dict:
     """Frames/s the driver can take in: prediction rows (pyarrow, shuffled batch order) -> reorder -> file."""
     import pyarrow as pa
 
-    from pipeline.ray.backend import PREDICTION_SCHEMA, PredictionWriter, RecordingHeader, ReorderingSink
+    from pipeline.ray.datasource import PREDICTION_SCHEMA, RecordingHeader
+    from pipeline.ray.replay import ReorderingSink
+    from pipeline.stream.sinks import PredictionWriter
 
     header = RecordingHeader(0, "synthetic.mcap", None, "pixel", False, 16, 1023, None, 0)
     rows = [{"rec_index": 0, "batch_index": b, "frame_index": list(range(b * batch, (b + 1) * batch)),
@@ -192,7 +196,7 @@ def driver_sink_rate(root: Path, batches: int = 400, batch: int = 64) -> dict:
     tables = [pa.Table.from_pylist(rows[i:i + 4], schema=PREDICTION_SCHEMA) for i in range(0, len(rows), 4)]
     rates = {}
     for suffix in (".jsonl", ".parquet"):
-        writer = PredictionWriter(str(root / f"sink{suffix}"), "recording", None, False)
+        writer = PredictionWriter(str(root / f"sink{suffix}"), None, False, lead="recording")
         sink = ReorderingSink([header], writer)
         t0 = time.perf_counter()
         for table in tables:
@@ -204,7 +208,7 @@ def driver_sink_rate(root: Path, batches: int = 400, batch: int = 64) -> dict:
 
 
 def run(args: argparse.Namespace, root: Path) -> dict:
-    from pipeline.ray.backend import ensure_ray, ray_info
+    from pipeline.ray.cluster import ensure_ray, ray_info
 
     key_file, checkpoint, paths = make_world(root, args.recordings, args.frames, args.rotation)
     frame_bytes = HW[0] * HW[1] * 2

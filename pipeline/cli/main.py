@@ -180,7 +180,7 @@ def cmd_run(args: argparse.Namespace) -> dict[str, Any]:
 
         cfg = replace(cfg, output=replace(cfg.output, record=args.record))
     if args.ray:
-        from ..ray.backend import run_cameras_on_ray
+        from ..ray.cameras import run_cameras_on_ray
 
         return _finish(run_cameras_on_ray(cfg, cameras=args.cameras, actors=args.actors,
                                           ray_address=args.ray_address, progress=not args.quiet))
@@ -198,7 +198,7 @@ def cmd_replay(args: argparse.Namespace) -> dict[str, Any]:
 
     cfg = load_run_config(args)
     if args.ray:
-        from ..ray.backend import replay_on_ray
+        from ..ray.replay import replay_on_ray
 
         summary = replay_on_ray(args.recording, cfg.key.file or "", cfg.model.checkpoint, out=args.predictions,
                                 batch_size=cfg.pipeline.batch_size, actors=args.actors, mode=cfg.model.mode,

@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import io
 import json
+import mmap
 import os
+import stat
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -43,6 +45,7 @@ TOPIC = "/privcam/frames"
 SCHEMA_NAME = "privcam.ProtectedFrame"
 ENCODING = "privcam-frame-v1"
 MAGIC = b"\x89MCAP0\r\n"
+_FOOTER_BYTES = 1 + 8 + 20  # opcode, length, summary_start + summary_offset_start + summary_crc
 _SCHEMA_TEXT = (b"uint32le header_len; json FrameMeta header; uint16le data[height*width] "
                 b"(pixels in keyed slot order)")
 
@@ -137,21 +140,81 @@ class ReplayReport:
 
 
 class RecordingReader:
-    """Read a recording's metadata and frames. Iterating never raises on damage; see :attr:`report`."""
+    """Read a recording's metadata and frames. Iterating never raises on damage; see :attr:`report`.
 
-    def __init__(self, path: str | os.PathLike) -> None:
+    The file is walked through a read-only memory map (pages are read as the walk reaches them), so
+    a recording is never read into memory as a whole. ``scan_metadata=False`` skips the metadata
+    pass (see :meth:`scan_header` for one that stops at the first chunk). Close it when done (or use
+    it as a context manager); frames it yielded stay valid.
+    """
+
+    def __init__(self, path: str | os.PathLike, scan_metadata: bool = True) -> None:
         self.path = Path(path)
         try:
-            self._data = self.path.read_bytes()
+            with open(self.path, "rb") as fh:
+                if not stat.S_ISREG(os.fstat(fh.fileno()).st_mode):
+                    raise RecordingError(f"{self.path}: expected a regular file (a recording), got a device, "
+                                         "pipe or folder")
+                self._data = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
         except FileNotFoundError:
             raise RecordingError(f"{self.path}: recording not found") from None
+        except IsADirectoryError:
+            raise RecordingError(f"{self.path}: expected a recording file, got a folder") from None
+        except ValueError:  # an empty file cannot be mapped
+            raise RecordingError(f"{self.path}: not an MCAP file (empty)") from None
         except OSError as err:
             raise RecordingError(f"{self.path}: cannot read recording: {err.strerror}") from None
-        if not self._data.startswith(MAGIC):
+        if self._data[:len(MAGIC)] != MAGIC:
+            self._data.close()
             raise RecordingError(f"{self.path}: not an MCAP file (bad magic bytes)")
         self.report = ReplayReport()
         self.metadata: dict[str, dict[str, str]] = {}
-        self._scan_metadata()
+        if scan_metadata:
+            self._scan_metadata()
+
+    @property
+    def size_bytes(self) -> int:
+        return len(self._data)
+
+    def close(self) -> None:
+        self._data.close()
+
+    def __enter__(self) -> RecordingReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def summary_message_count(self) -> int | None:
+        """Message count from an intact MCAP summary (footer -> Statistics), or None when there is none."""
+        data = self._data
+        n, tail = len(data), _FOOTER_BYTES + len(MAGIC)
+        if n < len(MAGIC) + tail or data[n - len(MAGIC):] != MAGIC or data[n - tail] != Opcode.FOOTER:
+            return None
+        (summary_start,) = struct.unpack_from("<Q", data, n - tail + 9)
+        pos, end = summary_start, n - tail
+        if not len(MAGIC) <= pos < end:
+            return None
+        while pos + 9 <= end:
+            opcode = data[pos]
+            (length,) = struct.unpack_from("<Q", data, pos + 1)
+            if pos + 9 + length > end:
+                return None
+            if opcode == Opcode.STATISTICS:
+                return Statistics.read(ReadDataStream(io.BytesIO(data[pos + 9:pos + 9 + length]))).message_count
+            pos += 9 + length
+        return None
+
+    def scan_header(self) -> None:
+        """Read the metadata records, stopping at the first chunk once both privcam records are known
+        (a full walk only when they are missing)."""
+        for opcode, body in self._records(collect_problems=False):
+            if opcode == Opcode.METADATA:
+                record = Metadata.read(ReadDataStream(io.BytesIO(body)))
+                self.metadata[record.name] = dict(record.metadata)
+            elif opcode in (Opcode.CHUNK, Opcode.MESSAGE) and {"privcam.sensor", "privcam.recording"} <= set(
+                    self.metadata):
+                break
 
     # -- metadata ---------------------------------------------------------------------------------
     def _scan_metadata(self) -> None:

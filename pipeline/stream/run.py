@@ -8,9 +8,6 @@ The classifier stage only ever receives :class:`~sensor.frame.ProtectedFrame` ob
 
 from __future__ import annotations
 
-import csv
-import io
-import json
 import os
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -22,7 +19,6 @@ import torch
 from tqdm import tqdm
 
 from models.checkpoint import load_checkpoint
-from sensor.atomic import atomic_path
 from sensor.config import SensorConfig
 from sensor.configio import dataclass_from_dict, read_yaml
 from sensor.errors import ConfigError, PrivcamError
@@ -38,6 +34,7 @@ from .classifier import FrameFormat, KeyedClassifier
 from .datasets import Dataset, load_dataset
 from .engine import Batch, Map, Pipeline, RunResult
 from .recording import Recorder, RecordingReader
+from .sinks import PredictionWriter
 
 SCHEMES = ("pixel", "quad", "plane")
 
@@ -102,7 +99,7 @@ class OutputSection:
 
     def __post_init__(self) -> None:
         if self.predictions and Path(self.predictions).suffix not in (".jsonl", ".csv", ".parquet"):
-            raise ConfigError("output", "predictions", "a .jsonl, .csv or (with --ray) .parquet path",
+            raise ConfigError("output", "predictions", "a .jsonl, .csv or .parquet (needs pyarrow) path",
                               self.predictions)
         if self.record and Path(self.record).suffix != ".mcap":
             raise ConfigError("output", "record", "a .mcap path", self.record)
@@ -157,55 +154,6 @@ def load_key(path: str | None) -> Key:
     return load_key_file(path)
 
 
-# -- sinks ------------------------------------------------------------------------------------------
-class PredictionSink:
-    """Counts accuracy and writes predictions (JSON lines or CSV) to a temp file, moved into place on close."""
-
-    FIELDS = ("frame_index", "label", "pred", "confidence")
-
-    def __init__(self, path: str | None, total: int | None, progress: bool) -> None:
-        self.path = Path(path) if path else None
-        if self.path is not None and self.path.suffix == ".parquet":
-            raise ConfigError("output", "predictions", ".jsonl or .csv for a local run (.parquet needs --ray)",
-                              str(path))
-        self.count = self.correct = self.labelled = 0
-        self.predictions: list[dict[str, Any]] = []
-        self._fh: io.TextIOBase | None = None
-        self._csv = None
-        if self.path is not None:
-            self._staged = atomic_path(self.path)
-            self._fh = open(self._staged.__enter__(), "w", newline="")  # noqa: SIM115 - closed in close()
-            if self.path.suffix == ".csv":
-                self._csv = csv.DictWriter(self._fh, fieldnames=self.FIELDS)
-                self._csv.writeheader()
-        self._bar = tqdm(total=total, unit="frame", desc="frames", disable=not progress, smoothing=0.1)
-
-    def __call__(self, rows: list[dict[str, Any]]) -> None:
-        for row in rows:
-            self.count += 1
-            if row["label"] is not None:
-                self.labelled += 1
-                self.correct += int(row["pred"] == row["label"])
-            self.predictions.append(row)
-            if self._csv is not None:
-                self._csv.writerow(row)
-            elif self._fh is not None:
-                self._fh.write(json.dumps(row) + "\n")
-        self._bar.update(len(rows))
-        if self.labelled:
-            self._bar.set_postfix(accuracy=f"{self.correct / self.labelled:.4f}")
-
-    def close(self) -> None:
-        self._bar.close()
-        if self._fh is not None and not self._fh.closed:
-            self._fh.close()
-            self._staged.__exit__(None, None, None)  # what was predicted so far is kept, even after an error
-
-    @property
-    def accuracy(self) -> float | None:
-        return self.correct / self.labelled if self.labelled else None
-
-
 # -- stages -----------------------------------------------------------------------------------------
 def scene_items(data: Dataset, first_frame_index: int = 0) -> Iterator[tuple[int, np.ndarray, int | None]]:
     """(frame index, scene image, label) for each dataset item."""
@@ -258,7 +206,7 @@ def record_stage(recorder: Recorder):
     return record
 
 
-def summarise(result: RunResult, sink: PredictionSink, extra: dict[str, Any]) -> dict[str, Any]:
+def summarise(result: RunResult, sink: PredictionWriter, extra: dict[str, Any]) -> dict[str, Any]:
     stages = [s.to_dict() for s in result.stages]
     summary = {**extra, "frames": sink.count, "labelled": sink.labelled, "accuracy": sink.accuracy,
                "wall_s": round(result.wall_s, 3),
@@ -298,7 +246,7 @@ def run_pipeline(cfg: RunConfig, progress: bool = True) -> dict[str, Any]:
         on_close.append(recorder.close)
     stages += [Batch("batcher", cfg.pipeline.batch_size, cfg.pipeline.batch_timeout_s),
                Map("model", classifier)]
-    sink = PredictionSink(cfg.output.predictions, total, progress)
+    sink = PredictionWriter(cfg.output.predictions, total, progress)
     on_close.append(sink.close)
     result = Pipeline(items, stages, sink, cfg.pipeline.queue_size,
                       on_close=on_close).run()
@@ -335,7 +283,7 @@ def replay_recording(path: str, cfg: RunConfig, progress: bool = True) -> dict[s
         yield from frames
 
     total = reader.report.expected_frames
-    sink = PredictionSink(cfg.output.predictions, total, progress)
+    sink = PredictionWriter(cfg.output.predictions, total, progress)
     stages = [Batch("batcher", cfg.pipeline.batch_size, cfg.pipeline.batch_timeout_s), Map("model", classifier)]
     result = Pipeline(all_frames(), stages, sink, cfg.pipeline.queue_size, on_close=[sink.close]).run()
     extra = {"job": "replay", "recording": path, "scheme": fmt.scheme, "rotation": fmt.rotation,
