@@ -21,11 +21,12 @@ from pipeline.lab.attacks import (
     ssim,
 )
 from pipeline.lab.evaluate import AttackBudget
-from pipeline.lab.protection import ELE, EtC, FrameSpec, ReadoutProtection
+from pipeline.lab.protection import ELE, EtC, ReadoutProtection
+from sensor.frame import FrameFormat
 from sensor.keys import Key
 
 KEY = Key(bytes(range(32)))
-FULL = FrameSpec(0, 65535)  # 16-bit samples: two random frames make every position's value pair unique
+FULL = FrameFormat(0, 65535)  # 16-bit samples: two random frames make every position's value pair unique
 CHECKPOINT = "models/weights/compact_fashion_mnist_pixel.pt"
 
 
@@ -144,7 +145,7 @@ def test_ssim_on_sensor_frames_agrees_with_scikit_image_and_batches():
 
 
 def test_inversion_attack_runs_and_scores_its_reconstructions():
-    spec = FrameSpec(16, 1023)
+    spec = FrameFormat(16, 1023)
     plain = random_frames(40, 12, 12, 3, 1023)
     prot = EtC(KEY, spec=spec).protect(plain, np.arange(40))
     res = inversion_attack(prot[:32], plain[:32], prot[32:], plain[32:], epochs=2, max_dn=1023, black_level=16,

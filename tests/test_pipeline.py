@@ -12,11 +12,13 @@ import torch
 from models.checkpoint import save_checkpoint
 from models.plain import build_model
 from pipeline.cli.main import main
-from pipeline.stream.classifier import FrameFormat, KeyedClassifier, network_input
+from pipeline.stream.classifier import KeyedClassifier
+from pipeline.stream.inputs import network_input
 from pipeline.stream.recording import RecordingReader
 from pipeline.stream.run import RunConfig, record_frames, replay_recording, run_pipeline
 from sensor.config import SensorConfig
 from sensor.errors import ConfigError, PrivcamError
+from sensor.frame import FrameFormat
 from sensor.keys import load_key_file, write_key_file
 from sensor.scene import render_photons
 from sensor.sensor import Sensor
@@ -80,8 +82,7 @@ def test_live_run_equals_plain_model_and_replay_is_bit_exact(world, tmp_path, sc
     data = load_dataset("mnist", "test", world)
     plain = np.stack([sensor.expose(render_photons(im, sensor_cfg), i) for i, im in enumerate(data.images)])
     with torch.no_grad():
-        logits = plain_model(torch.from_numpy(network_input(plain, scheme, sensor_cfg.black_level_dn,
-                                                            sensor_cfg.max_dn)))
+        logits = plain_model(network_input(plain, FrameFormat.from_config(sensor_cfg, scheme=scheme)))
     assert [row["pred"] for row in live] == logits.argmax(1).tolist()
     assert [row["label"] for row in live] == data.labels.tolist()
 
@@ -199,7 +200,7 @@ def test_classifier_refuses_frames_of_another_format(world):
     from models.checkpoint import load_checkpoint
     model, _ = load_checkpoint(world / "m.pt")
     key = load_key_file(world / "cam.key")
-    clf = KeyedClassifier(model, key, FrameFormat("pixel", False, 28, 28, 16, 1023), device="cpu")
+    clf = KeyedClassifier(model, key, FrameFormat(16, 1023, height=28, width=28), device="cpu")
     sensor = Sensor(SensorConfig.from_yaml("configs/sensors/mono10.yaml"))
     frame = sensor.capture(np.full((28, 28), 100.0), key, 0, scheme="pixel", rotation=True)
     with pytest.raises(PrivcamError, match="rotation"):

@@ -12,7 +12,6 @@ from pipeline.lab.protection import (
     ELE,
     MONO10,
     EtC,
-    FrameSpec,
     I2PTraining,
     ImageToPerturbation,
     ReadoutProtection,
@@ -21,27 +20,29 @@ from pipeline.lab.protection import (
     build_protection,
     train_image_to_perturbation,
 )
+from pipeline.stream.inputs import network_input
+from sensor.frame import FrameFormat
 from sensor.readout import readout_permutation
 
 KEY = pr.Key(bytes(range(32)))
 OTHER = pr.Key(bytes(range(1, 33)))
-RGGB12 = FrameSpec(64, 4095, "RGGB")
+RGGB12 = FrameFormat(64, 4095, "RGGB")
 KEYED = [m for m in pr.METHOD_NAMES if m != "i2p"]
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def frames(spec: FrameSpec, n: int = 3, h: int = 16, w: int = 24, seed: int = 0) -> np.ndarray:
+def frames(spec: FrameFormat, n: int = 3, h: int = 16, w: int = 24, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, spec.max_dn + 1, (n, h, w)).astype(np.uint16)
 
 
-def tiny_i2p(spec: FrameSpec = MONO10) -> ImageToPerturbation:
+def tiny_i2p(spec: FrameFormat = MONO10) -> ImageToPerturbation:
     torch.manual_seed(0)
     return ImageToPerturbation(UNet(1, 1, width=4, levels=2), spec)
 
 
-def every_stage(spec: FrameSpec) -> list[pr.Protection]:
+def every_stage(spec: FrameFormat) -> list[pr.Protection]:
     scheme = "pixel" if spec.cfa == "mono" else "quad"
     return [build_protection(m, KEY, spec, scheme) for m in KEYED] + [tiny_i2p(spec)]
 
@@ -94,10 +95,7 @@ def test_position_tables_and_relation_describe_protect(method, spec):
 
 
 @pytest.mark.parametrize("scheme", ["pixel", "quad", "plane"])
-@pytest.mark.parametrize("small", [True, False], ids=["table-path", "kernel-path"])
-def test_readout_stage_is_the_sensor_readout(scheme, small, monkeypatch):
-    if not small:
-        monkeypatch.setattr(pr, "SMALL_FRAME_PIXELS", 0)
+def test_readout_stage_is_the_sensor_readout(scheme):
     x = frames(MONO10)
     idx = [0, 11, 12]
     for rotation in (False, True):
@@ -146,7 +144,7 @@ def test_block_sizes_and_levels_are_checked():
     with pytest.raises(ValueError, match="multiple of block"):
         EtC(KEY, block=4).protect(frames(MONO10, 1, 18, 16), [0])
     with pytest.raises(ValueError, match="max_dn"):
-        FrameSpec(0, 1000)
+        FrameFormat(0, 1000)
     with pytest.raises(ValueError, match="above max_dn"):
         ELE(KEY).protect(np.full((1, 8, 8), 2000, np.uint16), [0])
     with pytest.raises(ValueError, match="uint16"):
@@ -172,7 +170,7 @@ def test_authorised_logits_match_the_plain_model_on_plain_frames(method):
     idx = np.array([0, 1, 2, 30])
     stage = build_protection(method, KEY, MONO10)
     with torch.inference_mode():
-        plain = model(MONO10.to_input(x))
+        plain = model(network_input(x, MONO10))
     logits = stage.authorised_logits(model, stage.protect(x, idx), idx)
     torch.testing.assert_close(logits, plain, atol=1e-4, rtol=1e-4)
 
@@ -184,7 +182,7 @@ def test_i2p_is_keyless_and_the_plain_model_reads_its_frames():
     y = stage.protect(frames(MONO10, 2, 16, 16), [0, 1])
     assert y.min() >= MONO10.black_level and np.array_equal(stage.protect(frames(MONO10, 2, 16, 16), [5, 9]), y)
     with torch.inference_mode():
-        torch.testing.assert_close(stage.authorised_logits(model, y, [0, 1]), model(MONO10.to_input(y)))
+        torch.testing.assert_close(stage.authorised_logits(model, y, [0, 1]), model(network_input(y, MONO10)))
     with pytest.raises(NotImplementedError, match="keyless"):
         stage.with_key(KEY)
     with pytest.raises(NotImplementedError, match="position"):

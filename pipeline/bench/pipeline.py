@@ -19,10 +19,12 @@ import torch
 
 from models.plain import build_model
 from pipeline.bench.common import write_json
-from pipeline.stream.classifier import FrameFormat, KeyedClassifier, input_shape
+from pipeline.stream.classifier import KeyedClassifier
 from pipeline.stream.engine import Batch, Map, Pipeline
+from pipeline.stream.inputs import input_shape
 from pipeline.stream.run import capture_stage
 from sensor.config import SensorConfig
+from sensor.frame import FrameFormat
 from sensor.keys import Key
 from sensor.sensor import Sensor
 
@@ -39,7 +41,7 @@ def run_case(profile: str, hw: tuple[int, int], scheme: str, frames: int, batch:
     items = [(i, scenes[i], None) for i in range(frames)]
     torch.manual_seed(0)
     model = build_model("compact", input_shape(scheme, *hw)[0], 10)
-    fmt = FrameFormat(scheme, rotation, hw[0], hw[1], cfg.black_level_dn, cfg.max_dn)
+    fmt = FrameFormat.from_config(cfg, scheme=scheme, rotation=rotation, height=hw[0], width=hw[1])
     classifier = KeyedClassifier(model, key, fmt, device="cpu")
     capture = capture_stage(Sensor(cfg, seed=0), key, scheme, rotation)
     for i in range(min(batch, frames)):  # warm-up: numba compilation, torch kernels

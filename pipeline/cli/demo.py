@@ -69,7 +69,7 @@ def run_demo(out: Path, limit: int = 1000, progress: bool = True) -> dict[str, A
     sample = load_dataset("fashion-mnist-sample").subset(limit)
     sensor = Sensor(mono, seed=0)
     frames = [sensor.capture(render_photons(im, mono), key, i, scheme="pixel") for i, im in enumerate(sample.images)]
-    fmt = FrameFormat("pixel", False, 28, 28, mono.black_level_dn, mono.max_dn)
+    fmt = FrameFormat.from_config(mono, height=28, width=28)
     wrong_acc = wrong_key_accuracy(frames, sample.labels, resolve(DEFAULT_CHECKPOINT), fmt)
 
     model, _ = load_checkpoint(resolve(DEFAULT_CHECKPOINT))

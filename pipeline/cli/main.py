@@ -241,7 +241,7 @@ def cmd_show(args: argparse.Namespace) -> dict[str, Any]:
     from sensor.keys import load_key_file
     from sensor.scene import colour_chart
 
-    from ..stream.classifier import input_shape
+    from ..stream.inputs import input_shape
     from .show import show_panels
 
     config = load_sensor_config(args.sensor)

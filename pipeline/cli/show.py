@@ -14,11 +14,12 @@ from torch import nn
 
 from models.keyed import KeyedConv2d, keyed
 from sensor.config import SensorConfig
+from sensor.frame import FrameFormat
 from sensor.keys import Key
 from sensor.scene import raw_to_srgb, render_photons
 from sensor.sensor import Sensor
 
-from ..stream.classifier import input_shape, network_input
+from ..stream.inputs import input_shape, network_input
 
 PANEL_PX = 224
 
@@ -65,8 +66,8 @@ def show_panels(scene: np.ndarray, config: SensorConfig, key: Key, scheme: str, 
     shape = input_shape(scheme, h, w)
     order = sensor.readout(key, scheme, h, w)
     twin = keyed(model, key, shape, torch.from_numpy(order.plane_tables()), mode="fused")
-    plain_in = torch.from_numpy(network_input(plain[None], scheme, config.black_level_dn, config.max_dn))
-    prot_in = torch.from_numpy(network_input(protected.data[None], scheme, config.black_level_dn, config.max_dn))
+    fmt = FrameFormat.from_config(config, scheme=scheme)
+    plain_in, prot_in = network_input(plain[None], fmt), network_input(protected.data[None], fmt)
     fmap_plain = _first_conv_output(model.eval(), plain_in, nn.Conv2d)[0]
     fmap_keyed = _first_conv_output(twin.eval(), prot_in, KeyedConv2d)[0]
     channel = int(fmap_plain.flatten(1).std(1).argmax())

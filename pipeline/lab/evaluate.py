@@ -31,12 +31,14 @@ from tqdm import tqdm
 
 from models.checkpoint import load_checkpoint
 from sensor.config import SensorConfig
+from sensor.frame import FrameFormat
 from sensor.keys import Key
-from sensor.scene import render_photons
 from sensor.sensor import Sensor
 
-from ..stream.classifier import FrameFormat, KeyedClassifier, network_input
+from ..stream.classifier import KeyedClassifier
 from ..stream.datasets import Dataset
+from ..stream.inputs import network_input
+from ..stream.sources import expose_scenes
 
 TEST_FRAME_BASE = 0
 ATTACK_FRAME_BASE = 10_000_000  # attacker's frames never share an index (noise, rotation) with test frames
@@ -60,20 +62,14 @@ class AttackBudget:
 def capture_frames(images: np.ndarray, sensor: Sensor, key: Key, scheme: str, rotation: bool,
                    first_index: int, progress: bool = False, desc: str = "frames") -> tuple[np.ndarray, np.ndarray]:
     """Scenes -> (plain frames, protected frames), each (B, H, W) uint16, frame n = first_index + i."""
-    plain = np.empty((len(images), *images.shape[1:3]), np.uint16)
+    plain = expose_scenes(images, sensor, first_index, progress, desc)
     protected = np.empty_like(plain)
     h, w = plain.shape[1:]
     static = None if rotation else sensor.readout(key, scheme, h, w)
-    for i in tqdm(range(len(images)), desc=desc, disable=not progress, unit="frame", leave=False):
-        n = first_index + i
-        plain[i] = sensor.expose(render_photons(images[i], sensor.config), n)
-        order = static if static is not None else sensor.readout(key, scheme, h, w, n)
+    for i in range(len(plain)):
+        order = static if static is not None else sensor.readout(key, scheme, h, w, first_index + i)
         protected[i] = order.forward(plain[i])
     return plain, protected
-
-
-def _inputs(frames: np.ndarray, scheme: str, cfg: SensorConfig) -> torch.Tensor:
-    return torch.from_numpy(network_input(frames, scheme, cfg.black_level_dn, cfg.max_dn))
 
 
 @torch.inference_mode()
@@ -135,7 +131,6 @@ def accuracy_table(checkpoint: str, test: Dataset, train: Dataset, sensor_cfg: S
     num_classes = model.fc.out_features if hasattr(model, "fc") else int(test.labels.max()) + 1
     sensor = Sensor(sensor_cfg, seed=sensor_seed)
     h, w = test.images.shape[1:3]
-    fmt_kw = {"height": h, "width": w, "black_level": sensor_cfg.black_level_dn, "max_dn": sensor_cfg.max_dn}
     attack_set = train.subset(budget.train_images)
     chance = 1.0 / num_classes
     modes = []
@@ -146,7 +141,8 @@ def accuracy_table(checkpoint: str, test: Dataset, train: Dataset, sensor_cfg: S
                                      f"{mode_name}: test frames")
         _, prot_attack = capture_frames(attack_set.images, sensor, key, scheme, rotation, ATTACK_FRAME_BASE,
                                         progress, f"{mode_name}: attacker frames")
-        x_plain, x_prot, x_attack = (_inputs(f, scheme, sensor_cfg) for f in (plain, prot, prot_attack))
+        in_fmt = FrameFormat.from_config(sensor_cfg, scheme=scheme)
+        x_plain, x_prot, x_attack = (network_input(f, in_fmt) for f in (plain, prot, prot_attack))
         rows: list[dict[str, Any]] = []
         row = _row_adder(rows, len(test))
         plain_model, _ = load_checkpoint(checkpoint)
@@ -165,7 +161,7 @@ def accuracy_table(checkpoint: str, test: Dataset, train: Dataset, sensor_cfg: S
         row(4, "permutation-blind attack: MLP trained on labelled protected frames", blind["accuracy"],
             attack_budget={**budget.to_dict(), "wall_s": blind["wall_s"]})
 
-        fmt = FrameFormat(scheme, rotation, **fmt_kw)
+        fmt = FrameFormat.from_config(sensor_cfg, scheme=scheme, rotation=rotation, height=h, width=w)
         keyed_preds = _keyed_predictions(plain_model, key, fmt, x_prot, test, rotation, scheme)
         row(5, "keyed model, protected frames", float((keyed_preds == test.labels).mean()),
             agrees_with_row1_on=int((keyed_preds == plain_preds).sum()))

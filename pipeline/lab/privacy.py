@@ -48,12 +48,14 @@ from tqdm import tqdm
 
 from models.checkpoint import load_checkpoint
 from sensor.config import SensorConfig
+from sensor.frame import FrameFormat
 from sensor.keys import Key
-from sensor.scene import render_photons
 from sensor.sensor import Sensor
 
 from ..resources import COLOUR_PROFILE, DEFAULT_CHECKPOINT, MONO_PROFILE, resolve
 from ..stream.datasets import CIFAR10_CLASSES, Dataset
+from ..stream.inputs import network_input
+from ..stream.sources import expose_scenes
 from .attacks import (
     finetune_attack,
     inversion_attack,
@@ -67,7 +69,6 @@ from .attacks import (
 from .evaluate import ATTACK_FRAME_BASE, TEST_FRAME_BASE, AttackBudget, accuracy
 from .protection import (
     METHOD_NAMES,
-    FrameSpec,
     I2PTraining,
     Protection,
     build_protection,
@@ -114,15 +115,6 @@ class PrivacyBudget:
 # ----------------------------------------------------------------------------------------------
 # Frames and data
 # ----------------------------------------------------------------------------------------------
-
-
-def capture_plain(images: np.ndarray, sensor: Sensor, first_index: int, progress: bool = False,
-                  desc: str = "frames") -> np.ndarray:
-    """Scenes (N, H, W[, 3]) uint8 -> plain sensor frames (N, H, W) uint16, frame n = first_index + i."""
-    out = np.empty((len(images), *images.shape[1:3]), np.uint16)
-    for i in tqdm(range(len(images)), desc=desc, disable=not progress, unit="frame", leave=False):
-        out[i] = sensor.expose(render_photons(images[i], sensor.config), first_index + i)
-    return out
 
 
 _FOOLBOX_NAME = re.compile(r"(?:^|/)(?P<prefix>[a-zA-Z0-9]+)_(?P<i>\d+)_(?P<label>\d+)\.(?:png|jpg)$")
@@ -216,7 +208,7 @@ def _preds_accuracy(logits: torch.Tensor, labels: np.ndarray) -> float:
     return float((logits.argmax(1).cpu().numpy() == labels).mean())
 
 
-def evaluate_method(protection: Protection, test: Frames, attack: Frames, spec: FrameSpec, budget: PrivacyBudget,
+def evaluate_method(protection: Protection, test: Frames, attack: Frames, spec: FrameFormat, budget: PrivacyBudget,
                     checkpoint: str | None = None, model: torch.nn.Module | None = None,
                     num_classes: int | None = None, progress: bool = False) -> dict[str, Any]:
     """One row of the table for ``protection`` (accuracy columns only when ``model`` is given)."""
@@ -236,7 +228,7 @@ def evaluate_method(protection: Protection, test: Frames, attack: Frames, spec: 
         row["authorised_accuracy"] = _preds_accuracy(protection.authorised_logits(model, prot_test, test.indices),
                                                      test.labels)
         scheme = getattr(protection, "scheme", spec.input_scheme)
-        x_test = spec.to_input(prot_test, scheme)
+        x_test = network_input(prot_test, spec, scheme)
         row["unauthorised_accuracy"] = accuracy(model, x_test, test.labels)
         if protection.keyed:
             wrong = protection.with_key(Key.generate())
@@ -244,7 +236,7 @@ def evaluate_method(protection: Protection, test: Frames, attack: Frames, spec: 
                                                         test.labels)
         ab = budget.attack_budget()
         n = min(ab.train_images, len(prot_attack))
-        x_attack = spec.to_input(prot_attack[:n], scheme)
+        x_attack = network_input(prot_attack[:n], spec, scheme)
         row["finetune_attack_accuracy"] = finetune_attack(checkpoint, x_attack, attack.labels[:n], x_test,
                                                           test.labels, ab, progress)["accuracy"]
         row["mlp_attack_accuracy"] = mlp_attack(x_attack, attack.labels[:n], x_test, test.labels, num_classes, ab,
@@ -280,21 +272,21 @@ def _fashion_table(checkpoint: str, test: Dataset, train: Dataset, sensor_cfg: S
                    budget: PrivacyBudget, methods: Sequence[str], block: int, progress: bool,
                    sensor_seed: int) -> dict[str, Any]:
     t0 = time.perf_counter()
-    sensor, spec = Sensor(sensor_cfg, seed=sensor_seed), FrameSpec.from_config(sensor_cfg)
+    sensor, spec = Sensor(sensor_cfg, seed=sensor_seed), FrameFormat.from_config(sensor_cfg)
     test = test.subset(budget.test_images)
     n_attack = max(budget.attack_train_images, budget.inversion_train_images, max(budget.kpa_pairs))
     attack_set = train.subset(n_attack)
-    test_frames = Frames(capture_plain(test.images, sensor, TEST_FRAME_BASE, progress, "test frames"),
+    test_frames = Frames(expose_scenes(test.images, sensor, TEST_FRAME_BASE, progress, "test frames"),
                          TEST_FRAME_BASE + np.arange(len(test)), test.labels)
-    attack_frames = Frames(capture_plain(attack_set.images, sensor, ATTACK_FRAME_BASE, progress, "attacker frames"),
+    attack_frames = Frames(expose_scenes(attack_set.images, sensor, ATTACK_FRAME_BASE, progress, "attacker frames"),
                            ATTACK_FRAME_BASE + np.arange(len(attack_set)), attack_set.labels)
     model, manifest = load_checkpoint(checkpoint)
     num_classes = int(model.fc.out_features) if hasattr(model, "fc") else int(test.labels.max()) + 1
-    plain_acc = accuracy(model, spec.to_input(test_frames.plain, scheme), test.labels)
+    plain_acc = accuracy(model, network_input(test_frames.plain, spec, scheme), test.labels)
     i2p, i2p_log = None, None
     if "i2p" in methods:
         i2p_set = train.subset(budget.i2p_train_images, offset=n_attack)
-        i2p_plain = capture_plain(i2p_set.images, sensor, I2P_FRAME_BASE, progress, "i2p training frames")
+        i2p_plain = expose_scenes(i2p_set.images, sensor, I2P_FRAME_BASE, progress, "i2p training frames")
         i2p, i2p_log = train_image_to_perturbation(load_checkpoint(checkpoint)[0], i2p_plain, i2p_set.labels, spec,
                                                    budget.i2p_training(), progress)
     rows = []
@@ -317,10 +309,10 @@ def _cifar_table(source: str | os.PathLike, sensor_cfg: SensorConfig, key: Key, 
     test = Dataset("cifar10-foolbox-test20", np.stack(images), labels, CIFAR10_CLASSES)
     natural = foolbox_images(source, "imagenet")[0] + foolbox_images(source, "cifar100")[0]
     scenes = natural_patches(natural, budget.cifar_attack_images, size=test.images.shape[1], seed=budget.seed)
-    sensor, spec = Sensor(sensor_cfg, seed=sensor_seed), FrameSpec.from_config(sensor_cfg)
-    test_frames = Frames(capture_plain(test.images, sensor, TEST_FRAME_BASE, progress, "cifar test frames"),
+    sensor, spec = Sensor(sensor_cfg, seed=sensor_seed), FrameFormat.from_config(sensor_cfg)
+    test_frames = Frames(expose_scenes(test.images, sensor, TEST_FRAME_BASE, progress, "cifar test frames"),
                          TEST_FRAME_BASE + np.arange(len(test)), test.labels)
-    attack_frames = Frames(capture_plain(scenes, sensor, ATTACK_FRAME_BASE, progress, "cifar attacker frames"),
+    attack_frames = Frames(expose_scenes(scenes, sensor, ATTACK_FRAME_BASE, progress, "cifar attacker frames"),
                            ATTACK_FRAME_BASE + np.arange(len(scenes)))
     rows = []
     for method in tqdm([m for m in methods if m != "i2p"], desc="cifar10: methods", disable=not progress,

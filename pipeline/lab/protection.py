@@ -41,7 +41,7 @@ from __future__ import annotations
 import copy
 import time
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -51,22 +51,16 @@ from torch import nn
 from tqdm import tqdm
 
 from sensor.cfa import pack
-from sensor.config import SensorConfig
+from sensor.frame import FrameFormat
 from sensor.keys import Key
 from sensor.permutation import _hash62
 from sensor.readout import (
     ReadoutPermutation,
-    compose_table_numpy,
-    frame_table,
-    grid_shape,
-    plane_tables_torch,
     readout_permutation,
-    readout_seed,
-    scheme_seeds,
-    three_pass_tables_numpy,
 )
 
-from ..stream.classifier import FrameFormat, KeyedClassifier, network_input
+from ..stream.classifier import KeyedClassifier
+from ..stream.inputs import network_input, to_dn
 
 RELATIONS = ("equal", "negate", "xor")  # how a protected sample relates to its plain source (attacks)
 METHOD_NAMES = ("readout-static", "readout-rotating", "etc-static", "etc-rotating", "ele-static", "ele-rotating",
@@ -78,52 +72,7 @@ METHOD_NAMES = ("readout-static", "readout-rotating", "etc-static", "etc-rotatin
 # ----------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class FrameSpec:
-    """What a protection needs to know of the frames: DN levels and colour filter.
-
-    ``max_dn`` must be ``2**bit_depth - 1`` (the sensor's clip level), so ``max_dn - x`` equals
-    ``x XOR max_dn`` for every valid sample.
-    """
-
-    black_level: int
-    max_dn: int
-    cfa: str = "mono"
-
-    def __post_init__(self) -> None:
-        if self.max_dn < 1 or (self.max_dn + 1) & self.max_dn:
-            raise ValueError(f"max_dn: expected 2**bits - 1, got {self.max_dn}")
-        if not 0 <= self.black_level < self.max_dn:
-            raise ValueError(f"black_level: expected an int in [0, {self.max_dn}), got {self.black_level}")
-
-    @classmethod
-    def from_config(cls, cfg: SensorConfig) -> FrameSpec:
-        return cls(int(cfg.black_level_dn), int(cfg.max_dn), cfg.cfa)
-
-    @property
-    def input_scheme(self) -> str:
-        """Network input layout of plain-order frames: "pixel" (1, H, W) or packed planes (4, H/2, W/2)."""
-        return "pixel" if self.cfa == "mono" else "quad"
-
-    def to_input(self, frames: np.ndarray, scheme: str | None = None) -> torch.Tensor:
-        """(B, H, W) uint16 -> (B, C, h, w) float32 network input (:func:`network_input`)."""
-        return torch.from_numpy(network_input(frames, scheme or self.input_scheme, self.black_level, self.max_dn))
-
-    def normalise(self, frames: np.ndarray) -> torch.Tensor:
-        """(B, H, W) uint16 -> (B, 1, H, W) float32 ``(dn - black) / (max_dn - black)`` (U-Net input)."""
-        return self.to_input(frames, "pixel")
-
-    def to_dn(self, y: torch.Tensor) -> np.ndarray:
-        """(B, 1, H, W) float in [0, 1] (black to white) -> (B, H, W) uint16 DN, rounded."""
-        dn = self.black_level + y[:, 0].detach().float().cpu().numpy() * (self.max_dn - self.black_level)
-        return np.clip(np.rint(dn), 0, self.max_dn).astype(np.uint16)
-
-
-# Rotating readout of frames up to this size: per-frame tables from sensor.readout's numpy reference builders
-# (bit-identical) and one batched gather. The numba kernels' parallel launches cost milliseconds per call on a
-# busy 2-core machine, which dominates for tiny frames; larger frames go through ReadoutPermutation.forward.
-SMALL_FRAME_PIXELS = 1 << 16
-MONO10 = FrameSpec(16, 1023, "mono")  # levels of configs/sensors/mono10.yaml, the default spec
+MONO10 = FrameFormat(16, 1023, "mono")  # levels of configs/sensors/mono10.yaml, the default spec
 
 
 def check_frames(frames: np.ndarray, frame_indices: np.ndarray | list[int], max_dn: int | None = None
@@ -164,7 +113,7 @@ class Protection(ABC):
     invertible: bool = False
     relation: str | None = None
 
-    def __init__(self, spec: FrameSpec) -> None:
+    def __init__(self, spec: FrameFormat) -> None:
         self.spec = spec
 
     @abstractmethod
@@ -230,7 +179,7 @@ class ReadoutProtection(Protection):
     relation = "equal"
 
     def __init__(self, key: Key, scheme: str = "pixel", rotation: bool = False,
-                 spec: FrameSpec = MONO10, mode: str = "fused") -> None:
+                 spec: FrameFormat = MONO10, mode: str = "fused") -> None:
         super().__init__(spec)
         self.key, self.scheme, self.rotation, self.mode = key, scheme, bool(rotation), mode
         self.name = f"readout-{'rotating' if rotation else 'static'}"
@@ -246,15 +195,7 @@ class ReadoutProtection(Protection):
 
     def _apply(self, frames: np.ndarray, frame_indices, inverse: bool) -> np.ndarray:
         frames, idx = check_frames(frames, frame_indices)
-        b, h, w = frames.shape
-        if self.rotation and h * w <= SMALL_FRAME_PIXELS:
-            tables = self.position_tables(h, w, idx)
-            flat = frames.reshape(b, -1)
-            if not inverse:
-                return np.take_along_axis(flat, tables, axis=1).reshape(b, h, w)
-            out = np.empty_like(flat)
-            np.put_along_axis(out, tables, flat, axis=1)
-            return out.reshape(b, h, w)
+        h, w = frames.shape[1:]
         orders = self._orders(h, w, idx)
         if not self.rotation:
             return orders[0].inverse(frames) if inverse else orders[0].forward(frames)
@@ -271,14 +212,6 @@ class ReadoutProtection(Protection):
 
     def position_tables(self, height: int, width: int, frame_indices) -> np.ndarray:
         idx = np.asarray(frame_indices, np.int64)
-        if self.rotation and height * width <= SMALL_FRAME_PIXELS:
-            rows, cols = grid_shape(self.scheme, height, width)
-            out = np.empty((len(idx), height * width), np.int64)
-            for i, n in enumerate(idx):
-                seeds = scheme_seeds(self.scheme, readout_seed(self.key, self.scheme, int(n)))
-                planes = np.stack([compose_table_numpy(*three_pass_tables_numpy(s, rows, cols)) for s in seeds])
-                out[i] = frame_table(self.scheme, height, width, planes if self.scheme == "plane" else planes[0])
-            return out
         orders = self._orders(height, width, idx)
         tables = np.stack([o.table() for o in orders])
         return tables if self.rotation else np.repeat(tables, len(idx), axis=0)
@@ -287,7 +220,7 @@ class ReadoutProtection(Protection):
         """The keyed twin of ``model`` for (height, width) frames (built once per model and size)."""
         cached = self._classifier
         if cached is None or cached[0] is not model or cached[1] != (height, width):
-            fmt = FrameFormat(self.scheme, self.rotation, height, width, self.spec.black_level, self.spec.max_dn)
+            fmt = replace(self.spec, scheme=self.scheme, rotation=self.rotation, height=height, width=width)
             clf = KeyedClassifier(model, self.key, fmt, mode=self.mode, device=_model_device(model),
                                   check_fingerprint=False)
             self._classifier = cached = (model, (height, width), clf)
@@ -297,17 +230,7 @@ class ReadoutProtection(Protection):
                           ) -> torch.Tensor:
         frames, idx = check_frames(frames, frame_indices)
         clf = self.keyed_classifier(model, *frames.shape[1:])
-        x = self.spec.to_input(frames, self.scheme)
-        out = []
-        with torch.inference_mode():
-            for s in range(0, len(x), batch):
-                xb = x[s:s + batch].to(clf.device)
-                if not self.rotation:
-                    out.append(clf.model(xb))
-                    continue
-                seeds = [readout_seed(self.key, self.scheme, int(n)) for n in idx[s:s + batch]]
-                tables = plane_tables_torch(self.scheme, frames.shape[1], frames.shape[2], seeds, clf.device)
-                out.append(clf.model(xb, input_perm=tables))
+        out = [clf.logits_array(frames[s:s + batch], idx[s:s + batch]) for s in range(0, len(frames), batch)]
         return torch.cat(out) if out else torch.empty(0)
 
     def with_key(self, key: Key) -> ReadoutProtection:
@@ -426,7 +349,7 @@ class BlockProtection(Protection):
     invertible = True
     family = "block"
 
-    def __init__(self, key: Key, block: int = 4, rotation: bool = False, spec: FrameSpec = MONO10
+    def __init__(self, key: Key, block: int = 4, rotation: bool = False, spec: FrameFormat = MONO10
                  ) -> None:
         super().__init__(spec)
         self.key, self.block, self.rotation = key, int(block), bool(rotation)
@@ -472,7 +395,7 @@ class BlockProtection(Protection):
     def authorised_logits(self, model: nn.Module, frames: np.ndarray, frame_indices, batch: int = 500
                           ) -> torch.Tensor:
         """Restore with the key, then the plain model (not an adaptation network)."""
-        return _logits_in_batches(model, self.spec.to_input(self.restore(frames, frame_indices)), batch)
+        return _logits_in_batches(model, network_input(self.restore(frames, frame_indices), self.spec), batch)
 
     def with_key(self, key: Key) -> BlockProtection:
         return type(self)(key, self.block, self.rotation, self.spec)
@@ -555,7 +478,7 @@ class UNet(nn.Module):
 
 def to_classifier_layout(y: torch.Tensor, scheme: str) -> torch.Tensor:
     """(B, 1, H, W) normalised mosaic -> the classifier's input layout (differentiable twin of
-    :func:`pipeline.stream.classifier.network_input` on normalised values)."""
+    :func:`pipeline.stream.inputs.network_input` on normalised values)."""
     if scheme == "pixel":
         return y
     return torch.stack([y[:, 0, dy::2, dx::2] for dy in (0, 1) for dx in (0, 1)], dim=1)
@@ -574,7 +497,7 @@ class ImageToPerturbation(Protection):
     invertible = False
     relation = None
 
-    def __init__(self, transform: UNet, spec: FrameSpec, batch: int = 500) -> None:
+    def __init__(self, transform: UNet, spec: FrameFormat, batch: int = 500) -> None:
         super().__init__(spec)
         self.transform = transform.eval()
         self.batch = batch
@@ -582,12 +505,12 @@ class ImageToPerturbation(Protection):
     def protect(self, frames: np.ndarray, frame_indices) -> np.ndarray:
         frames, _ = check_frames(frames, frame_indices)
         device = _model_device(self.transform)
-        x = self.spec.normalise(frames)
+        x = network_input(frames, self.spec, "pixel")
         out = np.empty_like(frames)
         self.transform.eval()
         with torch.inference_mode():
             for s in range(0, len(x), self.batch):
-                out[s:s + self.batch] = self.spec.to_dn(torch.sigmoid(self.transform(x[s:s + self.batch].to(device))))
+                out[s:s + self.batch] = to_dn(torch.sigmoid(self.transform(x[s:s + self.batch].to(device))), self.spec)
         return out
 
     def restore(self, frames: np.ndarray, frame_indices) -> np.ndarray:
@@ -597,7 +520,7 @@ class ImageToPerturbation(Protection):
     def authorised_logits(self, model: nn.Module, frames: np.ndarray, frame_indices, batch: int = 500
                           ) -> torch.Tensor:
         check_frames(frames, frame_indices)
-        return _logits_in_batches(model, self.spec.to_input(frames), batch)
+        return _logits_in_batches(model, network_input(frames, self.spec), batch)
 
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "unet": dict(self.transform.config)}
@@ -664,7 +587,7 @@ class I2PTraining:
         return dict(self.__dict__)
 
 
-def train_image_to_perturbation(classifier: nn.Module, frames: np.ndarray, labels: np.ndarray, spec: FrameSpec,
+def train_image_to_perturbation(classifier: nn.Module, frames: np.ndarray, labels: np.ndarray, spec: FrameFormat,
                                 cfg: I2PTraining | None = None, progress: bool = False,
                                 device: torch.device | str | None = None) -> tuple[ImageToPerturbation, dict]:
     """Train h against the frozen plain classifier ``f``:
@@ -697,7 +620,7 @@ def train_image_to_perturbation(classifier: nn.Module, frames: np.ndarray, label
     phi = phi.to(device)
     net = UNet(1, 1, cfg.width, cfg.levels).to(device)
     opt = torch.optim.Adam(net.parameters(), lr=cfg.lr)
-    x_all = spec.normalise(frames)
+    x_all = network_input(frames, spec, "pixel")
     y_all = torch.as_tensor(np.asarray(labels), dtype=torch.int64)
     gen = torch.Generator().manual_seed(cfg.seed)
     log: dict[str, Any] = {"epochs": []}
@@ -735,7 +658,7 @@ def train_image_to_perturbation(classifier: nn.Module, frames: np.ndarray, label
 # ----------------------------------------------------------------------------------------------
 
 
-def build_protection(method: str, key: Key | None, spec: FrameSpec, scheme: str = "pixel", block: int = 4,
+def build_protection(method: str, key: Key | None, spec: FrameFormat, scheme: str = "pixel", block: int = 4,
                      i2p: ImageToPerturbation | None = None) -> Protection:
     """A protection stage by name (:data:`METHOD_NAMES`); "i2p" needs the trained stage passed in."""
     if method == "i2p":

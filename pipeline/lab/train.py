@@ -2,7 +2,7 @@
 
 Scenes are augmented (random shift by padding-and-crop, horizontal flip) *before* the sensor, then
 rendered to photons and exposed with the sensor's noise; the network sees
-:func:`pipeline.stream.classifier.network_input` of the plain frames. The keyed twin of the result
+:func:`pipeline.stream.inputs.network_input` of the plain frames. The keyed twin of the result
 classifies protected frames without retraining.
 
 Resumable: the full training state (model, optimiser, scheduler, epoch, best accuracy) is saved
@@ -26,12 +26,13 @@ from models.plain import build_model
 from sensor.config import SensorConfig
 from sensor.configio import dataclass_from_dict
 from sensor.errors import ConfigError
-from sensor.scene import render_photons
+from sensor.frame import FrameFormat
 from sensor.sensor import Sensor
 
 from ..resources import MONO_PROFILE, resolve
-from ..stream.classifier import input_shape, network_input
 from ..stream.datasets import Dataset, load_dataset
+from ..stream.inputs import input_shape, network_input
+from ..stream.sources import expose_scenes
 
 
 @dataclass(frozen=True)
@@ -78,17 +79,10 @@ def augment_scenes(images: np.ndarray, rng: np.random.Generator, pad: int = 2) -
     return out
 
 
-def expose_scenes(images: np.ndarray, sensor: Sensor, first_frame_index: int) -> np.ndarray:
-    """Scenes (B, H, W[, 3]) uint8 -> plain sensor frames (B, H, W) uint16, frame n = first + i."""
-    return np.stack([sensor.expose(render_photons(im, sensor.config), first_frame_index + i)
-                     for i, im in enumerate(images)])
-
-
 def sensor_inputs(images: np.ndarray, sensor: Sensor, scheme: str, first_frame_index: int) -> torch.Tensor:
     """Scenes -> plain frames -> network input tensor (B, C, h, w) float32."""
     frames = expose_scenes(images, sensor, first_frame_index)
-    cfg = sensor.config
-    return torch.from_numpy(network_input(frames, scheme, cfg.black_level_dn, cfg.max_dn))
+    return network_input(frames, FrameFormat.from_config(sensor.config, scheme=scheme))
 
 
 @torch.inference_mode()

@@ -39,9 +39,9 @@ from ..stream.run import (
     RunConfig,
     capture_stage,
     load_key,
-    scene_items,
 )
 from ..stream.sinks import PredictionWriter
+from ..stream.sources import scene_items
 from .cluster import ensure_ray, error_text, innermost, ray_info, share_cpus
 from .replay import KeyedBatchPredictor
 
@@ -57,7 +57,8 @@ def camera_shards(n: int, cameras: int, batch_size: int, offset: int = 0) -> lis
 
 
 def frame_format(cfg: RunConfig, sensor_cfg: SensorConfig, height: int, width: int) -> FrameFormat:
-    return FrameFormat(cfg.key.scheme, cfg.key.rotation, height, width, sensor_cfg.black_level_dn, sensor_cfg.max_dn)
+    return FrameFormat.from_config(sensor_cfg, scheme=cfg.key.scheme, rotation=cfg.key.rotation, height=height,
+                                   width=width)
 
 
 def camera_recording_path(record: str, camera: int) -> str:

@@ -127,8 +127,8 @@ def read_recording_blocks(header: RecordingHeader, batch_size: int, block_bytes:
         for frame in reader.frames():
             if fmt_text is None:
                 m = frame.meta
-                fmt_text = _fmt_json(FrameFormat(m.scheme, m.rotation, m.height, m.width, header.black_level,
-                                                 header.max_dn))
+                fmt_text = _fmt_json(FrameFormat(header.black_level, header.max_dn, m.cfa, m.scheme, m.rotation,
+                                                 m.height, m.width))
                 rows_per_block = block_bytes // (batch_size * (frame.data.nbytes + 256)) + 1  # just over the target
             batch.append(encode_frame(frame))
             if len(batch) == batch_size:

@@ -4,59 +4,24 @@ One implementation of the per-batch work, called by the local pipeline, ``privca
 and any other engine. It is built from a plain model and a key: the keyed twin's gather
 tables are derived from the key here and never stored.
 
-Network input of a frame (:func:`network_input`), the same for training on plain frames and
-for inference on protected ones (element-wise, so it commutes with the readout permutation):
-
-* ``pixel`` scheme: the (H, W) mosaic as one channel, (1, H, W);
-* ``quad`` and ``plane`` schemes: the four packed CFA planes, (4, H/2, W/2);
-
-scaled to ``(dn - black_level) / (max_dn - black_level)``.
+The network input of a frame is :func:`pipeline.stream.inputs.network_input`, the same for training
+on plain frames and for inference on protected ones.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from sensor.cfa import pack
 from sensor.errors import PrivcamError
-from sensor.frame import ProtectedFrame
+from sensor.frame import FrameFormat, ProtectedFrame
 from sensor.keys import Key
 from sensor.readout import plane_tables_torch, readout_permutation, readout_seed
 
-
-def input_shape(scheme: str, height: int, width: int) -> tuple[int, int, int]:
-    """(C, h, w) of the network input for frames of (height, width) under ``scheme``."""
-    if scheme == "pixel":
-        return (1, height, width)
-    if scheme in ("quad", "plane"):
-        return (4, height // 2, width // 2)
-    raise ValueError(f"scheme: expected pixel, quad or plane, got {scheme!r}")
-
-
-def network_input(frames: np.ndarray, scheme: str, black_level: int, max_dn: int) -> np.ndarray:
-    """Frames (B, H, W) uint16 -> network input (B, C, h, w) float32 (see module docstring)."""
-    if frames.ndim != 3:
-        raise ValueError(f"frames: expected (B, H, W), got {frames.shape}")
-    x = frames[:, None] if scheme == "pixel" else pack(frames)
-    scale = np.float32(1.0 / max(max_dn - black_level, 1))
-    return (x.astype(np.float32) - np.float32(black_level)) * scale
-
-
-@dataclass(frozen=True)
-class FrameFormat:
-    """What the classifier expects of every frame."""
-
-    scheme: str
-    rotation: bool
-    height: int
-    width: int
-    black_level: int
-    max_dn: int
+from .inputs import input_shape, network_input
 
 
 class KeyedClassifier:
@@ -91,7 +56,7 @@ class KeyedClassifier:
         if self.check_fingerprint and m.key_fingerprint != self.fingerprint:
             raise PrivcamError(f"frame {m.frame_index}: protected with key {m.key_fingerprint}, "
                                f"but the classifier holds key {self.fingerprint}")
-        if (m.scheme, m.rotation, m.height, m.width) != (f.scheme, f.rotation, f.height, f.width):
+        if not m.same_stream(f):
             raise PrivcamError(
                 f"frame {m.frame_index}: scheme/rotation/size {m.scheme}/{m.rotation}/{m.height}x{m.width} "
                 f"differ from the classifier's {f.scheme}/{f.rotation}/{f.height}x{f.width}")
@@ -101,14 +66,19 @@ class KeyedClassifier:
         """(B, num_classes) float32 logits on the classifier's device."""
         for frame in frames:
             self.check(frame)
-        data = np.stack([f.data for f in frames])
-        x = torch.from_numpy(network_input(data, self.fmt.scheme, self.fmt.black_level, self.fmt.max_dn))
+        return self.logits_array(np.stack([f.data for f in frames]), [f.meta.frame_index for f in frames])
+
+    @torch.inference_mode()
+    def logits_array(self, data: np.ndarray, frame_indices: list[int] | np.ndarray) -> torch.Tensor:
+        """The keyed inference path: protected frames (B, H, W) uint16 with their frame indices (used
+        only with rotation) -> (B, num_classes) float32 logits on the classifier's device."""
+        x = network_input(data, self.fmt)
         if self.device.type == "cuda":
             x = x.pin_memory()
         x = x.to(self.device, non_blocking=True)
         if not self.fmt.rotation:
             return self.model(x)
-        seeds = [readout_seed(self._key, self.fmt.scheme, f.meta.frame_index) for f in frames]
+        seeds = [readout_seed(self._key, self.fmt.scheme, int(n)) for n in frame_indices]
         tables = plane_tables_torch(self.fmt.scheme, self.fmt.height, self.fmt.width, seeds, self.device)
         return self.model(x, input_perm=tables)
 

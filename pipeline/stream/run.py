@@ -22,19 +22,18 @@ from models.checkpoint import load_checkpoint
 from sensor.config import SensorConfig
 from sensor.configio import dataclass_from_dict, read_yaml
 from sensor.errors import ConfigError, PrivcamError
-from sensor.frame import ProtectedFrame
+from sensor.frame import FrameFormat, ProtectedFrame
 from sensor.keys import Key, load_key_file
-from sensor.rawio import EXTENSIONS as RAW_EXTENSIONS
-from sensor.rawio import RawFrame, read_raw
+from sensor.rawio import RawFrame
 from sensor.scene import raw_to_photons, render_photons
 from sensor.sensor import Sensor
 
 from ..resources import DEFAULT_CHECKPOINT, MONO_PROFILE, resolve
-from .classifier import FrameFormat, KeyedClassifier
-from .datasets import Dataset, load_dataset
+from .classifier import KeyedClassifier
 from .engine import Batch, Map, Pipeline, RunResult
 from .recording import Recorder, RecordingReader
 from .sinks import PredictionWriter
+from .sources import open_source
 
 SCHEMES = ("pixel", "quad", "plane")
 
@@ -155,39 +154,6 @@ def load_key(path: str | None) -> Key:
 
 
 # -- stages -----------------------------------------------------------------------------------------
-def scene_items(data: Dataset, first_frame_index: int = 0) -> Iterator[tuple[int, np.ndarray, int | None]]:
-    """(frame index, scene image, label) for each dataset item."""
-    for i in range(len(data)):
-        label = None if data.labels is None else int(data.labels[i])
-        yield first_frame_index + i, data.images[i], label
-
-
-def raw_folder_items(files: list[Path], first_frame_index: int = 0) -> Iterator[tuple[int, RawFrame, None]]:
-    """(frame index, raw frame, None) for each raw file, read lazily."""
-    for i, path in enumerate(files):
-        yield first_frame_index + i, read_raw(path), None
-
-
-def open_source(cfg: RunConfig) -> tuple[Iterator[tuple[int, Any, int | None]], int, tuple[int, int]]:
-    """The configured source as (items, count, frame (H, W)). ``rawfolder`` reads frames lazily."""
-    src = cfg.source
-    if src.dataset == "rawfolder":
-        if not src.data:
-            raise ConfigError("source", "data", "a folder of raw frames for dataset rawfolder")
-        folder = Path(src.data)
-        if not folder.is_dir():
-            raise ConfigError("source", "data", "a folder of raw frames", src.data)
-        files = sorted(p for p in folder.iterdir() if p.suffix.lower() in RAW_EXTENSIONS)
-        files = files[src.offset:None if src.limit is None else src.offset + src.limit]
-        if not files:
-            raise ConfigError("source", "data", f"a folder with raw frames ({', '.join(RAW_EXTENSIONS)})", src.data)
-        return raw_folder_items(files, src.offset), len(files), read_raw(files[0]).data.shape
-    data = load_dataset(src.dataset, src.split, src.data).subset(src.limit, src.offset)
-    if len(data) == 0:
-        raise ConfigError("source", "limit", "at least one item in the selected range", src.limit)
-    return scene_items(data, src.offset), len(data), data.images.shape[1:3]
-
-
 def capture_stage(sensor: Sensor, key: Key, scheme: str, rotation: bool):
     """Stage function: (n, scene or raw frame, label) -> ProtectedFrame. The plain frame never leaves it."""
     def capture(item: tuple[int, np.ndarray | RawFrame, int | None]) -> ProtectedFrame:
@@ -234,7 +200,7 @@ def run_pipeline(cfg: RunConfig, progress: bool = True) -> dict[str, Any]:
     key = load_key(cfg.key.file)
     sensor_cfg = SensorConfig.from_yaml(resolve(cfg.sensor.profile))
     items, total, (h, w) = open_source(cfg)
-    fmt = FrameFormat(cfg.key.scheme, cfg.key.rotation, h, w, sensor_cfg.black_level_dn, sensor_cfg.max_dn)
+    fmt = FrameFormat.from_config(sensor_cfg, scheme=cfg.key.scheme, rotation=cfg.key.rotation, height=h, width=w)
     classifier, manifest = build_classifier(cfg, key, fmt)
     sensor = Sensor(sensor_cfg, seed=cfg.sensor.seed)
     stages: list[Map | Batch] = [Map("sensor", capture_stage(sensor, key, cfg.key.scheme, cfg.key.rotation))]
@@ -274,8 +240,8 @@ def replay_recording(path: str, cfg: RunConfig, progress: bool = True) -> dict[s
         report = reader.report.to_dict()
         return {"job": "replay", "recording": path, "frames": 0, "replay_report": report,
                 "error": "no intact frame in the recording"}
-    fmt = FrameFormat(first.meta.scheme, first.meta.rotation, first.meta.height, first.meta.width,
-                      sensor_cfg.black_level_dn, sensor_cfg.max_dn)
+    m = first.meta
+    fmt = FrameFormat.from_config(sensor_cfg, scheme=m.scheme, rotation=m.rotation, height=m.height, width=m.width)
     classifier, manifest = build_classifier(cfg, key, fmt)
 
     def all_frames() -> Iterator[ProtectedFrame]:
