@@ -8,6 +8,7 @@ import torch
 from skimage import metrics
 
 from pipeline.lab.attacks import (
+    AttackBudget,
     finetune_attack,
     gaussian_window,
     inversion_attack,
@@ -20,7 +21,6 @@ from pipeline.lab.attacks import (
     recovery_fraction,
     ssim,
 )
-from pipeline.lab.evaluate import AttackBudget
 from pipeline.lab.protection import ELE, EtC, ReadoutProtection
 from sensor.frame import FrameFormat
 from sensor.keys import Key

@@ -11,13 +11,12 @@ import cv2
 import numpy as np
 import pytest
 
+from pipeline.cli.privacy_cmd import add_privacy_arguments, privacy_cli
 from pipeline.lab.privacy import (
     PrivacyBudget,
-    add_privacy_arguments,
     foolbox_images,
     format_table,
     natural_patches,
-    privacy_cli,
     privacy_table,
 )
 from pipeline.lab.protection import METHOD_NAMES

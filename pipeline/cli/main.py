@@ -292,7 +292,7 @@ def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
     from ..stream.datasets import load_dataset
 
     if args.what == "privacy":
-        from ..lab.privacy import privacy_cli
+        from .privacy_cmd import privacy_cli
 
         return privacy_cli(args)
     key = load_key_file(args.key) if args.key else Key.generate()
@@ -333,7 +333,7 @@ EXAMPLES = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from ..lab.privacy import add_privacy_arguments
+    from .privacy_cmd import add_privacy_arguments
 
     parser = argparse.ArgumentParser(
         prog="privcam",

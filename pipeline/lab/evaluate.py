@@ -21,13 +21,11 @@ split with frame indices disjoint from the test frames; both key modes get the s
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
-from tqdm import tqdm
 
 from models.checkpoint import load_checkpoint
 from sensor.config import SensorConfig
@@ -39,24 +37,10 @@ from ..stream.classifier import KeyedClassifier
 from ..stream.datasets import Dataset
 from ..stream.inputs import network_input
 from ..stream.sources import expose_scenes
+from .attacks import AttackBudget, accuracy, mlp_attack, train_classifier
 
 TEST_FRAME_BASE = 0
 ATTACK_FRAME_BASE = 10_000_000  # attacker's frames never share an index (noise, rotation) with test frames
-
-
-@dataclass(frozen=True)
-class AttackBudget:
-    train_images: int = 10_000
-    epochs: int = 3
-    batch_size: int = 128
-    finetune_lr: float = 0.01
-    mlp_lr: float = 1e-3
-    mlp_hidden: int = 512
-    seed: int = 0
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"train_images": self.train_images, "epochs": self.epochs, "batch_size": self.batch_size,
-                "finetune_lr": self.finetune_lr, "mlp_lr": self.mlp_lr, "mlp_hidden": self.mlp_hidden}
 
 
 def capture_frames(images: np.ndarray, sensor: Sensor, key: Key, scheme: str, rotation: bool,
@@ -70,57 +54,6 @@ def capture_frames(images: np.ndarray, sensor: Sensor, key: Key, scheme: str, ro
         order = static if static is not None else sensor.readout(key, scheme, h, w, first_index + i)
         protected[i] = order.forward(plain[i])
     return plain, protected
-
-
-@torch.inference_mode()
-def accuracy(model: nn.Module, x: torch.Tensor, labels: np.ndarray, batch: int = 500, **kw: Any) -> float:
-    """Top-1 accuracy of ``model`` (extra keyword arguments such as ``input_perm`` per batch are sliced)."""
-    model.eval()
-    correct = 0
-    for s in range(0, len(x), batch):
-        extra = {k: v[s:s + batch] for k, v in kw.items()}
-        correct += int((model(x[s:s + batch], **extra).argmax(1) == torch.from_numpy(labels[s:s + batch])).sum())
-    return correct / len(x)
-
-
-def train_classifier(model: nn.Module, x: torch.Tensor, y: np.ndarray, epochs: int, lr: float, batch: int,
-                     seed: int, optimizer: str = "sgd", progress: bool = False, desc: str = "attack") -> float:
-    """Plain supervised training (the attacker's). Returns wall seconds."""
-    torch.manual_seed(seed)
-    params = model.parameters()
-    opt = (torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=5e-4) if optimizer == "sgd"
-           else torch.optim.Adam(params, lr=lr))
-    labels = torch.from_numpy(y)
-    loss_fn = nn.CrossEntropyLoss()
-    t0 = time.perf_counter()
-    gen = torch.Generator().manual_seed(seed)
-    for _ in tqdm(range(epochs), desc=desc, disable=not progress, leave=False):
-        model.train()
-        order = torch.randperm(len(x), generator=gen)
-        for s in range(0, len(x), batch):
-            idx = order[s:s + batch]
-            loss = loss_fn(model(x[idx]), labels[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-    return time.perf_counter() - t0
-
-
-def mlp(in_features: int, hidden: int, num_classes: int) -> nn.Sequential:
-    """Permutation-blind learner: no spatial prior at all."""
-    return nn.Sequential(nn.Flatten(1), nn.Linear(in_features, hidden), nn.ReLU(), nn.Dropout(0.2),
-                         nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, num_classes))
-
-
-def mlp_attack(x_train: torch.Tensor, y_train: np.ndarray, x_test: torch.Tensor, y_test: np.ndarray,
-               num_classes: int, budget: AttackBudget, progress: bool = False,
-               desc: str = "MLP attack") -> dict[str, Any]:
-    """A permutation-blind MLP trained from scratch on labelled frames. Returns accuracy and wall seconds."""
-    torch.manual_seed(budget.seed)
-    model = mlp(x_train[0].numel(), budget.mlp_hidden, num_classes)
-    secs = train_classifier(model, x_train, y_train, budget.epochs, budget.mlp_lr, budget.batch_size, budget.seed,
-                            optimizer="adam", progress=progress, desc=desc)
-    return {"accuracy": accuracy(model, x_test, y_test), "wall_s": round(secs, 1)}
 
 
 def accuracy_table(checkpoint: str, test: Dataset, train: Dataset, sensor_cfg: SensorConfig, key: Key,
