@@ -1,1 +1,1 @@
-"""lab"""
+"""The research lab: protection stages, attacks, the accuracy and privacy tables, training."""

@@ -1,1 +1,1 @@
-"""stream"""
+"""The streaming product: sources -> sensor -> [recorder] -> batcher -> keyed classifier -> sinks."""
