@@ -23,8 +23,8 @@ from torch import nn
 from benchmarks.common import median_seconds, write_json
 from models.keyed import KeyedMaxPool2d, keyed
 from models.plain import build_model
+from models.tables import random_permutation_torch
 from sensor.keys import Key
-from sensor.permutation import random_permutation_torch
 
 CASES = [("compact", (1, 28, 28)), ("vgg16_bn", (3, 32, 32)), ("preresnet20", (3, 32, 32))]
 

@@ -50,9 +50,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from sensor.keys import Key
-from sensor.permutation import invert_torch, random_permutation_torch
 
 from .plain import PreActBlock
+from .tables import invert_torch, random_permutation_torch
 
 __all__ = [
     "KeyedAvgPool2d",

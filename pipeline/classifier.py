@@ -22,11 +22,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from models.tables import plane_tables_torch
 from sensor.cfa import pack
 from sensor.errors import PrivcamError
 from sensor.frame import ProtectedFrame
 from sensor.keys import Key
-from sensor.readout import plane_tables_torch, readout_permutation, readout_seed
+from sensor.readout import readout_permutation, readout_seed
 
 
 def input_shape(scheme: str, height: int, width: int) -> tuple[int, int, int]:

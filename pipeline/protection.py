@@ -50,21 +50,13 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from models.tables import plane_tables_torch
 from sensor.cfa import pack
 from sensor.config import SensorConfig
 from sensor.keys import Key
-from sensor.permutation import _hash62
-from sensor.readout import (
-    ReadoutPermutation,
-    compose_table_numpy,
-    frame_table,
-    grid_shape,
-    plane_tables_torch,
-    readout_permutation,
-    readout_seed,
-    scheme_seeds,
-    three_pass_tables_numpy,
-)
+from sensor.permutation import hash62 as _hash62
+from sensor.readout import ReadoutPermutation, readout_permutation, readout_seed
+from sensor.readout_tables import compose_table_numpy, frame_table, grid_shape, scheme_seeds, three_pass_tables_numpy
 
 from .classifier import FrameFormat, KeyedClassifier, network_input
 

@@ -12,8 +12,8 @@ from torch import nn
 
 from models.deform import DeformConv2d, deform_conv2d, table_to_offsets
 from models.keyed import KeyedConv2d
+from models.tables import random_permutation_torch
 from sensor.keys import Key
-from sensor.permutation import random_permutation_torch
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

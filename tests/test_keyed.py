@@ -21,8 +21,8 @@ from models.keyed import (
     position_table,
 )
 from models.plain import CompactNet, build_model
+from models.tables import random_permutation_torch
 from sensor.keys import Key
-from sensor.permutation import random_permutation_torch
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
