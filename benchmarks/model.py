@@ -21,7 +21,8 @@ import torch
 from torch import nn
 
 from benchmarks.common import median_seconds, write_json
-from models.keyed import KeyedMaxPool2d, keyed
+from models.keyed import keyed
+from models.keyed_layers import KeyedMaxPool2d
 from models.plain import build_model
 from models.tables import random_permutation_torch
 from sensor.keys import Key
