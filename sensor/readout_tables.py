@@ -129,7 +129,7 @@ def _mix32_nb(x):
 
 @numba.njit(nogil=True, cache=True)
 def _hash62_nb(k, idx):
-    """hash62 of one uint64 index < 2**32; k is the (6,) uint64 array of :func:`round_keys`."""
+    """hash62 of one uint64 index < 2**32; k is :func:`round_keys_nb` of the seed."""
     a = _mix32_nb(_mix32_nb(_mix32_nb(idx ^ k[0]) ^ k[1]) ^ k[2])
     b = _mix32_nb(_mix32_nb(_mix32_nb(idx ^ k[3]) ^ k[4]) ^ k[5])
     m31 = np.uint64(0x7FFFFFFF)
@@ -287,7 +287,7 @@ def compose_table(a: np.ndarray, b: np.ndarray, c: np.ndarray) -> np.ndarray:
 
 
 def plane_tables(scheme: Scheme, height: int, width: int, seed: int) -> np.ndarray:
-    """Per-plane slot->item tables (numba), as :meth:`ReadoutPermutation.plane_tables`.
+    """Per-plane slot->item tables (numba), as :meth:`sensor.readout.ReadoutPermutation.plane_tables`.
 
     Returns:
         int64: pixel (H*W,); quad (h*w,), shared by the 4 packed planes; plane (4, h*w).
