@@ -14,24 +14,22 @@
 * ``mask`` (B, offset_groups * kh * kw, H_out, W_out) multiplies each sample (modulated deform
   conv); ``groups = C_in / weight.shape[1]``.
 
-:func:`table_to_offsets` turns a keyed layer's gather table (:mod:`models.keyed`) into offsets,
-so a keyed convolution can run on any deformable-convolution kernel (see its docstring for the
-exact statement).
+:func:`table_to_offsets` (defined in :mod:`models.keyed_ops`, beside the gather tables it
+reads, and re-exported here) turns a keyed layer's gather table into offsets, so a keyed
+convolution can run on any deformable-convolution kernel (see its docstring for the exact
+statement).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
 
-from .keyed import _pair, gather_table, position_table
+from .keyed_ops import as_pair, table_to_offsets
 
 __all__ = ["DeformConv2d", "deform_conv2d", "table_to_offsets"]
-
-_OUTSIDE = -2.0  # a sample position that reads 0 (anything <= -1 does)
 
 
 def deform_conv2d(input: Tensor, offset: Tensor, weight: Tensor, bias: Tensor | None = None,
@@ -52,9 +50,9 @@ def deform_conv2d(input: Tensor, offset: Tensor, weight: Tensor, bias: Tensor | 
 
     Differentiable in ``input``, ``offset``, ``mask``, ``weight`` and ``bias`` (autograd).
     """
-    sh, sw = _pair(stride, "stride")
-    ph, pw = _pair(padding, "padding")
-    dh, dw = _pair(dilation, "dilation")
+    sh, sw = as_pair(stride, "stride")
+    ph, pw = as_pair(padding, "padding")
+    dh, dw = as_pair(dilation, "dilation")
     if input.dim() != 4:
         raise ValueError(f"deform_conv2d: input: expected (B, C_in, H, W), got {tuple(input.shape)}")
     if weight.dim() != 4:
@@ -137,10 +135,10 @@ class DeformConv2d(nn.Module):
         if out_channels % groups:
             raise ValueError(f"DeformConv2d: out_channels {out_channels} not divisible by groups {groups}")
         self.in_channels, self.out_channels, self.groups = in_channels, out_channels, groups
-        self.kernel_size = _pair(kernel_size, "kernel_size")
-        self.stride = _pair(stride, "stride")
-        self.padding = _pair(padding, "padding")
-        self.dilation = _pair(dilation, "dilation")
+        self.kernel_size = as_pair(kernel_size, "kernel_size")
+        self.stride = as_pair(stride, "stride")
+        self.padding = as_pair(padding, "padding")
+        self.dilation = as_pair(dilation, "dilation")
         self.weight = nn.Parameter(torch.empty(out_channels, in_channels // groups, *self.kernel_size))
         self.bias = nn.Parameter(torch.empty(out_channels)) if bias else None
         self.reset_parameters()
@@ -160,76 +158,3 @@ class DeformConv2d(nn.Module):
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
                 f"stride={self.stride}, padding={self.padding}, dilation={self.dilation}, "
                 f"groups={self.groups}, bias={self.bias is not None}")
-
-
-def table_to_offsets(G: Tensor | None, pi_in: Tensor | None, pi_out: Tensor | None,
-                     in_hw: Sequence[int], out_hw: Sequence[int], kernel: int | tuple[int, int],
-                     stride: int | tuple[int, int] = 1, padding: int | tuple[int, int] = 0,
-                     dilation: int | tuple[int, int] = 1, dtype: torch.dtype | None = None) -> Tensor:
-    """Deformable-conv offsets that perform a keyed layer's gather.
-
-    Statement. Let ``x`` (B, C, H_in, W_in) be a plain input, ``pi_in`` its input order and
-    ``X = x.flatten(2)[..., pi_in].view(B, C, H_in, W_in)`` the protected input viewed as an
-    image grid in slot order (slot ``s`` at row ``s // W_in``, column ``s % W_in``). Let ``G`` be
-    the gather table of a keyed conv with input order ``pi_in`` and output order ``pi_out``
-    (``KeyedConv2d.table``; ``G[t, j]`` = input slot of tap ``j`` of output slot ``t``, ``N_in`` for
-    padding). With ``O = table_to_offsets(G, pi_in, pi_out, ...)`` expanded to batch B::
-
-        deform_conv2d(X, O, w, b, stride, padding, dilation)  ==  F.conv2d(x, w, b, stride, padding, dilation)
-
-    up to float reassociation: the offsets are indexed by *natural* output position, so the
-    deformable conv undoes the input permutation while convolving and its output is in natural
-    order. Consequently the keyed output (slot order) is
-    ``keyed_conv(X) == deform_conv2d(X, O, ...).flatten(2)[..., pi_out]``. Every offset moves a
-    tap from its regular position to the exact (integer) grid cell of its slot, so bilinear
-    sampling reads that one value; a padding tap is sent to (-2, -2), outside the image, and
-    reads 0. Per-channel input orders give one offset group per input channel.
-
-    Args:
-        G: (T, K) shared, (C, T, K) per input channel, or (B, C', T, K) per frame (C' in {1, C});
-            None to build it from ``pi_in`` and ``pi_out``.
-        pi_in: (N_in,) or (C, N_in) (or (B, C', N_in)) input order; only used when G is None.
-        pi_out: (T,) output order (slot -> natural output position); None = natural.
-        in_hw, out_hw: input and output (H, W).
-        kernel, stride, padding, dilation: the layer's (symmetric padding).
-        dtype: offset dtype (default: torch's default float dtype).
-
-    Returns:
-        (B', 2 * C' * K, H_out, W_out) with ``B' = 1`` unless G is per frame; ``C' = 1`` (one offset
-        group) for a shared table, else one offset group per input channel. Expand the batch
-        dimension to the input's before calling :func:`deform_conv2d`.
-    """
-    kh, kw = _pair(kernel, "kernel")
-    sh, sw = _pair(stride, "stride")
-    ph, pw = _pair(padding, "padding")
-    dh, dw = _pair(dilation, "dilation")
-    h_in, w_in = _pair(tuple(in_hw), "in_hw")
-    h_out, w_out = _pair(tuple(out_hw), "out_hw")
-    n_in, t, k = h_in * w_in, h_out * w_out, kh * kw
-    if G is None:
-        if pi_in is None:
-            raise ValueError("table_to_offsets: give G or pi_in")
-        positions = position_table((h_in, w_in), (h_out, w_out), (kh, kw), (sh, sw), (ph, pw),
-                                   (dh, dw), pi_out, device=pi_in.device)
-        G = gather_table(positions, pi_in)
-    if G.dim() not in (2, 3, 4) or tuple(G.shape[-2:]) != (t, k):
-        raise ValueError(f"table_to_offsets: G: expected (..., {t}, {k}) with 0-2 leading dims, "
-                         f"got {tuple(G.shape)}")
-    g4 = G.reshape(1, 1, t, k) if G.dim() == 2 else (G.unsqueeze(0) if G.dim() == 3 else G)
-    dev = G.device
-    if pi_out is not None:
-        if tuple(pi_out.shape) != (t,):
-            raise ValueError(f"table_to_offsets: pi_out: expected ({t},), got {tuple(pi_out.shape)}")
-        inv_out = torch.empty_like(pi_out, device=dev)
-        inv_out[pi_out.to(dev)] = torch.arange(t, device=dev)
-        g4 = g4[:, :, inv_out, :]  # rows by natural output position
-    dtype = dtype or torch.get_default_dtype()
-    q = torch.arange(t, device=dev)
-    base_y = (q // w_out * sh - ph)[:, None] + torch.arange(kh, device=dev).repeat_interleave(kw) * dh
-    base_x = (q % w_out * sw - pw)[:, None] + torch.arange(kw, device=dev).repeat(kh) * dw
-    pad = g4 >= n_in
-    ty = torch.where(pad, _OUTSIDE, (g4 // w_in).to(dtype))
-    tx = torch.where(pad, _OUTSIDE, (g4 % w_in).to(dtype))
-    off = torch.stack([ty - base_y.to(dtype), tx - base_x.to(dtype)], dim=-1)  # (B', C', T, K, 2)
-    b, c = off.shape[:2]
-    return off.permute(0, 1, 3, 4, 2).reshape(b, c * k * 2, h_out, w_out).contiguous()

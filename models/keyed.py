@@ -35,6 +35,9 @@ which equals the plain layer up to float reassociation. Tables may also be per i
 The twin shares the plain model's Parameter and BatchNorm buffer objects (fine-tuning the twin
 trains the plain model) and its ``state_dict`` has exactly the plain model's keys: gather tables
 are non-persistent buffers, moved by ``.to(device)`` and never saved.
+
+Layout: the functional ops and tables are in :mod:`models.keyed_ops`, the layers in
+:mod:`models.keyed_layers`; this module converts whole models and re-exports both (``__all__``).
 """
 
 from __future__ import annotations
@@ -46,12 +49,34 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from sensor.keys import Key
-from sensor.permutation import invert_torch, random_permutation_torch
 
+from .keyed_layers import (
+    KeyedAvgPool2d,
+    KeyedConv2d,
+    KeyedLinear,
+    KeyedMaxPool2d,
+    KeyedPreActBlock,
+    KeyedSequential,
+)
+from .keyed_ops import (
+    IntPair,
+    as_pair,
+    avg_pool_divisor,
+    check_static_perm,
+    conv_output_hw,
+    conv_padding,
+    gather_columns,
+    gather_table,
+    keyed_avg_pool2d,
+    keyed_conv2d,
+    keyed_max_pool2d,
+    layer_perm,
+    pool_output_hw,
+    position_table,
+)
 from .plain import PreActBlock
 
 __all__ = [
@@ -78,550 +103,25 @@ __all__ = [
 
 MODES: tuple[str, ...] = ("fused", "fast")
 
-IntPair = tuple[int, int]
-
-
-def _pair(value: int | Sequence[int], name: str) -> IntPair:
-    if isinstance(value, int) and not isinstance(value, bool):
-        return (value, value)
-    if isinstance(value, Sequence) and len(value) == 2 and all(
-            isinstance(v, int) and not isinstance(v, bool) for v in value):
-        return (int(value[0]), int(value[1]))
-    raise ValueError(f"{name}: expected an int or a pair of ints, got {value!r}")
-
 
 # ----------------------------------------------------------------------------------------------
-# Geometry and tables (pure functions)
+# Whole-model conversion
 # ----------------------------------------------------------------------------------------------
-
-
-def conv_output_hw(in_hw: IntPair, kernel_size: IntPair, stride: IntPair, padding: IntPair,
-                   dilation: IntPair, padding_end: IntPair | None = None) -> IntPair:
-    """Output (H, W) of a conv with ``padding`` before and ``padding_end`` (default: same) after."""
-    end = padding if padding_end is None else padding_end
-    dims = zip(in_hw, kernel_size, stride, padding, end, dilation, strict=True)
-    out = tuple((n + p0 + p1 - d * (k - 1) - 1) // s + 1 for n, k, s, p0, p1, d in dims)
-    if min(out) < 1:
-        raise ValueError(f"conv geometry: input {tuple(in_hw)} is too small for kernel {kernel_size}, "
-                         f"dilation {dilation}, padding {padding} (output {out})")
-    return out  # type: ignore[return-value]
-
-
-def pool_output_hw(in_hw: IntPair, kernel_size: IntPair, stride: IntPair, padding: IntPair,
-                   dilation: IntPair, ceil_mode: bool) -> IntPair:
-    """Output (H, W) of max/avg pooling, with PyTorch's ceil_mode rule."""
-    out = []
-    for n, k, s, p, d in zip(in_hw, kernel_size, stride, padding, dilation, strict=True):
-        o = (n + 2 * p - d * (k - 1) - 1 + (s - 1 if ceil_mode else 0)) // s + 1
-        if ceil_mode and (o - 1) * s >= n + p:
-            o -= 1
-        out.append(o)
-    if min(out) < 1:
-        raise ValueError(f"pool geometry: input {tuple(in_hw)} is too small for kernel {kernel_size}"
-                         f" (output {tuple(out)})")
-    return (out[0], out[1])
-
-
-def _conv_padding(conv: nn.Conv2d) -> tuple[IntPair, IntPair]:
-    """(padding before, padding after) of a Conv2d, resolving "valid" and "same"."""
-    if isinstance(conv.padding, str):
-        if conv.padding == "valid":
-            return (0, 0), (0, 0)
-        # "same" (stride 1): PyTorch puts the odd extra padding at the end
-        total = [d * (k - 1) for d, k in zip(_pair(conv.dilation, "dilation"),
-                                             _pair(conv.kernel_size, "kernel_size"), strict=True)]
-        before = (total[0] // 2, total[1] // 2)
-        return before, (total[0] - before[0], total[1] - before[1])
-    pad = _pair(conv.padding, "padding")
-    return pad, pad
 
 
 def _spatial_out_hw(module: nn.Module, in_hw: IntPair) -> IntPair:
     """Output (H, W) of a Conv2d, MaxPool2d or AvgPool2d on an ``in_hw`` input."""
     if isinstance(module, nn.Conv2d):
-        before, end = _conv_padding(module)
-        return conv_output_hw(in_hw, _pair(module.kernel_size, "kernel_size"),
-                              _pair(module.stride, "stride"), before,
-                              _pair(module.dilation, "dilation"), end)
+        before, end = conv_padding(module)
+        return conv_output_hw(in_hw, as_pair(module.kernel_size, "kernel_size"),
+                              as_pair(module.stride, "stride"), before,
+                              as_pair(module.dilation, "dilation"), end)
     stride = module.stride if module.stride is not None else module.kernel_size
     dilation = module.dilation if isinstance(module, nn.MaxPool2d) else 1
-    return pool_output_hw(in_hw, _pair(module.kernel_size, "kernel_size"), _pair(stride, "stride"),
-                          _pair(module.padding, "padding"), _pair(dilation, "dilation"),
+    return pool_output_hw(in_hw, as_pair(module.kernel_size, "kernel_size"), as_pair(stride, "stride"),
+                          as_pair(module.padding, "padding"), as_pair(dilation, "dilation"),
                           bool(module.ceil_mode))
 
-
-def _out_positions(out_hw: IntPair, out_perm: Tensor | None, device: torch.device) -> tuple[Tensor, Tensor]:
-    """(qy, qx) of each output slot, each (T,) int64."""
-    t = out_hw[0] * out_hw[1]
-    q = torch.arange(t, device=device) if out_perm is None else out_perm.to(device)
-    return q // out_hw[1], q % out_hw[1]
-
-
-def position_table(in_hw: IntPair, out_hw: IntPair, kernel_size: IntPair, stride: IntPair,
-                   padding: IntPair, dilation: IntPair, out_perm: Tensor | None = None,
-                   device: torch.device | str | None = None) -> Tensor:
-    """Natural input position read by each (output slot, tap), ``N_in`` where it is padding.
-
-    Args:
-        in_hw, out_hw: input and output (H, W).
-        kernel_size, stride, dilation: pairs; ``padding``: padding *before* each dimension.
-        out_perm: (T,) output slot -> output position table; None for natural order.
-        device: where to build (default: ``out_perm``'s device, else CPU).
-
-    Returns:
-        (T, K) int64 with ``K = kh * kw`` taps in row-major order, values in [0, N_in].
-    """
-    if device is None:
-        device = out_perm.device if out_perm is not None else torch.device("cpu")
-    (h, w), (kh, kw) = in_hw, kernel_size
-    qy, qx = _out_positions(out_hw, out_perm, torch.device(device))
-    ky = torch.arange(kh, device=qy.device).repeat_interleave(kw) * dilation[0]
-    kx = torch.arange(kw, device=qy.device).repeat(kh) * dilation[1]
-    uy = qy[:, None] * stride[0] - padding[0] + ky[None, :]
-    ux = qx[:, None] * stride[1] - padding[1] + kx[None, :]
-    inside = (uy >= 0) & (uy < h) & (ux >= 0) & (ux < w)
-    return torch.where(inside, uy * w + ux, torch.full_like(uy, h * w))
-
-
-def gather_table(positions: Tensor, in_perm: Tensor | None = None) -> Tensor:
-    """Slot gather table ``G = pi_in^-1[positions]``, the sentinel ``N_in`` kept.
-
-    Args:
-        positions: (T, K) from :func:`position_table`.
-        in_perm: None (natural input), or (..., N_in) slot -> position tables, e.g. (N,),
-            (C, N), (B, 1, N) or (B, C, N).
-
-    Returns:
-        (..., T, K) int64.
-    """
-    if in_perm is None:
-        return positions
-    n = in_perm.shape[-1]
-    inv = invert_torch(in_perm.to(positions.device))
-    inv = torch.cat([inv, inv.new_full((*inv.shape[:-1], 1), n)], dim=-1)
-    return inv[..., positions]
-
-
-def avg_pool_divisor(in_hw: IntPair, out_hw: IntPair, kernel_size: IntPair, stride: IntPair,
-                     padding: IntPair, count_include_pad: bool, out_perm: Tensor | None = None,
-                     device: torch.device | str | None = None) -> Tensor:
-    """(T,) int64 divisor of each output slot, exactly as ``F.avg_pool2d`` computes it.
-
-    The window is clipped to the padded input; ``count_include_pad`` counts padding inside it,
-    otherwise only input positions count.
-    """
-    if device is None:
-        device = out_perm.device if out_perm is not None else torch.device("cpu")
-    qy, qx = _out_positions(out_hw, out_perm, torch.device(device))
-    sizes = []
-    for q, n, k, s, p in ((qy, in_hw[0], kernel_size[0], stride[0], padding[0]),
-                          (qx, in_hw[1], kernel_size[1], stride[1], padding[1])):
-        start = q * s - p
-        end = torch.clamp(start + k, max=n + p)
-        if count_include_pad:
-            sizes.append(end - start)
-        else:
-            sizes.append(torch.clamp(end, max=n) - torch.clamp(start, min=0))
-    return sizes[0] * sizes[1]
-
-
-def gather_columns(x: Tensor, table: Tensor, pad_value: float = 0.0) -> Tensor:
-    """Gather the taps of every output slot (keyed im2col).
-
-    Args:
-        x: (B, C, N) slot-ordered input.
-        table: gather table with values in [0, N] (N = the padding sentinel), one of
-            (T, K) shared; (C', T, K) per channel; (B', C', T, K) per frame (and channel),
-            with C' in {1, C} and B' in {1, B}.
-        pad_value: value read at the sentinel (0 for conv and avg pool, -inf for max pool).
-
-    Returns:
-        (B, C, K, T).
-    """
-    if x.dim() != 3:
-        raise ValueError(f"gather_columns: expected x of shape (B, C, N), got {tuple(x.shape)}")
-    b, c, _ = x.shape
-    if table.dim() not in (2, 3, 4):
-        raise ValueError(f"gather_columns: expected a table (T, K), (C, T, K) or (B, C, T, K), "
-                         f"got {tuple(table.shape)}")
-    t, k = table.shape[-2:]
-    xp = F.pad(x, (0, 1), value=pad_value)
-    idx = table.transpose(-1, -2)  # (..., K, T): columns come out in (K, T) order
-    if table.dim() == 2:
-        return xp.index_select(2, idx.reshape(-1)).view(b, c, k, t)
-    lead = (1, *table.shape[:-2]) if table.dim() == 3 else tuple(table.shape[:-2])
-    if lead[0] not in (1, b) or lead[1] not in (1, c):
-        raise ValueError(f"gather_columns: table of shape {tuple(table.shape)} does not fit "
-                         f"an input of batch {b} and {c} channels")
-    idx = idx.reshape(*lead, k * t).expand(b, c, k * t)
-    return torch.gather(xp, 2, idx).view(b, c, k, t)
-
-
-def keyed_conv2d(x: Tensor, table: Tensor, weight: Tensor, bias: Tensor | None = None,
-                 groups: int = 1) -> Tensor:
-    """Keyed convolution: gathered im2col then a (grouped) GEMM.
-
-    Args:
-        x: (B, C, N_in) slot-ordered input.
-        table: gather table, see :func:`gather_columns`; K must be ``kh * kw``.
-        weight: (O, C / groups, kh, kw); bias: (O,) or None.
-
-    Returns:
-        (B, O, T) slot-ordered output.
-    """
-    o, cg, kh, kw = weight.shape
-    b, c, _ = x.shape
-    if c != cg * groups:
-        raise ValueError(f"keyed_conv2d: input has {c} channels, weight expects {cg} x {groups} groups")
-    if table.shape[-1] != kh * kw:
-        raise ValueError(f"keyed_conv2d: table has {table.shape[-1]} taps, kernel has {kh * kw}")
-    cols = gather_columns(x, table, 0.0)  # (B, C, K, T)
-    t = cols.shape[-1]
-    cols = cols.view(b, groups, cg * kh * kw, t)
-    y = torch.matmul(weight.reshape(groups, o // groups, cg * kh * kw), cols).reshape(b, o, t)
-    return y if bias is None else y + bias[:, None]
-
-
-def keyed_max_pool2d(x: Tensor, table: Tensor) -> Tensor:
-    """Keyed max pooling: (B, C, N_in) -> (B, C, T); padding reads -inf."""
-    return gather_columns(x, table, float("-inf")).amax(dim=2)
-
-
-def keyed_avg_pool2d(x: Tensor, table: Tensor, divisor: Tensor | int) -> Tensor:
-    """Keyed average pooling: (B, C, N_in) -> (B, C, T); padding reads 0, then / divisor (T,)."""
-    s = gather_columns(x, table, 0.0).sum(dim=2)
-    return s / (divisor.to(s.dtype) if isinstance(divisor, Tensor) else divisor)
-
-
-def layer_perm(key: Key, name: str, n: int, device: torch.device | str = "cpu") -> Tensor:
-    """Output permutation (n,) of the layer called ``name``: seeded ``key.seed("layer:<name>")``."""
-    return random_permutation_torch(key.seed(f"layer:{name}"), n, device)
-
-
-# ----------------------------------------------------------------------------------------------
-# Permutation-table checks
-# ----------------------------------------------------------------------------------------------
-
-
-def _as_perm(perm: Tensor | np.ndarray, device: torch.device) -> Tensor:
-    if isinstance(perm, np.ndarray):
-        perm = torch.from_numpy(np.ascontiguousarray(perm))
-    if not isinstance(perm, Tensor):
-        raise TypeError(f"permutation table: expected a torch.Tensor or numpy array, "
-                        f"got {type(perm).__name__}")
-    if perm.dtype.is_floating_point or perm.dtype.is_complex or perm.dtype == torch.bool:
-        raise TypeError(f"permutation table: expected an integer dtype, got {perm.dtype}")
-    return perm.to(device=device, dtype=torch.int64)
-
-
-def _check_static_perm(perm: Tensor | np.ndarray, channels: int, n: int, device: torch.device,
-                       where: str) -> Tensor:
-    """A build-time table (N,) or (C, N), fully checked to be permutations."""
-    perm = _as_perm(perm, device)
-    if perm.dim() == 1:
-        ok = perm.shape[0] == n
-    elif perm.dim() == 2:
-        ok = perm.shape == (channels, n)
-    else:
-        ok = False
-    if not ok:
-        raise ValueError(f"{where}: expected a table of shape ({n},) or ({channels}, {n}), "
-                         f"got {tuple(perm.shape)}")
-    ref = torch.arange(n, device=device).expand_as(perm)
-    if not torch.equal(torch.sort(perm, dim=-1).values, ref):
-        raise ValueError(f"{where}: not a permutation of 0..{n - 1} (each row must hold every "
-                         f"position exactly once)")
-    return perm
-
-
-def _frame_perm(perm: Tensor | np.ndarray, batch: int, channels: int, n: int,
-                device: torch.device) -> Tensor:
-    """A call-time table (N,), (B, N) or (B, C, N) -> (B', C', N); only shapes are checked."""
-    perm = _as_perm(perm, device)
-    if perm.dim() == 1:
-        perm = perm.view(1, 1, -1)
-    elif perm.dim() == 2:
-        perm = perm.unsqueeze(1)
-    if perm.dim() != 3 or perm.shape[0] not in (1, batch) or perm.shape[1] not in (1, channels) \
-            or perm.shape[2] != n:
-        raise ValueError(f"input_perm: expected a per-frame table of shape ({batch}, {n}) or "
-                         f"({batch}, {channels}, {n}) (or ({n},) for the whole batch), "
-                         f"got {tuple(perm.shape)}")
-    return perm
-
-
-# ----------------------------------------------------------------------------------------------
-# Layers
-# ----------------------------------------------------------------------------------------------
-
-
-class _KeyedSpatial(nn.Module):
-    """Shared part of keyed conv/pool layers: geometry, tables and per-frame rotation.
-
-    Buffers (all ``persistent=False``): ``table`` (T, K) or (C, T, K) gather table of the static
-    input order; ``out_perm`` (T,) output slot -> position; ``positions`` (T, K) natural input
-    position per tap (entry layer only: per-frame tables are built from it at call time).
-    """
-
-    table: Tensor
-    out_perm: Tensor
-
-    def _setup(self, in_hw: IntPair, out_hw: IntPair, kernel_size: IntPair, stride: IntPair,
-               padding: IntPair, dilation: IntPair, in_perm: Tensor | None, out_perm: Tensor | None,
-               entry: bool, device: torch.device) -> None:
-        self.in_hw, self.out_hw = in_hw, out_hw
-        n_in, t = in_hw[0] * in_hw[1], out_hw[0] * out_hw[1]
-        if in_perm is not None and (in_perm.dim() not in (1, 2) or in_perm.shape[-1] != n_in):
-            raise ValueError(f"{type(self).__name__}: in_perm: expected ({n_in},) or (C, {n_in}), "
-                             f"got {tuple(in_perm.shape)}")
-        if out_perm is not None and tuple(out_perm.shape) != (t,):
-            raise ValueError(f"{type(self).__name__}: out_perm: expected ({t},), got "
-                             f"{tuple(out_perm.shape)}")
-        in_perm = None if in_perm is None else in_perm.to(device=device, dtype=torch.int64)
-        out_perm = None if out_perm is None else out_perm.to(device=device, dtype=torch.int64)
-        positions = position_table(in_hw, out_hw, kernel_size, stride, padding, dilation, out_perm,
-                                   device)
-        self.register_buffer("table", gather_table(positions, in_perm), persistent=False)
-        self.register_buffer("out_perm", torch.arange(t, device=device) if out_perm is None
-                             else out_perm, persistent=False)
-        self.entry = entry
-        self.takes_input_perm = entry
-        self.register_buffer("positions", positions if entry else None, persistent=False)
-
-    def _flat(self, x: Tensor) -> Tensor:
-        if x.dim() != 4 or tuple(x.shape[2:]) != tuple(self.in_hw):
-            raise ValueError(f"{type(self).__name__}: expected a (B, C, {self.in_hw[0]}, "
-                             f"{self.in_hw[1]}) slot grid, got {tuple(x.shape)}")
-        return x.reshape(x.shape[0], x.shape[1], -1)
-
-    def _table(self, x: Tensor, input_perm: Tensor | np.ndarray | None) -> Tensor:
-        if input_perm is None:
-            return self.table
-        if self.positions is None:
-            raise RuntimeError(f"{type(self).__name__}: only the entry layer takes a per-frame "
-                               f"input_perm")
-        perm = _frame_perm(input_perm, x.shape[0], x.shape[1], self.in_hw[0] * self.in_hw[1],
-                           self.positions.device)
-        return gather_table(self.positions, perm)  # (B', C', T, K)
-
-    def _grid(self, y: Tensor) -> Tensor:
-        return y.view(y.shape[0], y.shape[1], *self.out_hw)
-
-    def _geometry_repr(self) -> str:
-        return (f"in_hw={tuple(self.in_hw)}, out_hw={tuple(self.out_hw)}, kernel_size={self.kernel_size}"
-                f", stride={self.stride}, padding={self.padding}, dilation={self.dilation}"
-                f"{', entry' if self.entry else ''}")
-
-
-class KeyedConv2d(_KeyedSpatial):
-    """Keyed twin of an :class:`nn.Conv2d`, sharing its ``weight`` and ``bias`` Parameters.
-
-    Args:
-        conv: the plain layer (``padding_mode="zeros"``; int, pair, "valid" or "same" padding).
-        in_hw: input (H, W).
-        in_perm: input order, (N_in,) or per input channel (C_in, N_in); None = natural.
-        out_perm: output order (T,); None = natural.
-        entry: first layer of a keyed net: keeps the position table so that ``forward`` can take a
-            per-frame ``input_perm``.
-        device: where the tables live (default: the weight's device).
-
-    Shape:
-        (B, C_in, H_in, W_in) slot grid -> (B, C_out, H_out, W_out) slot grid.
-    """
-
-    def __init__(self, conv: nn.Conv2d, in_hw: Sequence[int], in_perm: Tensor | None = None,
-                 out_perm: Tensor | None = None, entry: bool = False,
-                 device: torch.device | str | None = None) -> None:
-        super().__init__()
-        if not isinstance(conv, nn.Conv2d):
-            raise TypeError(f"KeyedConv2d: expected an nn.Conv2d, got {type(conv).__name__}")
-        if conv.padding_mode != "zeros":
-            raise NotImplementedError(f"KeyedConv2d: padding_mode {conv.padding_mode!r} is not "
-                                      f"supported (only 'zeros')")
-        in_hw = _pair(tuple(in_hw), "in_hw")
-        self.in_channels, self.out_channels = conv.in_channels, conv.out_channels
-        self.kernel_size = _pair(conv.kernel_size, "kernel_size")
-        self.stride = _pair(conv.stride, "stride")
-        self.dilation = _pair(conv.dilation, "dilation")
-        self.groups = conv.groups
-        before, end = _conv_padding(conv)
-        self.padding, self.padding_end = before, end
-        out_hw = conv_output_hw(in_hw, self.kernel_size, self.stride, before, self.dilation, end)
-        self.weight = conv.weight
-        if conv.bias is None:
-            self.register_parameter("bias", None)
-        else:
-            self.bias = conv.bias
-        if in_perm is not None and in_perm.dim() == 2 and in_perm.shape[0] != self.in_channels:
-            raise ValueError(f"KeyedConv2d: per-channel in_perm has {in_perm.shape[0]} rows, the conv "
-                             f"has {self.in_channels} input channels")
-        self._setup(in_hw, out_hw, self.kernel_size, self.stride, before, self.dilation, in_perm,
-                    out_perm, entry, torch.device(device) if device is not None else conv.weight.device)
-
-    def forward(self, x: Tensor, input_perm: Tensor | np.ndarray | None = None) -> Tensor:
-        """``input_perm`` (entry layer only): per-frame input order (B, N) or (B, C, N)."""
-        table = self._table(x, input_perm)
-        return self._grid(keyed_conv2d(self._flat(x), table, self.weight, self.bias, self.groups))
-
-    def to_offsets(self, dtype: torch.dtype | None = None) -> Tensor:
-        """This layer's static table as deformable-conv offsets (:func:`models.deform.table_to_offsets`)."""
-        from .deform import table_to_offsets
-
-        if self.padding != self.padding_end:
-            raise NotImplementedError("to_offsets: asymmetric ('same' with an even kernel) padding "
-                                      "cannot be expressed by deform_conv2d")
-        return table_to_offsets(self.table, None, self.out_perm, self.in_hw, self.out_hw,
-                                self.kernel_size, self.stride, self.padding, self.dilation, dtype=dtype)
-
-    def extra_repr(self) -> str:
-        return (f"{self.in_channels}, {self.out_channels}, groups={self.groups}, "
-                f"bias={self.bias is not None}, {self._geometry_repr()}")
-
-
-class KeyedMaxPool2d(_KeyedSpatial):
-    """Keyed twin of an :class:`nn.MaxPool2d` (padding reads -inf, ceil_mode and dilation honoured).
-
-    Shape:
-        (B, C, H_in, W_in) slot grid -> (B, C, H_out, W_out) slot grid.
-    """
-
-    def __init__(self, pool: nn.MaxPool2d, in_hw: Sequence[int], in_perm: Tensor | None = None,
-                 out_perm: Tensor | None = None, entry: bool = False,
-                 device: torch.device | str | None = None) -> None:
-        super().__init__()
-        if not isinstance(pool, nn.MaxPool2d):
-            raise TypeError(f"KeyedMaxPool2d: expected an nn.MaxPool2d, got {type(pool).__name__}")
-        if pool.return_indices:
-            raise NotImplementedError("KeyedMaxPool2d: return_indices=True is not supported")
-        in_hw = _pair(tuple(in_hw), "in_hw")
-        self.kernel_size = _pair(pool.kernel_size, "kernel_size")
-        self.stride = _pair(pool.stride if pool.stride is not None else pool.kernel_size, "stride")
-        self.padding = _pair(pool.padding, "padding")
-        self.dilation = _pair(pool.dilation, "dilation")
-        self.ceil_mode = bool(pool.ceil_mode)
-        out_hw = pool_output_hw(in_hw, self.kernel_size, self.stride, self.padding, self.dilation,
-                                self.ceil_mode)
-        device = torch.device(device) if device is not None else (
-            in_perm.device if in_perm is not None else torch.device("cpu"))
-        self._setup(in_hw, out_hw, self.kernel_size, self.stride, self.padding, self.dilation,
-                    in_perm, out_perm, entry, device)
-
-    def forward(self, x: Tensor, input_perm: Tensor | np.ndarray | None = None) -> Tensor:
-        return self._grid(keyed_max_pool2d(self._flat(x), self._table(x, input_perm)))
-
-    def extra_repr(self) -> str:
-        return f"ceil_mode={self.ceil_mode}, {self._geometry_repr()}"
-
-
-class KeyedAvgPool2d(_KeyedSpatial):
-    """Keyed twin of an :class:`nn.AvgPool2d` (count_include_pad, ceil_mode, divisor_override).
-
-    Extra buffer ``divisor`` (T,) int64 in output slot order (non-persistent).
-
-    Shape:
-        (B, C, H_in, W_in) slot grid -> (B, C, H_out, W_out) slot grid.
-    """
-
-    divisor: Tensor
-
-    def __init__(self, pool: nn.AvgPool2d, in_hw: Sequence[int], in_perm: Tensor | None = None,
-                 out_perm: Tensor | None = None, entry: bool = False,
-                 device: torch.device | str | None = None) -> None:
-        super().__init__()
-        if not isinstance(pool, nn.AvgPool2d):
-            raise TypeError(f"KeyedAvgPool2d: expected an nn.AvgPool2d, got {type(pool).__name__}")
-        in_hw = _pair(tuple(in_hw), "in_hw")
-        self.kernel_size = _pair(pool.kernel_size, "kernel_size")
-        self.stride = _pair(pool.stride if pool.stride is not None else pool.kernel_size, "stride")
-        self.padding = _pair(pool.padding, "padding")
-        self.dilation = (1, 1)
-        self.ceil_mode = bool(pool.ceil_mode)
-        self.count_include_pad = bool(pool.count_include_pad)
-        self.divisor_override = pool.divisor_override
-        out_hw = pool_output_hw(in_hw, self.kernel_size, self.stride, self.padding, self.dilation,
-                                self.ceil_mode)
-        device = torch.device(device) if device is not None else (
-            in_perm.device if in_perm is not None else torch.device("cpu"))
-        self._setup(in_hw, out_hw, self.kernel_size, self.stride, self.padding, self.dilation,
-                    in_perm, out_perm, entry, device)
-        self.register_buffer("divisor", avg_pool_divisor(
-            in_hw, out_hw, self.kernel_size, self.stride, self.padding, self.count_include_pad,
-            self.out_perm, device), persistent=False)
-
-    def forward(self, x: Tensor, input_perm: Tensor | np.ndarray | None = None) -> Tensor:
-        divisor = self.divisor if not self.divisor_override else int(self.divisor_override)
-        return self._grid(keyed_avg_pool2d(self._flat(x), self._table(x, input_perm), divisor))
-
-    def extra_repr(self) -> str:
-        return (f"ceil_mode={self.ceil_mode}, count_include_pad={self.count_include_pad}, "
-                f"divisor_override={self.divisor_override}, {self._geometry_repr()}")
-
-
-class KeyedLinear(nn.Module):
-    """A Linear after a Flatten of a permuted map: same Parameters, columns read through a table.
-
-    ``columns`` (in_features,) int64, non-persistent: ``y = x @ W[:, columns].T + b``. After
-    flattening a (C, N) map in slot order ``pi``, ``columns[c * N + s] = c * N + pi[s]``.
-    """
-
-    columns: Tensor
-
-    def __init__(self, linear: nn.Linear, columns: Tensor) -> None:
-        super().__init__()
-        if tuple(columns.shape) != (linear.in_features,):
-            raise ValueError(f"KeyedLinear: columns: expected ({linear.in_features},), got "
-                             f"{tuple(columns.shape)}")
-        self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.weight = linear.weight
-        if linear.bias is None:
-            self.register_parameter("bias", None)
-        else:
-            self.bias = linear.bias
-        self.register_buffer("columns", columns.to(device=linear.weight.device, dtype=torch.int64),
-                             persistent=False)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return F.linear(x, self.weight.index_select(1, self.columns), self.bias)
-
-    def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, permuted columns"
-
-
-class KeyedSequential(nn.Sequential):
-    """Sequential container whose ``forward`` routes a per-frame ``input_perm`` to its entry child."""
-
-    takes_input_perm: bool = False
-
-    def forward(self, x: Tensor, input_perm: Tensor | np.ndarray | None = None) -> Tensor:
-        for module in self:
-            if input_perm is not None and getattr(module, "takes_input_perm", False):
-                x = module(x, input_perm)
-            else:
-                x = module(x)
-        return x
-
-
-class KeyedPreActBlock(nn.Module):
-    """Keyed twin of :class:`models.plain.PreActBlock` (same child names, same op order).
-
-    ``conv2`` writes the slot order of the shortcut: the block input's for an identity
-    shortcut, or the order shared with the keyed 1x1 ``downsample``.
-    """
-
-    def __init__(self, block: PreActBlock, conv1: nn.Module, conv2: nn.Module,
-                 downsample: nn.Module | None) -> None:
-        super().__init__()
-        # same registration order as PreActBlock, so state_dict keys come in the same order
-        self.bn1, self.relu, self.conv1 = block.bn1, block.relu, conv1
-        self.bn2, self.conv2, self.downsample = block.bn2, conv2, downsample
-        self.stride = block.stride
-
-    forward = PreActBlock.forward  # the same computation; the keyed convs keep both branches in one order
-
-
-# ----------------------------------------------------------------------------------------------
-# Whole-model conversion
-# ----------------------------------------------------------------------------------------------
 
 # Layers that act on each element (or each channel as a whole): any slot order passes through.
 _ELEMENTWISE = (nn.BatchNorm2d, nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.GELU, nn.SiLU, nn.Sigmoid,
@@ -851,7 +351,7 @@ def keyed(model: nn.Module, key: Key, input_shape: Sequence[int], input_perm: Te
         first = next(iter(model.parameters()), None)
         device = first.device if first is not None else torch.device("cpu")
     device = torch.device(device)
-    perm = _check_static_perm(input_perm, c, h * w, device, "input_perm")
+    perm = check_static_perm(input_perm, c, h * w, device, "input_perm")
     ctx = _Ctx(key, mode, device)
     flow = _Flow((h, w), c, perm)
     children: OrderedDict[str, nn.Module] = OrderedDict()

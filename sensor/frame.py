@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 
 from .errors import PrivcamError
+from .readout_tables import Scheme
 
 
 @dataclass(frozen=True)
@@ -55,7 +56,7 @@ class FrameMeta:
     """Public metadata of one protected frame."""
 
     frame_index: int
-    scheme: str
+    scheme: Scheme
     rotation: bool
     key_fingerprint: str
     bit_depth: int

@@ -1,19 +1,19 @@
-"""Keyed permutations, computed identically with numpy (sensor side) and torch (model side).
+"""Keyed permutations (numpy), with bit-identical torch twins in :mod:`models.tables`.
 
 A permutation ``pi`` of ``n`` items is stored as an int64 table in *slot order*: slot ``s``
 of the protected signal holds item ``pi[s]`` of the plain one, ``x_prot[s] = x[pi[s]]``.
 
 ``random_permutation(seed, n)`` sorts the items by a keyed 62-bit hash (stable, so ties go
 by index), which is a uniformly random permutation up to hash quality. The hash works on
-32-bit lanes inside int64 arithmetic without ever overflowing, so numpy and torch (CPU or
-CUDA) produce the same table bit for bit; that lets the network build its per-frame
-tables on its own device. It is a permutation generator, not a cipher.
+32-bit lanes inside int64 arithmetic without ever overflowing, so :func:`hash62` gives the
+same values bit for bit on a numpy array and on a torch tensor (CPU or CUDA); that lets the
+network build its per-frame tables on its own device (:mod:`models.tables`) while this module
+stays free of torch. It is a permutation generator, not a cipher.
 """
 
 from __future__ import annotations
 
 import numpy as np
-import torch
 
 _M32 = 0xFFFFFFFF
 
@@ -45,8 +45,12 @@ def round_keys(seed: int) -> tuple[int, int, int, int, int, int]:
     return k0, k1, k2, k3, k4, k5
 
 
-def _hash62(seed: int, idx):
+def hash62(seed: int, idx):
     """Keyed 62-bit hash of each index (idx: int, uint64 ndarray or int64 tensor, values < 2**32).
+
+    The one definition of the hash behind every keyed table: the numpy tables here and in
+    :mod:`sensor.readout_tables`, the torch twins in :mod:`models.tables` (it is duck-typed, so
+    the same code runs on tensors), and the block keys of :mod:`pipeline.protection`.
 
     Two independent three-round keyed bijections of the 32-bit index (key XOR, then an avalanche
     mix, three times) give the high and low 31 bits. Every round key depends on the whole seed,
@@ -61,14 +65,8 @@ def _hash62(seed: int, idx):
 
 def random_permutation(seed: int, n: int) -> np.ndarray:
     """Keyed uniform permutation of ``n`` items (numpy). Returns (n,) int64 slot->item."""
-    keys = _hash62(int(seed), np.arange(n, dtype=np.uint64))
+    keys = hash62(int(seed), np.arange(n, dtype=np.uint64))
     return np.argsort(keys, kind="stable").astype(np.int64)
-
-
-def random_permutation_torch(seed: int, n: int, device: torch.device | str = "cpu") -> torch.Tensor:
-    """Same table as :func:`random_permutation`, built on ``device``. Returns (n,) int64."""
-    keys = _hash62(int(seed), torch.arange(n, dtype=torch.int64, device=device))
-    return torch.argsort(keys, stable=True)
 
 
 def invert(pi: np.ndarray) -> np.ndarray:
@@ -76,10 +74,3 @@ def invert(pi: np.ndarray) -> np.ndarray:
     inv = np.empty_like(pi)
     np.put_along_axis(inv, pi, np.broadcast_to(np.arange(pi.shape[-1]), pi.shape), axis=-1)
     return inv
-
-
-def invert_torch(pi: torch.Tensor) -> torch.Tensor:
-    """Torch twin of :func:`invert` for (..., n) tables."""
-    inv = torch.empty_like(pi)
-    src = torch.arange(pi.shape[-1], device=pi.device).expand_as(pi)
-    return inv.scatter_(-1, pi, src)

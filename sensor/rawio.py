@@ -614,7 +614,13 @@ def dng_tags(meta: RawMeta) -> list[tuple[int, int, int, Any, bool]]:
     return sorted(tags)
 
 
-def _write_dng(tmp: Path, data: np.ndarray, meta: RawMeta) -> None:
+def write_dng(tmp: Path, data: np.ndarray, meta: RawMeta) -> None:
+    """Write ``data`` as a DNG with ``meta``'s tags (:func:`dng_tags`) straight to ``tmp``.
+
+    The format writer behind :func:`write_raw`, without its checks of ``meta`` against the data
+    and without the atomic staging: use :func:`write_raw` unless a deliberately inconsistent file
+    is wanted (the tests write one to check that :func:`read_raw` rejects it).
+    """
     tifffile = _import_tifffile(tmp)
     mono = meta.cfa == "mono"
     # tifffile refuses LinearRaw with one sample, so mono is written BlackIsZero and patched below.
@@ -634,7 +640,7 @@ _WRITERS: dict[str, Callable[[Path, np.ndarray, RawMeta], None]] = {
     ".png": _write_png,
     ".tif": _write_tiff,
     ".tiff": _write_tiff,
-    ".dng": _write_dng,
+    ".dng": write_dng,
 }
 _NO_SIDECAR: frozenset[str] = frozenset({".dng"})
 

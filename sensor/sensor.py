@@ -23,7 +23,7 @@ from .cfa import colour_index_map
 from .config import SensorConfig
 from .frame import FrameMeta, ProtectedFrame
 from .keys import Key
-from .readout import ReadoutPermutation, readout_permutation
+from .readout import ReadoutPermutation, Scheme, readout_permutation
 
 
 def frame_rng(seed: int, frame_index: int) -> np.random.Generator:
@@ -103,7 +103,7 @@ class Sensor:
                            float(cfg.black_level_dn), float(cfg.max_dn))
 
 
-    def readout(self, key: Key, scheme: str, height: int, width: int,
+    def readout(self, key: Key, scheme: Scheme, height: int, width: int,
                 frame_index: int | None = None) -> ReadoutPermutation:
         """The keyed readout order of one frame; the static one (frame_index None) is built once."""
         if frame_index is not None:
@@ -113,7 +113,7 @@ class Sensor:
             self._readouts[cache_key] = readout_permutation(key, scheme, height, width)
         return self._readouts[cache_key]
 
-    def capture(self, photons: np.ndarray, key: Key, frame_index: int = 0, scheme: str = "pixel",
+    def capture(self, photons: np.ndarray, key: Key, frame_index: int = 0, scheme: Scheme = "pixel",
                 rotation: bool = False, label: int | None = None,
                 capture_time_ns: int | None = None) -> ProtectedFrame:
         """Expose, then read the frame out in the key's order: what a protected camera emits.
@@ -122,7 +122,8 @@ class Sensor:
             photons: (H, W) mean photons per pixel.
             key: the secret key (only its fingerprint is attached to the frame).
             frame_index: frame counter n: the noise seed and, with ``rotation``, the readout order.
-            scheme: "pixel", "quad" (2x2 CFA cells move whole) or "plane" (each CFA plane alone).
+            scheme: one of :data:`sensor.readout.SCHEMES`: "pixel", "quad" (2x2 CFA cells move whole)
+                or "plane" (each CFA plane alone).
             rotation: a fresh permutation per frame (key, n) instead of one static permutation.
 
         Returns:

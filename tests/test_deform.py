@@ -10,10 +10,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.deform import DeformConv2d, deform_conv2d, table_to_offsets
-from models.keyed import KeyedConv2d
+from models.deform import DeformConv2d, deform_conv2d
+from models.keyed_layers import KeyedConv2d
+from models.keyed_ops import table_to_offsets
+from models.tables import random_permutation_torch
 from sensor.keys import Key
-from sensor.permutation import random_permutation_torch
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -226,7 +227,7 @@ def test_offsets_from_perms_and_per_frame_tables():
     pi_out = perm(3, 30)
     frames = torch.stack([torch.stack([perm(100 + 10 * b + c, 30) for c in range(2)]) for b in range(4)])
     layer = KeyedConv2d(conv, (5, 6), frames[0], pi_out, entry=True)
-    from models.keyed import gather_table, position_table
+    from models.keyed_ops import gather_table, position_table
 
     table = gather_table(position_table((5, 6), (5, 6), (3, 3), (1, 1), (1, 1), (1, 1), pi_out), frames)
     offsets = table_to_offsets(table, None, pi_out, (5, 6), (5, 6), 3, 1, 1, 1)

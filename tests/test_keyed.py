@@ -10,19 +10,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.keyed import (
-    KeyedAvgPool2d,
-    KeyedConv2d,
-    KeyedMaxPool2d,
-    KeyedNet,
-    avg_pool_divisor,
-    gather_table,
-    keyed,
-    position_table,
-)
+from models.keyed import KeyedNet, keyed
+from models.keyed_layers import KeyedAvgPool2d, KeyedConv2d, KeyedMaxPool2d
+from models.keyed_ops import avg_pool_divisor, gather_table, position_table
 from models.plain import CompactNet, build_model
+from models.tables import random_permutation_torch
 from sensor.keys import Key
-from sensor.permutation import random_permutation_torch
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -3,7 +3,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from sensor.permutation import invert, invert_torch, random_permutation, random_permutation_torch
+from models.tables import invert_torch, random_permutation_torch
+from sensor.permutation import invert, random_permutation
 
 
 def test_numpy_and_torch_build_the_same_permutation():

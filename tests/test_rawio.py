@@ -358,7 +358,7 @@ def test_values_above_bit_depth(tmp_path: Path, ext: str) -> None:
     path = tmp_path / f"frame{ext}"
     write_raw(path, frame)
     if ext == ".dng":  # declare 12 bits in the file itself
-        rawio._write_dng(path, frame.data, RawMeta(W, H, 12, "RGGB", white_level=4095))
+        rawio.write_dng(path, frame.data, RawMeta(W, H, 12, "RGGB", white_level=4095))
         err = _raises(path, "data", read_raw, path)
     else:
         sidecar = yaml.safe_load(sidecar_path(path).read_text())

@@ -1,4 +1,5 @@
-"""Tests of sensor.readout: numba kernels vs numpy references, round trips, tables, statistics."""
+"""Tests of sensor.readout (with its readout_tables and readout_kernels, and the torch twins in
+models.tables): numba kernels vs numpy references, round trips, tables, statistics."""
 
 from __future__ import annotations
 
@@ -9,10 +10,13 @@ import numpy as np
 import pytest
 import torch
 
+from models import tables as mt
 from sensor import readout as ro
+from sensor import readout_kernels as rk
+from sensor import readout_tables as rt
 from sensor.cfa import pack
 from sensor.keys import Key
-from sensor.permutation import _hash62, invert
+from sensor.permutation import hash62, invert
 
 H, W = 64, 96
 SEED = 0x2F3A_9C41_7B55_E1D3 & ((1 << 62) - 1)
@@ -32,55 +36,55 @@ def _frames(n: int | None, h: int = H, w: int = W, seed: int = 0) -> np.ndarray:
 
 def test_hash62_numba_matches_numpy():
     for seed in (0, 1, SEED, (1 << 62) - 1):
-        ref = _hash62(seed, np.arange(5000, dtype=np.uint64))
-        assert np.array_equal(ro._hash62_array_nb(ro._keys_nb(seed), 5000), ref)
+        ref = hash62(seed, np.arange(5000, dtype=np.uint64))
+        assert np.array_equal(rt.hash62_array_nb(rt.round_keys_nb(seed), 5000), ref)
 
 
 @pytest.mark.parametrize("n", [1, 2, 3, 17, 64, 1000])
 def test_argsort62_matches_stable_argsort(n):
     rng = np.random.default_rng(n)
-    counts = np.empty(ro._buckets(n) + 1, np.int64)
+    counts = np.empty(rt.argsort62_buckets(n) + 1, np.int64)
     for trial in range(6):
         if trial % 2:  # many ties, in few buckets: exercises the stable insertion sort
             keys = rng.integers(0, 3, n).astype(np.uint64) << np.uint64(rng.integers(0, 61))
         else:
             keys = rng.integers(0, 1 << 62, n, dtype=np.uint64)
         order = np.empty(n, np.int64)
-        ro._argsort62_nb(keys, order, counts)
-        assert np.array_equal(order, ro._argsort62_ref(keys))
+        rt.argsort62_nb(keys, order, counts)
+        assert np.array_equal(order, rt.argsort62_ref(keys))
 
 
 @pytest.mark.parametrize("dtype", [np.uint16, np.int32])
 def test_row_perms_numba_matches_numpy(dtype):
     for rows, cols in ((1, 1), (5, 7), (16, 33)):
         out = np.empty((rows, cols), dtype)
-        ro._row_perms_nb(ro._keys_nb(SEED), out)
-        assert np.array_equal(out, ro._row_perms_ref(SEED, rows, cols))
+        rt.row_perms_nb(rt.round_keys_nb(SEED), out)
+        assert np.array_equal(out, rt.row_perms_ref(SEED, rows, cols))
 
 
 @pytest.mark.parametrize("rows, cols", [(8, 8), (12, 20), (31, 7)])
 def test_three_pass_tables_and_compose_numba_match_numpy(rows, cols):
-    fast = ro.three_pass_tables(SEED, rows, cols)
-    ref = ro.three_pass_tables_numpy(SEED, rows, cols)
+    fast = rt.three_pass_tables(SEED, rows, cols)
+    ref = rt.three_pass_tables_numpy(SEED, rows, cols)
     for a, b, shape in zip(fast, ref, [(rows, cols), (cols, rows), (rows, cols)], strict=True):
         assert a.shape == shape and a.dtype == b.dtype == np.uint16
         assert np.array_equal(a, b)
-    assert np.array_equal(ro.compose_table(*fast), ro.compose_table_numpy(*ref))
+    assert np.array_equal(rt.compose_table(*fast), rt.compose_table_numpy(*ref))
 
 
 def test_table_dtype_switches_to_int32_for_long_axes():
-    assert ro._table_dtype(65535, 10) == np.uint16
-    assert ro._table_dtype(3, 65536) == np.int32
+    assert rt.table_dtype(65535, 10) == np.uint16
+    assert rt.table_dtype(3, 65536) == np.int32
 
 
 def test_composed_table_matches_the_three_passes():
     rows, cols = 9, 13
-    a, b, c = ro.three_pass_tables_numpy(SEED, rows, cols)
+    a, b, c = rt.three_pass_tables_numpy(SEED, rows, cols)
     x = np.arange(rows * cols).reshape(rows, cols)
     pa = np.take_along_axis(x, a.astype(np.intp), axis=1)  # a[r, c] = x[r, A[r, c]]
     pb = np.take_along_axis(pa, b.T.astype(np.intp), axis=0)  # b[r, c] = a[B[c, r], c]
     y = np.take_along_axis(pb, c.astype(np.intp), axis=1)  # y[r, c] = b[r, C[r, c]]
-    assert np.array_equal(y.ravel(), x.ravel()[ro.compose_table_numpy(a, b, c)])
+    assert np.array_equal(y.ravel(), x.ravel()[rt.compose_table_numpy(a, b, c)])
     for tab, n in ((a, cols), (b, rows), (c, cols)):  # every row of every table is a permutation
         assert np.array_equal(np.sort(tab, axis=1), np.broadcast_to(np.arange(n), tab.shape))
 
@@ -109,14 +113,14 @@ def _units_and_tables(layout, tab_dtype, n=2, rows=11, cols=19):
 @pytest.mark.parametrize("scatter", [False, True])
 def test_row_kernel_matches_reference(layout, tab_dtype, scatter):
     x, tab, _ = _units_and_tables(layout, tab_dtype)
-    ref = ro._rows_ref(x, tab, scatter)
+    ref = rk.rows_ref(x, tab, scatter)
     out = np.empty_like(x)
-    ro._rows_nb(x, tab, out, False, scatter)
+    rk.rows_nb(x, tab, out, False, scatter)
     assert np.array_equal(out, ref)
     inplace = x.copy()
-    ro._rows_nb(inplace, tab, inplace, True, scatter)
+    rk.rows_nb(inplace, tab, inplace, True, scatter)
     assert np.array_equal(inplace, ref)
-    assert np.array_equal(ro._rows_ref(ref, tab, not scatter), x)
+    assert np.array_equal(rk.rows_ref(ref, tab, not scatter), x)
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
@@ -128,16 +132,16 @@ def test_transposing_kernels_match_reference(layout, tab_dtype, scatter, rows, c
     # units) with blocks 4, 8 and 64
     x, tab, _ = _units_and_tables(layout, tab_dtype, rows=rows, cols=cols)
     n, _, p, _, q = x.shape
-    xt = ro._swap_rk(x)  # a source in the transposed layout (N, K, P, R, Q)
+    xt = rk.swap_rk(x)  # a source in the transposed layout (N, K, P, R, Q)
     assert xt.shape == (n, cols, p, rows, q)
     for block in (1, 4, 6, 8, 64):
         out_t = np.empty_like(xt)
-        ro._rows_to_t_nb(x, tab, out_t, block, scatter)
-        assert np.array_equal(out_t, ro._rows_to_t_ref(x, tab, scatter))
+        rk.rows_to_t_nb(x, tab, out_t, block, scatter)
+        assert np.array_equal(out_t, rk.rows_to_t_ref(x, tab, scatter))
         out = np.empty_like(x)
-        ro._t_to_rows_nb(xt, tab, out, block, scatter)
-        assert np.array_equal(out, ro._t_to_rows_ref(xt, tab, scatter))
-    assert np.array_equal(ro._t_to_rows_ref(ro._rows_to_t_ref(x, tab, scatter), tab, not scatter), x)
+        rk.t_to_rows_nb(xt, tab, out, block, scatter)
+        assert np.array_equal(out, rk.t_to_rows_ref(xt, tab, scatter))
+    assert np.array_equal(rk.t_to_rows_ref(rk.rows_to_t_ref(x, tab, scatter), tab, not scatter), x)
 
 
 @pytest.mark.skipif(sys.byteorder != "little", reason="word tiles are only used on little-endian machines")
@@ -145,7 +149,7 @@ def test_word_tile_transpose():
     rng = np.random.default_rng(5)
     w = rng.integers(0, 1 << 63, 4, dtype=np.uint64)
     tile = w.view(np.uint16).reshape(4, 4)  # row i = the 4 lanes of word i (little-endian)
-    got = np.array(ro._tr4x16(*w), np.uint64).view(np.uint16).reshape(4, 4)
+    got = np.array(rk.tr4x16(*w), np.uint64).view(np.uint16).reshape(4, 4)
     assert np.array_equal(got, tile.T)
 
 
@@ -154,28 +158,28 @@ def test_word_tile_transpose():
 def test_column_strip_kernel_matches_reference(layout, scatter):
     x, _, b = _units_and_tables(layout, np.uint16)
     bt = np.ascontiguousarray(b.transpose(0, 2, 1))  # (T, R, K): Bt[t, r, c] = B[t, c, r]
-    expected = ro._cols_ref(x, bt, scatter)
+    expected = rk.cols_ref(x, bt, scatter)
     for tile in (1, 4, 64):  # 4 does not divide the 19 columns
         out = np.empty_like(x)
-        ro._cols_nb(x, bt, out, tile, scatter)
+        rk.cols_nb(x, bt, out, tile, scatter)
         assert np.array_equal(out, expected)
         inplace = x.copy()
-        ro._cols_nb(inplace, bt, inplace, tile, scatter)
+        rk.cols_nb(inplace, bt, inplace, tile, scatter)
         assert np.array_equal(inplace, expected)
-    assert np.array_equal(ro._cols_ref(expected, bt, not scatter), x)
+    assert np.array_equal(rk.cols_ref(expected, bt, not scatter), x)
 
 
 def test_forward_units_match_the_pass_references():
     for layout in LAYOUTS:
         x, a, b = _units_and_tables(layout, np.uint16)
         c = _units_and_tables(layout, np.uint16)[1][:, ::-1].copy()
-        y = ro._rows_ref(x, a, False)  # pass A
-        y = ro._cols_ref(y, np.ascontiguousarray(b.transpose(0, 2, 1)), False)  # pass B
-        y = ro._rows_ref(y, c, False)  # pass C
+        y = rk.rows_ref(x, a, False)  # pass A
+        y = rk.cols_ref(y, np.ascontiguousarray(b.transpose(0, 2, 1)), False)  # pass B
+        y = rk.rows_ref(y, c, False)  # pass C
         out = np.empty_like(x)
-        ro._forward_units(x, (a, b, c), out)
+        rk.forward_units(x, (a, b, c), out)
         assert np.array_equal(out, y)
-        ro._inverse_units(out, (a, b, c), out)
+        rk.inverse_units(out, (a, b, c), out)
         assert np.array_equal(out, x)
 
 
@@ -183,8 +187,8 @@ def test_flat_gather_matches_reference():
     x = _frames(3).reshape(3, -1)
     pi = np.random.default_rng(1).permutation(x.shape[1]).astype(np.int64)
     out = np.empty_like(x)
-    ro._flat_gather_nb(x, pi, out)
-    assert np.array_equal(out, ro._flat_gather_ref(x, pi))
+    rk.flat_gather_nb(x, pi, out)
+    assert np.array_equal(out, rk.flat_gather_ref(x, pi))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -276,7 +280,7 @@ def test_plane_permutes_each_plane_within_itself():
 def test_pixel_plane_tables_are_the_frame_table():
     perm = ro.ReadoutPermutation("pixel", H, W, SEED)
     assert np.array_equal(perm.plane_tables(), perm.table())
-    assert np.array_equal(perm.plane_tables(), ro.plane_tables("pixel", H, W, SEED))
+    assert np.array_equal(perm.plane_tables(), rt.plane_tables("pixel", H, W, SEED))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -291,25 +295,25 @@ def _devices() -> list[str]:
 @pytest.mark.parametrize("device", _devices())
 def test_torch_pass_tables_equal_numpy(device):
     rows, cols = 12, 20
-    ref = ro.three_pass_tables_numpy(SEED, rows, cols)
-    got = ro.three_pass_tables_torch(SEED, rows, cols, device)
+    ref = rt.three_pass_tables_numpy(SEED, rows, cols)
+    got = mt.three_pass_tables_torch(SEED, rows, cols, device)
     for a, b in zip(got, ref, strict=True):
         assert a.dtype == torch.int64 and a.device.type == device
         assert np.array_equal(a.cpu().numpy(), b)
-    assert np.array_equal(ro.compose_table_torch(*got).cpu().numpy(), ro.compose_table_numpy(*ref))
+    assert np.array_equal(mt.compose_table_torch(*got).cpu().numpy(), rt.compose_table_numpy(*ref))
 
 
 @pytest.mark.parametrize("device", _devices())
 @pytest.mark.parametrize("scheme", ro.SCHEMES)
 def test_torch_plane_tables_equal_numpy(scheme, device):
     seeds = [ro.readout_seed(KEY, scheme, i) for i in range(3)]
-    got = ro.plane_tables_torch(scheme, H, W, seeds, device)
+    got = mt.plane_tables_torch(scheme, H, W, seeds, device)
     ref = np.stack([ro.ReadoutPermutation(scheme, H, W, s).plane_tables() for s in seeds])
     n = H * W if scheme == "pixel" else H * W // 4
     assert tuple(got.shape) == ((3, 4, n) if scheme == "plane" else (3, n))
     assert got.dtype == torch.int64 and got.device.type == device
     assert np.array_equal(got.cpu().numpy(), ref)
-    assert tuple(ro.plane_tables_torch(scheme, H, W, [], device).shape)[0] == 0
+    assert tuple(mt.plane_tables_torch(scheme, H, W, [], device).shape)[0] == 0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -403,7 +407,7 @@ def _chi2_critical(dof: int, z: float = 3.0902) -> float:
 def _landing(scheme: str, rows: int, cols: int, seed: int) -> np.ndarray:
     """(n,) landing slot of each item on the permuted grid of a scheme (plane: plane 0)."""
     h, w = (rows, cols) if scheme == "pixel" else (2 * rows, 2 * cols)
-    tabs = ro.plane_tables(scheme, h, w, seed)
+    tabs = rt.plane_tables(scheme, h, w, seed)
     return invert(tabs[0] if scheme == "plane" else tabs)
 
 
@@ -416,7 +420,7 @@ def test_chi2_critical_value():
 def test_landing_slot_is_uniform(scheme):
     rows = cols = 8
     n, trials = rows * cols, 2000
-    landing = np.stack([_landing(scheme, rows, cols, ro._hash62(SEED, 1000 + i)) for i in range(trials)])
+    landing = np.stack([_landing(scheme, rows, cols, hash62(SEED, 1000 + i)) for i in range(trials)])
     for item in (0, 3 * cols + 5, n - 1):  # corner, interior, opposite corner
         counts = np.bincount(landing[:, item], minlength=n)
         expected = trials / n
@@ -445,7 +449,7 @@ def test_adjacent_pixels_land_far_apart(scheme):
     expected = _mean_random_distance(rows, cols)
     horiz, vert = [], []
     for i in range(12):
-        slot = _landing(scheme, rows, cols, ro._hash62(SEED, 50 + i)).reshape(rows, cols)
+        slot = _landing(scheme, rows, cols, hash62(SEED, 50 + i)).reshape(rows, cols)
         r, c = np.divmod(slot, cols)
         horiz.append(np.hypot(r[:, 1:] - r[:, :-1], c[:, 1:] - c[:, :-1]).ravel())
         vert.append(np.hypot(r[1:] - r[:-1], c[1:] - c[:-1]).ravel())
@@ -457,8 +461,8 @@ def test_adjacent_pixels_land_far_apart(scheme):
 def test_different_seeds_give_unrelated_tables(scheme):
     agree = []
     for i in range(20):
-        t1 = ro.plane_tables(scheme, H, W, ro._hash62(SEED, 2 * i))
-        t2 = ro.plane_tables(scheme, H, W, ro._hash62(SEED, 2 * i + 1))
+        t1 = rt.plane_tables(scheme, H, W, hash62(SEED, 2 * i))
+        t2 = rt.plane_tables(scheme, H, W, hash62(SEED, 2 * i + 1))
         frac = np.mean(t1 == t2, axis=-1)
         n = t1.shape[-1]
         assert np.all(frac < 1.0 / n + 0.003), frac

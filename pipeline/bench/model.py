@@ -20,11 +20,12 @@ import time
 import torch
 from torch import nn
 
-from models.keyed import KeyedMaxPool2d, keyed
+from models.keyed import keyed
+from models.keyed_layers import KeyedMaxPool2d
 from models.plain import build_model
+from models.tables import random_permutation_torch
 from pipeline.bench.common import median_seconds, write_json
 from sensor.keys import Key
-from sensor.permutation import random_permutation_torch
 
 CASES = [("compact", (1, 28, 28)), ("vgg16_bn", (3, 32, 32)), ("preresnet20", (3, 32, 32))]
 

@@ -33,8 +33,11 @@ import numba
 import numpy as np
 import torch
 
+from models.tables import plane_tables_torch
 from pipeline.bench.common import write_json
 from sensor import readout as ro
+from sensor import readout_kernels as rk
+from sensor import readout_tables as rt
 from sensor.keys import Key
 
 
@@ -62,13 +65,13 @@ def _strip_forward(perm: ro.ReadoutPermutation, x: np.ndarray, y: np.ndarray) ->
     """
     a, b, c = perm.kernel_tables()
     bt = np.ascontiguousarray(b.transpose(0, 2, 1))
-    x5, y5 = ro._units(ro._aligned(x[None]), perm.scheme), ro._units(y[None], perm.scheme)
-    tile = ro._tile_units(perm.scheme)
+    x5, y5 = rk.unit_view(rk.aligned(x[None]), perm.scheme), rk.unit_view(y[None], perm.scheme)
+    tile = rk.tile_units(perm.scheme)
 
     def forward() -> None:
-        ro._rows_nb(x5, a, y5, False, False)
-        ro._cols_nb(y5, bt, y5, tile, False)
-        ro._rows_nb(y5, c, y5, True, False)
+        rk.rows_nb(x5, a, y5, False, False)
+        rk.cols_nb(y5, bt, y5, tile, False)
+        rk.rows_nb(y5, c, y5, True, False)
 
     return forward
 
@@ -82,7 +85,7 @@ def throughput_cases(x: np.ndarray, seed: int) -> tuple[dict[str, Callable[[], o
     cases: dict[str, Callable[[], object]] = {
         "memcpy": lambda: np.copyto(y, x),
         "full_table_numpy_take": lambda: np.take(flat_x[0], pi, out=flat_y[0]),
-        "full_table_numba": lambda: ro._flat_gather_nb(flat_x, pi, flat_y),
+        "full_table_numba": lambda: rk.flat_gather_nb(flat_x, pi, flat_y),
     }
     schemes = {name: "" for name in cases}
     for scheme in ro.SCHEMES:
@@ -103,7 +106,7 @@ def _scheme_table_costs(key: Key, scheme: str, x: np.ndarray, repeat: int, with_
     height, width = x.shape
     y = np.empty_like(x)
     seed = ro.readout_seed(key, scheme)
-    grid = ro.grid_shape(scheme, height, width)
+    grid = rt.grid_shape(scheme, height, width)
     frame_indices = iter(range(1 << 30))
 
     def static() -> None:
@@ -113,11 +116,11 @@ def _scheme_table_costs(key: Key, scheme: str, x: np.ndarray, repeat: int, with_
         ro.readout_permutation(key, scheme, height, width, next(frame_indices)).forward(x, out=y)
 
     def numpy_reference() -> None:
-        for s in ro.scheme_seeds(scheme, seed):
-            ro.three_pass_tables_numpy(s, *grid)
+        for s in rt.scheme_seeds(scheme, seed):
+            rt.three_pass_tables_numpy(s, *grid)
 
     def torch_cpu() -> None:
-        ro.plane_tables_torch(scheme, height, width, [seed])
+        plane_tables_torch(scheme, height, width, [seed])
 
     rows = []
     for name, secs in _interleaved({"static": static, "rotation": rotation}, repeat).items():
@@ -125,7 +128,7 @@ def _scheme_table_costs(key: Key, scheme: str, x: np.ndarray, repeat: int, with_
                          ms_min=1e3 * min(secs)))
     slow = [("tables_static_numpy_reference", numpy_reference)]
     if with_torch:
-        ro.plane_tables_torch(scheme, 8, 8, [seed])  # warm torch up on a tiny grid
+        plane_tables_torch(scheme, 8, 8, [seed])  # warm torch up on a tiny grid
         slow.append(("plane_tables_torch_cpu", torch_cpu))
     for name, fn in slow:
         ms = 1e3 * _time_once(fn)  # slow: timed once

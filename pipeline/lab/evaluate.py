@@ -128,7 +128,8 @@ def _predictions(model: nn.Module, x: torch.Tensor, batch: int = 500) -> np.ndar
 def _keyed_predictions(model: nn.Module, key: Key, fmt: FrameFormat, x_prot: torch.Tensor, test: Dataset,
                        rotation: bool, scheme: str, batch: int = 500) -> np.ndarray:
     """The keyed twin on protected inputs; with rotation each frame's table comes from (key, n)."""
-    from sensor.readout import plane_tables_torch, readout_seed
+    from models.tables import plane_tables_torch
+    from sensor.readout import readout_seed
 
     clf = KeyedClassifier(model, key, fmt, device="cpu", check_fingerprint=False)
     out = []

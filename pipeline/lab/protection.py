@@ -53,11 +53,8 @@ from tqdm import tqdm
 from sensor.cfa import pack
 from sensor.frame import FrameFormat
 from sensor.keys import Key
-from sensor.permutation import _hash62
-from sensor.readout import (
-    ReadoutPermutation,
-    readout_permutation,
-)
+from sensor.permutation import hash62
+from sensor.readout import ReadoutPermutation, readout_permutation
 
 from ..stream.classifier import KeyedClassifier
 from ..stream.inputs import network_input, to_dn
@@ -274,9 +271,9 @@ def _table_from_layout(layout: np.ndarray, source: np.ndarray) -> np.ndarray:
 
 
 def _hashes(seed: int, label: int, n: int) -> np.ndarray:
-    """(n,) uint64 keyed hashes of 0..n-1 under the sub-seed ``_hash62(seed, label)``."""
-    sub = int(_hash62(int(seed), np.uint64(label)))
-    return _hash62(sub, np.arange(n, dtype=np.uint64))
+    """(n,) uint64 keyed hashes of 0..n-1 under the sub-seed ``hash62(seed, label)``."""
+    sub = int(hash62(int(seed), np.uint64(label)))
+    return hash62(sub, np.arange(n, dtype=np.uint64))
 
 
 def _dihedral(blocks: np.ndarray, t: int) -> np.ndarray:

@@ -16,10 +16,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from models.tables import plane_tables_torch
 from sensor.errors import PrivcamError
 from sensor.frame import FrameFormat, ProtectedFrame
 from sensor.keys import Key
-from sensor.readout import plane_tables_torch, readout_permutation, readout_seed
+from sensor.readout import readout_permutation, readout_seed
 
 from .inputs import input_shape, network_input
 
