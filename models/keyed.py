@@ -46,6 +46,7 @@ import math
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 import numpy as np
 import torch
@@ -101,7 +102,8 @@ __all__ = [
     "position_table",
 ]
 
-MODES: tuple[str, ...] = ("fused", "fast")
+Mode = Literal["fused", "fast"]
+MODES: tuple[Mode, ...] = get_args(Mode)
 
 
 # ----------------------------------------------------------------------------------------------

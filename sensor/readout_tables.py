@@ -24,7 +24,7 @@ Each table builder has a plain numpy reference (``*_numpy`` or ``*_ref``) and a 
 
 from __future__ import annotations
 
-from typing import Literal, cast
+from typing import Literal, cast, get_args
 
 import numba
 import numpy as np
@@ -32,7 +32,7 @@ import numpy as np
 from .permutation import hash62, round_keys
 
 Scheme = Literal["pixel", "quad", "plane"]
-SCHEMES: tuple[Scheme, ...] = ("pixel", "quad", "plane")
+SCHEMES: tuple[Scheme, ...] = get_args(Scheme)
 
 _PASS_LABELS = (0, 1, 2)  # seed_a, seed_b, seed_c = hash62(seed, label)
 _PLANE_LABEL0 = 16  # plane k of the plane scheme is seeded hash62(seed, 16 + k)

@@ -15,6 +15,7 @@ import numpy as np
 
 from sensor.config import SensorConfig
 from sensor.errors import PrivcamError
+from sensor.readout import SCHEMES
 
 from ..resources import COLOUR_PROFILE, DEFAULT_CHECKPOINT, MONO_PROFILE, RUN_CONFIG, resolve
 from .images import write_png
@@ -146,11 +147,12 @@ def add_run_options(p: argparse.ArgumentParser, model: bool = True, source: bool
         p.add_argument("--dataset", help="fashion-mnist | mnist | cifar10 | folder")
         p.add_argument("--data", help="dataset path")
         p.add_argument("--limit", type=int, help="number of items from the split")
-        p.add_argument("--scheme", choices=["pixel", "quad", "plane"], help="readout permutation scheme")
+        p.add_argument("--scheme", choices=SCHEMES, help="readout permutation scheme")
         p.add_argument("--rotation", action="store_true", help="a fresh permutation per frame")
     if model:
         p.add_argument("--checkpoint", help="plain model checkpoint (.pt with its .json manifest)")
-        p.add_argument("--mode", choices=["fused", "fast"], help="keyed network mode")
+        p.add_argument("--mode", help="keyed network mode: fused (no feature map in natural order) or fast (only the "
+                       "first layer keyed); checked against models.keyed.MODES")
         p.add_argument("--predictions", help="write predictions here (.jsonl or .csv)")
         p.add_argument("--batch-size", type=int, dest="batch_size", help="frames per model batch")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -404,7 +406,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("image", nargs="?", help="8-bit scene image (default: built-in colour chart)")
     p.add_argument("--sensor", help="sensor profile YAML (default: configs/sensors/default.yaml)")
     p.add_argument("--key", required=True, help="key file")
-    p.add_argument("--scheme", default="quad", choices=["pixel", "quad", "plane"])
+    p.add_argument("--scheme", default="quad", choices=SCHEMES)
     p.add_argument("--checkpoint", help="plain model checkpoint (default: a randomly initialised compact net)")
     p.add_argument("--frame-index", type=int, default=0)
     p.add_argument("--seed", type=int, default=0)
@@ -431,7 +433,7 @@ def build_parser() -> argparse.ArgumentParser:
     acc.add_argument("--dataset", default="fashion-mnist")
     acc.add_argument("--data", help="dataset path")
     acc.add_argument("--sensor", default=MONO_PROFILE)
-    acc.add_argument("--scheme", default="pixel", choices=["pixel", "quad", "plane"])
+    acc.add_argument("--scheme", default="pixel", choices=SCHEMES)
     acc.add_argument("--key", help="key file (default: a fresh random key)")
     acc.add_argument("--limit-test", type=int, help="test images (default: the whole test split)")
     acc.add_argument("--attack-train-images", type=int, default=10_000, help="attacker's labelled frames")

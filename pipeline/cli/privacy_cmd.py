@@ -10,6 +10,7 @@ import torch
 
 from sensor.config import SensorConfig
 from sensor.keys import Key
+from sensor.readout import SCHEMES
 
 from ..lab.privacy import PrivacyBudget, format_table, privacy_table
 from ..lab.protection import METHOD_NAMES
@@ -22,7 +23,7 @@ def add_privacy_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dataset", default="fashion-mnist", help="dataset of the classifier (default fashion-mnist)")
     p.add_argument("--data", help="dataset path")
     p.add_argument("--sensor", default=MONO_PROFILE)
-    p.add_argument("--scheme", default="pixel", choices=["pixel", "quad", "plane"], help="readout scheme")
+    p.add_argument("--scheme", default="pixel", choices=SCHEMES, help="readout scheme")
     p.add_argument("--key", help="key file (default: a fresh random key)")
     p.add_argument("--methods", default=",".join(METHOD_NAMES), help=f"comma list of {', '.join(METHOD_NAMES)}")
     p.add_argument("--block", type=int, default=4, help="EtC/ELE block side (default 4)")
@@ -38,7 +39,7 @@ def add_privacy_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kpa-pairs", default="1,2,4,8", help="known-plaintext pair counts (default 1,2,4,8)")
     p.add_argument("--cifar", help="foolbox wheel or folder with cifar10_*.png (pip download --no-deps foolbox)")
     p.add_argument("--cifar-sensor", default=COLOUR_PROFILE)
-    p.add_argument("--cifar-scheme", default="quad", choices=["pixel", "quad", "plane"])
+    p.add_argument("--cifar-scheme", default="quad", choices=SCHEMES)
     p.add_argument("--cifar-attack-images", type=int, default=2000, help="CIFAR attacker's natural patches")
     p.add_argument("--seed", type=int, default=0, help="training and sampling seed (default 0)")
     p.add_argument("--threads", type=int, help="torch and numba threads (default: theirs; 1 is much faster for these "

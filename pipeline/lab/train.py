@@ -27,6 +27,7 @@ from sensor.config import SensorConfig
 from sensor.configio import dataclass_from_dict
 from sensor.errors import ConfigError
 from sensor.frame import FrameFormat
+from sensor.readout import SCHEMES
 from sensor.sensor import Sensor
 
 from ..resources import MONO_PROFILE, resolve
@@ -54,7 +55,7 @@ class TrainConfig:
     out: str = "compact_fashion_mnist_pixel.pt"
 
     def __post_init__(self) -> None:
-        if self.scheme not in ("pixel", "quad", "plane"):
+        if self.scheme not in SCHEMES:
             raise ConfigError("TrainConfig", "scheme", "pixel, quad or plane", self.scheme)
         for name in ("epochs", "batch_size"):
             if getattr(self, name) < 1:

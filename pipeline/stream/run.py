@@ -19,12 +19,14 @@ import torch
 from tqdm import tqdm
 
 from models.checkpoint import load_checkpoint
+from models.keyed import MODES
 from sensor.config import SensorConfig
 from sensor.configio import dataclass_from_dict, read_yaml
 from sensor.errors import ConfigError, PrivcamError
 from sensor.frame import FrameFormat, ProtectedFrame
 from sensor.keys import Key, load_key_file
 from sensor.rawio import RawFrame
+from sensor.readout import SCHEMES
 from sensor.scene import raw_to_photons, render_photons
 from sensor.sensor import Sensor
 
@@ -34,8 +36,6 @@ from .engine import Batch, Map, Pipeline, RunResult
 from .recording import Recorder, RecordingReader
 from .sinks import PredictionWriter
 from .sources import open_source
-
-SCHEMES = ("pixel", "quad", "plane")
 
 
 @dataclass(frozen=True)
@@ -71,8 +71,8 @@ class ModelSection:
     device: str = "auto"
 
     def __post_init__(self) -> None:
-        if self.mode not in ("fused", "fast"):
-            raise ConfigError("model", "mode", "fused or fast", self.mode)
+        if self.mode not in MODES:
+            raise ConfigError("model", "mode", f"one of {MODES}", self.mode)
         if self.device not in ("auto", "cpu", "cuda"):
             raise ConfigError("model", "device", "auto, cpu or cuda", self.device)
 
