@@ -5,11 +5,25 @@ import time
 
 import pytest
 
-from pipeline.stream.engine import Batch, Map, Pipeline
+from pipeline.stream.engine import Batch, Map, Pipeline, RunResult
+
+BOUND_S = 60.0  # generous bound on waits that only expire when the engine is broken (never asserted as a time)
 
 
 def privcam_threads() -> list[threading.Thread]:
     return [t for t in threading.enumerate() if t.name.startswith("privcam-")]
+
+
+def run_bounded(pipeline: Pipeline) -> RunResult:
+    """``pipeline.run()`` in a helper thread, so that an engine that fails to stop fails the test instead of
+    hanging it."""
+    box: dict[str, RunResult] = {}
+    runner = threading.Thread(target=lambda: box.setdefault("result", pipeline.run()), name="test-runner",
+                              daemon=True)
+    runner.start()
+    runner.join(BOUND_S)
+    assert not runner.is_alive(), "the pipeline did not stop"
+    return box["result"]
 
 
 def test_items_flow_in_order_through_map_and_batch():
@@ -42,13 +56,25 @@ def test_backpressure_bounds_items_in_flight():
 
 
 def test_batch_flushes_on_timeout_for_a_slow_source():
+    """After each item the source waits until that item's batch reached the sink. Nothing else arrives
+    meanwhile, so only the batch timeout can flush it: no race between a sleep and the timeout."""
+    flushed = [threading.Event() for _ in range(3)]
+    waited = []
+
     def trickle():
         for i in range(3):
             yield i
-            time.sleep(0.3)
+            waited.append(flushed[i].wait(BOUND_S if all(waited) else 0))
 
     out = []
-    Pipeline(trickle(), [Batch("batch", 100, timeout_s=0.05)], out.append).run()
+
+    def sink(batch):
+        out.append(batch)
+        next(e for e in flushed + [threading.Event()] if not e.is_set()).set()
+
+    result = run_bounded(Pipeline(trickle(), [Batch("batch", 100, timeout_s=0.05)], sink))
+    assert result.error is None
+    assert waited == [True, True, True], "a pending batch was not flushed while the source was idle"
     assert out == [[0], [1], [2]]
 
 
@@ -60,16 +86,18 @@ def test_stage_error_stops_everything_and_runs_close_hooks():
             raise RuntimeError("stage failed on item 7")
         return x
 
-    def endless():
-        i = 0
-        while True:
+    pulled = []
+
+    def long_source():  # finite, so a pipeline that ignores the error ends (and fails below) instead of hanging
+        for i in range(100_000):
+            pulled.append(i)
             yield i
-            i += 1
 
     out = []
-    t0 = time.perf_counter()
-    result = Pipeline(endless(), [Map("boom", boom)], out.append, on_close=[lambda: closed.append(1)]).run()
-    assert time.perf_counter() - t0 < 5
+    result = run_bounded(Pipeline(long_source(), [Map("boom", boom)], out.append,
+                                  on_close=[lambda: closed.append(1)]))
+    # the source stopped because of the error: at most the queues' worth (2 x 8) beyond item 7 was pulled
+    assert len(pulled) <= 8 + 2 * 8 + 2, len(pulled)
     assert isinstance(result.error, RuntimeError) and "item 7" in str(result.error)
     assert out == list(range(7)) and closed == [1]
     assert not privcam_threads()

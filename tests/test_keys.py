@@ -9,6 +9,7 @@ import pytest
 from pipeline.cli.main import main
 from sensor.errors import KeyFileError
 from sensor.keys import Key, load_key_file, write_key_file
+from tests import reference
 
 
 def test_keygen_writes_0600_and_refuses_to_overwrite(tmp_path, capsys):
@@ -77,12 +78,19 @@ def test_subkeys_are_independent_and_deterministic():
                key.subkey("layer", 1), key.subkey("readout/pixel/frame", 0),
                key.subkey("readout/pixel/frame", 1)}
     assert len(derived) == 6
-    assert 0 <= key.seed("layer", 3) < 2**62
+    secret = bytes(range(32))  # the documented HMAC-SHA256 construction, recomputed with hmac
+    assert key.subkey("layer", 3) == reference.subkey(secret, "layer", 3)
+    assert key.seed("layer", 3) == reference.seed(secret, "layer", 3)
+    assert key.seed("readout/pixel/frame", -1) == reference.seed(secret, "readout/pixel/frame", -1)
+    assert key.fingerprint == reference.fingerprint(secret)
     assert Key(bytes(32)).fingerprint != key.fingerprint
 
 
-def test_passphrase_kdf_is_stable():
+def test_passphrase_kdf_is_stable(tmp_path):
     a, b = Key.from_passphrase("correct horse"), Key.from_passphrase("correct horse")
     assert a == b and a != Key.from_passphrase("correct horse!")
+    assert a == Key(reference.passphrase_secret("correct horse"))  # scrypt with the documented parameters
+    write_key_file(tmp_path / "p.key", a)
+    assert (tmp_path / "p.key").read_text().strip() == reference.passphrase_secret("correct horse").hex()
     with pytest.raises(KeyFileError):
         Key.from_passphrase("")

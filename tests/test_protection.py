@@ -22,9 +22,10 @@ from pipeline.lab.protection import (
 )
 from pipeline.stream.inputs import network_input
 from sensor.frame import FrameFormat
-from sensor.readout import readout_permutation
+from tests import reference
 
-KEY = pr.Key(bytes(range(32)))
+SECRET = bytes(range(32))
+KEY = pr.Key(SECRET)
 OTHER = pr.Key(bytes(range(1, 33)))
 RGGB12 = FrameFormat(64, 4095, "RGGB")
 KEYED = [m for m in pr.METHOD_NAMES if m != "i2p"]
@@ -95,17 +96,18 @@ def test_position_tables_and_relation_describe_protect(method, spec):
 
 
 @pytest.mark.parametrize("scheme", ["pixel", "quad", "plane"])
-def test_readout_stage_is_the_sensor_readout(scheme):
+def test_readout_stage_is_the_documented_keyed_readout(scheme):
+    """Against tests/reference.py: seeds recomputed with hmac from the key bytes, tables built by
+    applying the three documented passes to an index grid, protection as ``frame.flat[pi]``."""
     x = frames(MONO10)
     idx = [0, 11, 12]
     for rotation in (False, True):
         stage = ReadoutProtection(KEY, scheme, rotation)
-        ref = np.stack([readout_permutation(KEY, scheme, 16, 24, n if rotation else None).forward(x[i])
-                        for i, n in enumerate(idx)])
-        assert np.array_equal(stage.protect(x, idx), ref)
-        assert np.array_equal(stage.restore(ref, idx), x)
-        ref_tables = [readout_permutation(KEY, scheme, 16, 24, n if rotation else None).table() for n in idx]
-        assert np.array_equal(stage.position_tables(16, 24, idx), np.stack(ref_tables))
+        tables = np.stack([reference.readout_table(SECRET, scheme, 16, 24, n if rotation else None) for n in idx])
+        expected = np.stack([x[i].flat[tables[i]].reshape(16, 24) for i in range(len(idx))])
+        assert np.array_equal(stage.protect(x, idx), expected)
+        assert np.array_equal(stage.restore(expected, idx), x)
+        assert np.array_equal(stage.position_tables(16, 24, idx), tables)
 
 
 def test_etc_moves_whole_blocks_with_one_negative_positive_flag():
