@@ -1,8 +1,8 @@
 """The photon-to-DN chain as numba kernels, each with a plain numpy reference beside it.
 
-Random draws are not made inside the kernels: the caller draws them from a counter-seeded
-generator (see :func:`sensor.sensor.frame_rng`) so a frame depends only on (seed, frame
-index), never on thread count or scheduling. Kernels and references then run the same
+:func:`expose_nb` is the whole ADC stage with the noise drawn inside, from a counter-based
+generator keyed by (seed, frame, pixel) (:mod:`sensor.noise`), so a frame depends only on
+(seed, frame index), never on thread count or scheduling. Kernels and references run the same
 IEEE operations in the same order and agree bit for bit (no fastmath, so no FMA contraction).
 """
 
@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import numba
 import numpy as np
+
+from .noise import pixel_noise, pixel_noise_ref
 
 
 @numba.njit(nogil=True, parallel=True, cache=True)
@@ -29,32 +31,41 @@ def electron_mean_ref(photons: np.ndarray, qe_prnu: np.ndarray, dark_e: np.ndarr
 
 
 @numba.njit(nogil=True, parallel=True, cache=True)
-def digitise_nb(electrons: np.ndarray, read_z: np.ndarray, full_well_e: float, gain_dn_per_e: float,
-                read_noise_dn: float, black_level_dn: float, max_dn: float) -> np.ndarray:
-    """Full-well clip -> conversion gain -> read noise -> quantise -> black level -> clip.
+def expose_nb(photons: np.ndarray, qe_prnu: np.ndarray, dark_e: np.ndarray, seed: int, frame_index: int,
+              full_well_e: float, gain_dn_per_e: float, read_noise_dn: float, black_level_dn: float,
+              max_dn: float) -> np.ndarray:
+    """The whole ADC stage of one frame, noise drawn inside (see :mod:`sensor.noise`); seed and
+    frame_index are np.uint64 (any value below 2**64).
 
-    Args:
-        electrons: (H, W) float64 collected electrons (a Poisson draw).
-        read_z: (H, W) float32 standard normal draws for the read noise.
-
-    Returns:
-        (H, W) uint16 digital numbers.
+    Mean electrons -> Poisson shot noise -> full-well clip -> gain -> read noise -> quantise ->
+    black level -> clip. photons, qe_prnu, dark_e: (H, W) float64. Returns (H, W) uint16.
     """
-    h, w = electrons.shape
+    h, w = photons.shape
     out = np.empty((h, w), np.uint16)
+    m = np.uint64(0xFFFFFFFF)
+    s, n = np.uint64(seed), np.uint64(frame_index)
+    k0, k1, f0, f1 = s & m, s >> np.uint64(32), n & m, n >> np.uint64(32)
     for r in numba.prange(h):
         for c in range(w):
-            e = min(electrons[r, c], full_well_e)
-            v = e * gain_dn_per_e + read_noise_dn * np.float64(read_z[r, c])
+            lam = photons[r, c] * qe_prnu[r, c] + dark_e[r, c]
+            electrons, z = pixel_noise(lam, np.uint64(r * w + c), f0, f1, k0, k1)
+            e = min(electrons, full_well_e)
+            v = e * gain_dn_per_e + read_noise_dn * z
             q = np.floor(v + 0.5) + black_level_dn
             out[r, c] = np.uint16(min(max(q, 0.0), max_dn))
     return out
 
 
-def digitise_ref(electrons: np.ndarray, read_z: np.ndarray, full_well_e: float, gain_dn_per_e: float,
-                 read_noise_dn: float, black_level_dn: float, max_dn: float) -> np.ndarray:
-    """numpy reference of :func:`digitise_nb`."""
+def expose_ref(photons: np.ndarray, qe_prnu: np.ndarray, dark_e: np.ndarray, seed: int, frame_index: int,
+               full_well_e: float, gain_dn_per_e: float, read_noise_dn: float, black_level_dn: float,
+               max_dn: float) -> np.ndarray:
+    """Plain Python/numpy twin of :func:`expose_nb` (a pixel loop: for small frames)."""
+    h, w = photons.shape
+    lam = electron_mean_ref(photons, qe_prnu, dark_e)
+    draws = [pixel_noise_ref(float(lam.flat[i]), i, frame_index & 0xFFFFFFFF, frame_index >> 32,
+                             seed & 0xFFFFFFFF, seed >> 32) for i in range(h * w)]
+    electrons = np.array([d[0] for d in draws]).reshape(h, w)
+    z = np.array([d[1] for d in draws]).reshape(h, w)
     e = np.minimum(electrons, full_well_e)
-    v = e * gain_dn_per_e + read_noise_dn * read_z.astype(np.float64)
-    q = np.floor(v + 0.5) + black_level_dn
+    q = np.floor(e * gain_dn_per_e + read_noise_dn * z + 0.5) + black_level_dn
     return np.clip(q, 0.0, max_dn).astype(np.uint16)

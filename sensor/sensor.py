@@ -7,9 +7,9 @@
     -> clip to [0, 2**bit_depth - 1]
 
 Reproducibility: the fixed-pattern maps (PRNU, DSNU) come from the configuration's
-``fpn_seed`` (a property of the device), and the temporal noise of frame ``n`` from a
-Philox generator keyed by ``(seed, n)`` alone, so a frame is the same on every call and
-every thread count.
+``fpn_seed`` (a property of the device), and the temporal noise of frame ``n`` is drawn inside
+the ADC kernel from Philox4x32-10 keyed by ``(seed, n, pixel)`` alone (:mod:`sensor.noise`), so
+a frame is the same on every call and every thread count.
 """
 
 from __future__ import annotations
@@ -18,19 +18,13 @@ import time
 
 import numpy as np
 
-from .adc import digitise_nb, electron_mean_nb
+from .adc import electron_mean_nb, expose_nb, expose_ref
 from .cfa import colour_index_map
 from .config import SensorConfig
 from .frame import FrameMeta, ProtectedFrame
 from .keys import Key
+from .noise import check_seed
 from .readout import ReadoutPermutation, Scheme, readout_permutation
-
-
-def frame_rng(seed: int, frame_index: int) -> np.random.Generator:
-    """Counter-based generator for one frame: depends only on (seed, frame_index)."""
-    if frame_index < 0:
-        raise ValueError(f"frame_index: expected >= 0, got {frame_index}")
-    return np.random.Generator(np.random.Philox(np.random.SeedSequence([seed, frame_index, 0x5E45])))
 
 
 def qe_map(config: SensorConfig, height: int, width: int) -> np.ndarray:
@@ -60,7 +54,7 @@ class Sensor:
 
     def __init__(self, config: SensorConfig, seed: int = 0) -> None:
         self.config = config
-        self.seed = int(seed)
+        self.seed = check_seed(seed)
         self._maps: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}
         self._readouts: dict[tuple[str, str, int, int], ReadoutPermutation] = {}
 
@@ -93,14 +87,25 @@ class Sensor:
         Returns:
             (H, W) uint16 digital numbers in [0, 2**bit_depth - 1].
         """
+        photons, qe_prnu, dark_e, seed, n, *levels = self._expose_args(photons, frame_index)
+        return expose_nb(photons, qe_prnu, dark_e, np.uint64(seed), np.uint64(n), *levels)
+
+    def expose_reference(self, photons: np.ndarray, frame_index: int = 0) -> np.ndarray:
+        """:meth:`expose` through the plain Python reference (slow; small frames, for the tests)."""
+        return expose_ref(*self._expose_args(photons, frame_index))
+
+    def _expose_args(self, photons: np.ndarray, frame_index: int) -> tuple:
+        if isinstance(frame_index, bool) or not isinstance(frame_index, (int, np.integer)) or not (
+                0 <= int(frame_index) < 1 << 64):
+            raise ValueError(f"frame_index: expected an integer in [0, 2**64), got {frame_index!r}")
+        photons = _check_photons(photons)
+        if photons.size > 1 << 32:
+            raise ValueError(f"photons: at most 2**32 pixels per frame, got {photons.shape}")
         cfg = self.config
-        mean_e = self.mean_electrons(photons)
-        rng = frame_rng(self.seed, frame_index)
-        electrons = rng.poisson(mean_e).astype(np.float64)
-        read_z = rng.standard_normal(mean_e.shape, dtype=np.float32)
+        qe_prnu, dark_e = self._maps_for(*photons.shape)
         gain = cfg.system_gain_dn_per_e
-        return digitise_nb(electrons, read_z, cfg.full_well_e, gain, cfg.read_noise_e * gain,
-                           float(cfg.black_level_dn), float(cfg.max_dn))
+        return (photons, qe_prnu, dark_e, self.seed, int(frame_index), float(cfg.full_well_e), gain,
+                cfg.read_noise_e * gain, float(cfg.black_level_dn), float(cfg.max_dn))
 
 
     def readout(self, key: Key, scheme: Scheme, height: int, width: int,

@@ -6,7 +6,7 @@ import numba
 import numpy as np
 import pytest
 
-from sensor.adc import digitise_nb, digitise_ref, electron_mean_nb, electron_mean_ref
+from sensor.adc import electron_mean_nb, electron_mean_ref, expose_nb, expose_ref
 from sensor.config import SensorConfig
 from sensor.ptc import default_exposures_s, photon_transfer
 from sensor.sensor import Sensor
@@ -106,17 +106,32 @@ def test_fixed_pattern_is_a_property_of_the_device():
 
 def test_adc_kernels_match_numpy_references_bit_for_bit():
     rng = np.random.default_rng(42)
-    photons = rng.uniform(0, 2e4, (37, 53))
+    photons = rng.uniform(0, 2e4, (13, 17))
+    photons[0, :8] = [0.0, 0.004, 0.3, 12.0, 900.0, 1e5, 2e6, 5.0]  # every branch of the shot-noise draw
     qe = rng.uniform(0.3, 0.7, photons.shape)
     dark = rng.uniform(0, 5, photons.shape)
     assert np.array_equal(electron_mean_nb(photons, qe, dark), electron_mean_ref(photons, qe, dark))
-    electrons = rng.poisson(photons * 0.5).astype(np.float64)
-    z = rng.standard_normal(photons.shape, dtype=np.float32) * 3
     cases = [(6000.0, 0.4, 1.2, 64.0, 4095.0), (1e9, 3.7, 0.0, 0.0, 1023.0), (500.0, 0.1, 9.0, 5.0, 255.0)]
-    for args in cases:
-        got, want = digitise_nb(electrons, z, *args), digitise_ref(electrons, z, *args)
-        assert got.dtype == want.dtype == np.uint16
-        assert np.array_equal(got, want)
+    for seed, frame in ((0, 0), (7, 3), (2**64 - 1, 2**40 + 5)):
+        for args in cases:
+            got = expose_nb(photons, qe, dark, np.uint64(seed), np.uint64(frame), *args)
+            want = expose_ref(photons, qe, dark, seed, frame, *args)
+            assert got.dtype == want.dtype == np.uint16
+            assert np.array_equal(got, want), (seed, frame, args)
+
+
+def test_expose_matches_its_reference_and_depends_only_on_seed_and_frame():
+    sensor = Sensor(SensorConfig(), seed=5)
+    photons = np.random.default_rng(1).uniform(0, 3e4, (10, 14))
+    a = sensor.expose(photons, 9)
+    assert np.array_equal(a, sensor.expose_reference(photons, 9))
+    assert np.array_equal(a, Sensor(SensorConfig(), seed=5).expose(photons, 9))
+    assert not np.array_equal(a, sensor.expose(photons, 10))
+    assert not np.array_equal(a, Sensor(SensorConfig(), seed=6).expose(photons, 9))
+    with pytest.raises(ValueError, match="seed"):
+        Sensor(SensorConfig(), seed=-1)
+    with pytest.raises(ValueError, match="frame_index"):
+        sensor.expose(photons, -1)
 
 
 def test_expose_rejects_bad_photons():
