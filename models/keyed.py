@@ -23,7 +23,7 @@ which equals the plain layer up to float reassociation. Tables may also be per i
 :func:`keyed` turns a supported plain model (:mod:`models.plain`) into a keyed twin:
 
 * ``mode="fused"``: every conv and pool is keyed and writes its own key-derived output order
-  (``key.seed("layer:<module name>")``), so no feature map is ever in natural order. A residual
+  (``key.subkey("layer:<module name>")``), so no feature map is ever in natural order. A residual
   add needs both operands in one order: a block's second conv writes the order of its shortcut
   (the block input for an identity shortcut, a fresh order shared with the 1x1 ``downsample``).
   Global average pooling is order-free; a Flatten of a larger map permutes the next Linear's

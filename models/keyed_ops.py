@@ -244,8 +244,8 @@ def keyed_avg_pool2d(x: Tensor, table: Tensor, divisor: Tensor | int) -> Tensor:
 
 
 def layer_perm(key: Key, name: str, n: int, device: torch.device | str = "cpu") -> Tensor:
-    """Output permutation (n,) of the layer called ``name``: seeded ``key.seed("layer:<name>")``."""
-    return random_permutation_torch(key.seed(f"layer:{name}"), n, device)
+    """Output permutation (n,) of the layer called ``name``: seeded ``key.subkey("layer:<name>")``."""
+    return random_permutation_torch(key.subkey(f"layer:{name}"), n, device)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ from .errors import ConfigError, KeyFileError, PrivcamError, RawFormatError
 from .frame import FrameMeta, ProtectedFrame
 from .keys import Key, load_key_file, write_key_file
 from .rawio import RawFrame, RawMeta, read_raw, write_raw
-from .readout import SCHEMES, ReadoutPermutation, Scheme, readout_permutation, readout_seed
+from .readout import SCHEMES, ReadoutPermutation, Scheme, readout_permutation, readout_subkey
 from .scene import render_photons
 from .sensor import Sensor
 
@@ -33,7 +33,7 @@ __all__ = [
     "load_key_file",
     "read_raw",
     "readout_permutation",
-    "readout_seed",
+    "readout_subkey",
     "render_photons",
     "write_key_file",
     "write_raw",

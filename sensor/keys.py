@@ -52,10 +52,6 @@ class Key:
         )
         return hmac.new(self._secret, msg, hashlib.sha256).digest()
 
-    def seed(self, purpose: str, *counters: int) -> int:
-        """A 62-bit integer seed from :meth:`subkey` (fits int64 on every device)."""
-        return int.from_bytes(self.subkey(purpose, *counters)[:8], "little") >> 2
-
     def __repr__(self) -> str:
         return f"Key(fingerprint={self.fingerprint})"
 

@@ -1,72 +1,126 @@
-"""Keyed permutations (numpy), with bit-identical torch twins in :mod:`models.tables`.
+"""Keyed permutations from a standard keystream: AES-256-CTR (``cryptography``) + Fisher-Yates.
 
 A permutation ``pi`` of ``n`` items is stored as an int64 table in *slot order*: slot ``s``
 of the protected signal holds item ``pi[s]`` of the plain one, ``x_prot[s] = x[pi[s]]``.
 
-``random_permutation(seed, n)`` sorts the items by a keyed 62-bit hash (stable, so ties go
-by index), which is a uniformly random permutation up to hash quality. The hash works on
-32-bit lanes inside int64 arithmetic without ever overflowing, so :func:`hash62` gives the
-same values bit for bit on a numpy array and on a torch tensor (CPU or CUDA); that lets the
-network build its per-frame tables on its own device (:mod:`models.tables`) while this module
-stays free of torch. It is a permutation generator, not a cipher.
+Every keyed order in privcam (readout passes, EtC/ELE block orders, network layer orders) comes
+from here: the keystream of AES-256-CTR under a 32-byte HMAC subkey (:meth:`sensor.keys.Key.subkey`)
+with the 16-byte initial counter block ``stream (8 bytes, big-endian) || 0 (8 bytes)``, read as
+little-endian uint32 words. Distinct streams of one subkey never share a counter block (a stream
+would need 2**64 blocks to reach the next one).
+
+Rows of ``cols`` items are shuffled by Durstenfeld's Fisher-Yates, ``i = cols-1 .. 1``, swapping
+slot ``i`` with a uniform ``j`` in ``[0, i]`` drawn by Lemire's multiply-shift with rejection
+(unbiased). A row reads ``cols - 1 + SPARE`` consecutive words of its stream (row ``r`` starts at
+word ``r * (cols - 1 + SPARE)``); a rejection takes the row's next word. Only if a row needed more
+than ``SPARE`` rejections (probability below 1e-13 per row of 65535 items) would its last draw keep
+the biased multiply-shift value. It is a permutation, not a cipher.
 """
 
 from __future__ import annotations
 
+import numba
 import numpy as np
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
-_M32 = 0xFFFFFFFF
-
-
-def _mul32(x, c: int):
-    """(x * c) mod 2**32 for 0 <= x < 2**32 without leaving 49 bits (safe in int64)."""
-    lo, hi = c & 0xFFFF, c >> 16
-    return (x * lo + (((x * hi) & 0xFFFF) << 16)) & _M32
+SUBKEY_BYTES = 32
+SPARE = 4  # keystream words per row kept for rejections
 
 
-def _mix32(x):
-    """lowbias32 finaliser (Wellons): a bijective avalanche mix of a 32-bit lane."""
-    x = x ^ (x >> 16)
-    x = _mul32(x, 0x7FEB352D)
-    x = x ^ (x >> 15)
-    x = _mul32(x, 0x846CA68B)
-    return x ^ (x >> 16)
+def check_subkey(subkey: bytes, name: str = "subkey") -> bytes:
+    """Validate a 32-byte subkey; the message never contains the value."""
+    if not isinstance(subkey, (bytes, bytearray)) or len(subkey) != SUBKEY_BYTES:
+        got = f"{len(subkey)} bytes" if isinstance(subkey, (bytes, bytearray)) else type(subkey).__name__
+        raise ValueError(f"{name}: expected {SUBKEY_BYTES} bytes (an HMAC subkey of the key), got {got}")
+    return bytes(subkey)
 
 
-def round_keys(seed: int) -> tuple[int, int, int, int, int, int]:
-    """Six 32-bit round keys from a 62-bit seed, each depending on both seed halves."""
-    s0, s1 = seed & _M32, (seed >> 32) & _M32
-    k0 = _mix32(s0 ^ _mix32(s1 ^ 0x243F6A88))
-    k1 = _mix32(s1 ^ _mix32(k0 ^ 0x85A308D3))
-    k2 = _mix32(k0 ^ _mix32(k1 ^ 0x13198A2E))
-    k3 = _mix32(k1 ^ _mix32(k2 ^ 0x03707344))
-    k4 = _mix32(k2 ^ _mix32(k3 ^ 0xA4093822))
-    k5 = _mix32(k3 ^ _mix32(k4 ^ 0x299F31D0))
-    return k0, k1, k2, k3, k4, k5
+def keystream_words(subkey: bytes, stream: int, count: int) -> np.ndarray:
+    """(count,) uint32: the first ``count`` little-endian words of AES-256-CTR(subkey, stream)."""
+    if not 0 <= stream < 1 << 64:
+        raise ValueError(f"stream: expected an integer in [0, 2**64), got {stream}")
+    nbytes = 4 * count
+    out = np.empty(nbytes + 16, np.uint8)  # update_into wants room for one block
+    counter_block = stream.to_bytes(8, "big") + bytes(8)
+    encryptor = Cipher(algorithms.AES(check_subkey(subkey)), modes.CTR(counter_block)).encryptor()
+    encryptor.update_into(np.zeros(nbytes, np.uint8), out)
+    return out[:nbytes].view("<u4").astype(np.uint32, copy=False)
 
 
-def hash62(seed: int, idx):
-    """Keyed 62-bit hash of each index (idx: int, uint64 ndarray or int64 tensor, values < 2**32).
+def row_words(cols: int) -> int:
+    """Keystream words one row of ``cols`` items reads."""
+    return max(cols - 1, 0) + SPARE
 
-    The one definition of the hash behind every keyed table: the numpy tables here and in
-    :mod:`sensor.readout_tables`, the torch twins in :mod:`models.tables` (it is duck-typed, so
-    the same code runs on tensors), and the block keys of :mod:`pipeline.protection`.
 
-    Two independent three-round keyed bijections of the 32-bit index (key XOR, then an avalanche
-    mix, three times) give the high and low 31 bits. Every round key depends on the whole seed,
-    so seeds that differ in a few bits give unrelated orders (a single XOR-with-the-seed round
-    would make ``seed ^ 1`` produce the order of ``idx ^ 1``).
+def shuffle_rows_ref(words: np.ndarray, rows: int, cols: int) -> np.ndarray:
+    """Fisher-Yates of each row (plain Python, the reference). words: (rows * row_words(cols),) uint32.
+
+    Returns:
+        (rows, cols) int64; row r is a uniformly random permutation of 0..cols-1.
     """
-    k0, k1, k2, k3, k4, k5 = round_keys(int(seed))
-    a = _mix32(_mix32(_mix32(idx ^ k0) ^ k1) ^ k2)
-    b = _mix32(_mix32(_mix32(idx ^ k3) ^ k4) ^ k5)
-    return ((a & 0x7FFFFFFF) << 31) | (b & 0x7FFFFFFF)
+    out = np.empty((rows, cols), np.int64)
+    per = row_words(cols)
+    for r in range(rows):
+        perm = list(range(cols))
+        pos, end = r * per, (r + 1) * per
+        for i in range(cols - 1, 0, -1):
+            bound = i + 1
+            m = int(words[pos]) * bound
+            pos += 1
+            if (m & 0xFFFFFFFF) < bound:
+                threshold = (1 << 32) % bound
+                while (m & 0xFFFFFFFF) < threshold and pos < end:
+                    m = int(words[pos]) * bound
+                    pos += 1
+            j = m >> 32
+            perm[i], perm[j] = perm[j], perm[i]
+        out[r] = perm
+    return out
 
 
-def random_permutation(seed: int, n: int) -> np.ndarray:
-    """Keyed uniform permutation of ``n`` items (numpy). Returns (n,) int64 slot->item."""
-    keys = hash62(int(seed), np.arange(n, dtype=np.uint64))
-    return np.argsort(keys, kind="stable").astype(np.int64)
+@numba.njit(nogil=True, cache=True, parallel=True)
+def shuffle_rows_nb(words, out):
+    """Numba :func:`shuffle_rows_ref` written into out (rows, cols) of an integer dtype."""
+    rows, cols = out.shape
+    per = max(cols - 1, 0) + SPARE
+    m32 = np.uint64(0xFFFFFFFF)
+    for r in numba.prange(rows):
+        perm = np.arange(cols)
+        pos, end = r * per, (r + 1) * per
+        for i in range(cols - 1, 0, -1):
+            bound = np.uint64(i + 1)
+            m = np.uint64(words[pos]) * bound
+            pos += 1
+            if (m & m32) < bound:
+                threshold = (np.uint64(1) << np.uint64(32)) % bound
+                while (m & m32) < threshold and pos < end:
+                    m = np.uint64(words[pos]) * bound
+                    pos += 1
+            j = np.int64(m >> np.uint64(32))
+            t = perm[i]
+            perm[i] = perm[j]
+            perm[j] = t
+        for c in range(cols):
+            out[r, c] = perm[c]
+
+
+def row_permutations(subkey: bytes, stream: int, rows: int, cols: int, dtype: np.dtype | type = np.int64,
+                     reference: bool = False) -> np.ndarray:
+    """(rows, cols) table: an independent keyed permutation of every row, from one keystream.
+
+    ``reference=True`` shuffles with the plain Python reference (slow; for the tests).
+    """
+    words = keystream_words(subkey, stream, rows * row_words(cols))
+    if reference:
+        return shuffle_rows_ref(words, rows, cols).astype(dtype)
+    out = np.empty((rows, cols), dtype)
+    shuffle_rows_nb(words, out)
+    return out
+
+
+def random_permutation(subkey: bytes, n: int, stream: int = 0) -> np.ndarray:
+    """Keyed uniform permutation of ``n`` items. Returns (n,) int64 slot->item."""
+    return row_permutations(subkey, stream, 1, n)[0]
 
 
 def invert(pi: np.ndarray) -> np.ndarray:

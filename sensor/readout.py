@@ -6,15 +6,14 @@ Schemes for an (H, W) mosaic (mono frames support all three; quad and plane act 
 * ``quad``: 2x2 CFA cells move whole over the (H/2) x (W/2) cell grid; the result is a valid
   mosaic of the same CFA whose four packed planes are all permuted by the same table.
 * ``plane``: each packed CFA plane k (order of :func:`sensor.cfa.pack`) is permuted within
-  itself by its own three-pass permutation of the (H/2) x (W/2) grid, seeded
-  ``hash62(seed, 16 + k)``.
+  itself by its own three-pass permutation of the (H/2) x (W/2) grid.
 
-The three-pass permutation family, the seeds and the tables are in :mod:`sensor.readout_tables`
-(the torch twins, bit-identical on any device, in :mod:`models.tables`); the numba kernels that
-move the pixels, each beside its numpy reference, in :mod:`sensor.readout_kernels`.
+The three-pass permutation family and its tables (AES-256-CTR keystreams, Fisher-Yates) are in
+:mod:`sensor.readout_tables`; the numba kernels that move the pixels, each beside its numpy
+reference, in :mod:`sensor.readout_kernels`.
 
-Seeds come from the key: ``key.seed("readout/<scheme>")`` (static) or
-``key.seed("readout/<scheme>/frame", frame_index)`` (per-frame rotation).
+Subkeys come from the key: ``key.subkey("readout/<scheme>")`` (static) or
+``key.subkey("readout/<scheme>/frame", frame_index)`` (per-frame rotation).
 """
 
 from __future__ import annotations
@@ -24,35 +23,36 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .keys import Key
+from .permutation import check_subkey
 from .readout_kernels import aligned, forward_units, inverse_units, unit_view
 from .readout_tables import (
     SCHEMES,
+    TABLE_FORMAT,
     Scheme,
     check_frame_index,
     check_scheme,
-    check_seed,
     check_shape,
     compose_table,
     frame_table,
     grid_shape,
-    scheme_seeds,
+    plane_count,
     three_pass_tables,
 )
 
-__all__ = ["SCHEMES", "ReadoutPermutation", "Scheme", "readout_permutation", "readout_seed"]
+__all__ = ["SCHEMES", "TABLE_FORMAT", "ReadoutPermutation", "Scheme", "readout_permutation", "readout_subkey"]
 
 
 @dataclass(frozen=True)
 class ReadoutPermutation:
-    """A keyed readout permutation of (H, W) uint16 frames. ``repr`` never shows the seed.
+    """A keyed readout permutation of (H, W) uint16 frames. ``repr`` never shows the subkey.
 
-    Tables are built on first use (numba; about 0.1-0.2 s for a 12 MP frame) and cached.
+    Tables are built on first use (AES-256-CTR keystreams and numba shuffles) and cached.
     """
 
     scheme: Scheme
     height: int
     width: int
-    seed: int = field(repr=False, hash=False)
+    subkey: bytes = field(repr=False, hash=False)
     _cache: dict = field(default_factory=dict, init=False, repr=False, compare=False, hash=False)
 
     def __post_init__(self) -> None:
@@ -60,7 +60,7 @@ class ReadoutPermutation:
         h, w = check_shape(self.scheme, self.height, self.width)
         object.__setattr__(self, "height", h)
         object.__setattr__(self, "width", w)
-        object.__setattr__(self, "seed", check_seed(self.seed))
+        object.__setattr__(self, "subkey", check_subkey(self.subkey))
 
     # -- tables ----------------------------------------------------------------------------------
 
@@ -70,8 +70,8 @@ class ReadoutPermutation:
         tabs = self._cache.get("tables")
         if tabs is None:
             rows, cols = grid_shape(self.scheme, self.height, self.width)
-            per_seed = [three_pass_tables(s, rows, cols) for s in scheme_seeds(self.scheme, self.seed)]
-            tabs = tuple(np.stack([t[i] for t in per_seed]) for i in range(3))
+            per_plane = [three_pass_tables(self.subkey, rows, cols, t) for t in range(plane_count(self.scheme))]
+            tabs = tuple(np.stack([t[i] for t in per_plane]) for i in range(3))
             self._cache["tables"] = tabs
         return tabs
 
@@ -135,12 +135,12 @@ def readout_permutation(key: Key, scheme: Scheme, height: int, width: int,
                         frame_index: int | None = None) -> ReadoutPermutation:
     """The readout permutation of ``key`` for a scheme and frame size (rotated if frame_index)."""
     check_shape(check_scheme(scheme), height, width)
-    return ReadoutPermutation(scheme, height, width, readout_seed(key, scheme, frame_index))
+    return ReadoutPermutation(scheme, height, width, readout_subkey(key, scheme, frame_index))
 
 
-def readout_seed(key: Key, scheme: Scheme, frame_index: int | None = None) -> int:
-    """Seed of the readout permutation: static (``frame_index=None``) or rotated per frame."""
+def readout_subkey(key: Key, scheme: Scheme, frame_index: int | None = None) -> bytes:
+    """32-byte subkey of the readout permutation: static (``frame_index=None``) or rotated per frame."""
     check_scheme(scheme)
     if frame_index is None:
-        return key.seed(f"readout/{scheme}")
-    return key.seed(f"readout/{scheme}/frame", check_frame_index(frame_index))
+        return key.subkey(f"readout/{scheme}")
+    return key.subkey(f"readout/{scheme}/frame", check_frame_index(frame_index))

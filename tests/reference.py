@@ -1,26 +1,27 @@
 """Independent reference constructions, written from the documented definitions only.
 
-Nothing here imports privcam: the key derivation is recomputed with ``hmac``/``hashlib``, the keyed
-hash with plain Python integers (no 32-bit-lane trick, no numba, no numpy), and the readout tables
-by applying the three documented passes literally to an index grid. Tests compare the library
-against these, instead of comparing the library with the very calls it makes.
+Nothing here imports privcam: the key derivation is recomputed with ``hmac``/``hashlib``, the
+keystream by encrypting the counter blocks one by one with AES-256 in ECB mode (not the library's
+CTR call), the shuffles in plain Python integers, and the readout tables by applying the three
+documented passes literally to an index grid. Tests compare the library against these, instead of
+comparing the library with the very calls it makes.
 
-Definitions (``sensor/keys.py``, ``sensor/permutation.py`` and ``sensor/readout.py`` docstrings):
+Definitions (``sensor/keys.py``, ``sensor/permutation.py``, ``sensor/readout_tables.py`` docstrings):
 
 * subkey = HMAC-SHA256(secret, purpose || (0x00 || int64 little-endian counter)...);
-  seed = first 8 bytes of the subkey, little-endian, shifted right by 2 (62 bits);
   fingerprint = first 16 hex digits of SHA-256("privcam/fingerprint/v1" || secret);
   passphrase key = scrypt(passphrase, salt "privcam/passphrase/v1", n=2**14, r=8, p=1, 32 bytes).
-* hash62(seed, i): six round keys from the seed, two three-round keyed lowbias32 chains of i,
-  31 bits of each.
-* three-pass table of an R x K grid: ``A[r] = argsort_c hash(seed_a, r*K + c)`` (stable),
-  ``B[c] = argsort_r hash(seed_b, c*R + r)``, ``C`` like ``A`` with ``seed_c``,
-  ``seed_a, seed_b, seed_c = hash62(seed, 0 | 1 | 2)``; pass A ``a[r][c] = x[r][A[r][c]]``,
-  pass B ``b[r][c] = a[B[c][r]][c]``, pass C ``y[r][c] = b[r][C[r][c]]``.
+* keystream(subkey, stream): AES-256(subkey) of the counter blocks ``stream (8 bytes big-endian) ||
+  i (8 bytes big-endian)``, i = 0, 1, ...; read as little-endian uint32 words.
+* row permutations: row r reads words ``r * (cols - 1 + 4) ...``; Fisher-Yates from i = cols-1
+  down to 1 swaps slot i with ``j = (w * (i+1)) >> 32``, redrawing (up to the row's 4 spare words)
+  while ``(w * (i+1)) mod 2**32 < 2**32 mod (i+1)``.
+* three-pass table of an R x K grid for plane t: A = row permutations (stream 3t), B = column
+  permutations (K rows of R, stream 3t+1), C = row permutations (stream 3t+2); pass A
+  ``a[r][c] = x[r][A[r][c]]``, pass B ``b[r][c] = a[B[c][r]][c]``, pass C ``y[r][c] = b[r][C[r][c]]``.
 * schemes: ``pixel`` permutes the H x W grid; ``quad`` moves 2x2 cells over the (H/2) x (W/2)
-  cell grid; ``plane`` permutes packed plane k (``raw[k//2::2, k%2::2]``) with its own table,
-  seeded ``hash62(seed, 16 + k)``. Readout seeds: ``seed("readout/<scheme>")`` (static) or
-  ``seed("readout/<scheme>/frame", n)`` (rotation).
+  cell grid; ``plane`` permutes packed plane k (``raw[k//2::2, k%2::2]``) with its own table (t = k).
+  Readout subkeys: ``subkey("readout/<scheme>")`` (static) or ``subkey("readout/<scheme>/frame", n)``.
 """
 
 from __future__ import annotations
@@ -30,19 +31,12 @@ import hmac
 
 import numpy as np
 
-M32 = 0xFFFFFFFF
-
-
 # -- keys -------------------------------------------------------------------------------------------
 
 
 def subkey(secret: bytes, purpose: str, *counters: int) -> bytes:
     msg = purpose.encode() + b"".join(b"\x00" + int(c).to_bytes(8, "little", signed=True) for c in counters)
     return hmac.new(secret, msg, hashlib.sha256).digest()
-
-
-def seed(secret: bytes, purpose: str, *counters: int) -> int:
-    return int.from_bytes(subkey(secret, purpose, *counters)[:8], "little") >> 2
 
 
 def fingerprint(secret: bytes) -> str:
@@ -53,70 +47,60 @@ def passphrase_secret(passphrase: str) -> bytes:
     return hashlib.scrypt(passphrase.encode(), salt=b"privcam/passphrase/v1", n=2**14, r=8, p=1, dklen=32)
 
 
-def readout_seed(secret: bytes, scheme: str, frame_index: int | None = None) -> int:
+def readout_subkey(secret: bytes, scheme: str, frame_index: int | None = None) -> bytes:
     if frame_index is None:
-        return seed(secret, f"readout/{scheme}")
-    return seed(secret, f"readout/{scheme}/frame", frame_index)
+        return subkey(secret, f"readout/{scheme}")
+    return subkey(secret, f"readout/{scheme}/frame", frame_index)
 
 
-# -- keyed hash (plain Python integers) -------------------------------------------------------------
+# -- keystream and shuffles ------------------------------------------------------------------------
 
 
-def mix32(x: int) -> int:
-    """lowbias32 (Wellons) on a 32-bit integer."""
-    x ^= x >> 16
-    x = (x * 0x7FEB352D) & M32
-    x ^= x >> 15
-    x = (x * 0x846CA68B) & M32
-    return x ^ (x >> 16)
+def keystream_words(key: bytes, stream: int, count: int) -> list[int]:
+    """AES-256 of each counter block in ECB mode, concatenated, as little-endian uint32 words."""
+    from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+
+    blocks = (count * 4 + 15) // 16
+    plain = b"".join(stream.to_bytes(8, "big") + i.to_bytes(8, "big") for i in range(blocks))
+    ecb = Cipher(algorithms.AES(key), modes.ECB()).encryptor()
+    data = ecb.update(plain) + ecb.finalize()
+    return [int.from_bytes(data[4 * i:4 * i + 4], "little") for i in range(count)]
 
 
-def round_keys(s: int) -> tuple[int, ...]:
-    s0, s1 = s & M32, (s >> 32) & M32
-    k0 = mix32(s0 ^ mix32(s1 ^ 0x243F6A88))
-    k1 = mix32(s1 ^ mix32(k0 ^ 0x85A308D3))
-    k2 = mix32(k0 ^ mix32(k1 ^ 0x13198A2E))
-    k3 = mix32(k1 ^ mix32(k2 ^ 0x03707344))
-    k4 = mix32(k2 ^ mix32(k3 ^ 0xA4093822))
-    k5 = mix32(k3 ^ mix32(k4 ^ 0x299F31D0))
-    return k0, k1, k2, k3, k4, k5
+def row_perms(key: bytes, stream: int, rows: int, cols: int) -> list[list[int]]:
+    return row_perms_from_words(keystream_words(key, stream, rows * (max(cols - 1, 0) + 4)), rows, cols)
 
 
-def hasher(s: int):
-    """i -> hash62(s, i) for indices i < 2**32 (round keys computed once)."""
-    k0, k1, k2, k3, k4, k5 = round_keys(s)
-
-    def h(i: int) -> int:
-        a = mix32(mix32(mix32(i ^ k0) ^ k1) ^ k2)
-        b = mix32(mix32(mix32(i ^ k3) ^ k4) ^ k5)
-        return ((a & 0x7FFFFFFF) << 31) | (b & 0x7FFFFFFF)
-
-    return h
-
-
-def hash62(s: int, i: int) -> int:
-    return hasher(s)(i)
+def row_perms_from_words(words: list[int], rows: int, cols: int) -> list[list[int]]:
+    per = max(cols - 1, 0) + 4
+    out = []
+    for r in range(rows):
+        perm, pos = list(range(cols)), r * per
+        for i in range(cols - 1, 0, -1):
+            m = words[pos] * (i + 1)
+            pos += 1
+            while m % 2**32 < 2**32 % (i + 1) and pos < (r + 1) * per:
+                m = words[pos] * (i + 1)
+                pos += 1
+            j = m >> 32
+            perm[i], perm[j] = perm[j], perm[i]
+        out.append(perm)
+    return out
 
 
 # -- readout tables ---------------------------------------------------------------------------------
 
 
-def _row_perms(s: int, rows: int, cols: int) -> list[list[int]]:
-    """Row r: the column indices sorted by (hash(s, r*cols + c), c), i.e. a stable argsort."""
-    h = hasher(s)
-    return [sorted(range(cols), key=lambda c, r=r: (h(r * cols + c), c)) for r in range(rows)]
-
-
-def pass_tables(s: int, rows: int, cols: int) -> tuple[list[list[int]], ...]:
+def pass_tables(key: bytes, rows: int, cols: int, plane: int = 0) -> tuple[list[list[int]], ...]:
     """(A (rows x cols), B (cols x rows), C (rows x cols)) as nested lists."""
-    sa, sb, sc = (hash62(s, label) for label in (0, 1, 2))
-    return _row_perms(sa, rows, cols), _row_perms(sb, cols, rows), _row_perms(sc, rows, cols)
+    return (row_perms(key, 3 * plane, rows, cols), row_perms(key, 3 * plane + 1, cols, rows),
+            row_perms(key, 3 * plane + 2, rows, cols))
 
 
-def grid_table(s: int, rows: int, cols: int) -> np.ndarray:
+def grid_table(key: bytes, rows: int, cols: int, plane: int = 0) -> np.ndarray:
     """(rows*cols,) int64 slot -> item of one three-pass permutation: the three passes applied to an
     index grid, in order (not the composed closed form)."""
-    a_tab, b_tab, c_tab = pass_tables(s, rows, cols)
+    a_tab, b_tab, c_tab = pass_tables(key, rows, cols, plane)
     x = [[r * cols + c for c in range(cols)] for r in range(rows)]
     a = [[x[r][a_tab[r][c]] for c in range(cols)] for r in range(rows)]
     b = [[a[b_tab[c][r]][c] for c in range(cols)] for r in range(rows)]
@@ -124,19 +108,19 @@ def grid_table(s: int, rows: int, cols: int) -> np.ndarray:
     return np.array(y, np.int64).reshape(-1)
 
 
-def plane_tables(scheme: str, height: int, width: int, s: int) -> np.ndarray:
+def plane_tables(scheme: str, height: int, width: int, key: bytes) -> np.ndarray:
     """pixel (H*W,); quad (H/2*W/2,) cell table; plane (4, H/2*W/2), one table per packed plane."""
     if scheme == "pixel":
-        return grid_table(s, height, width)
+        return grid_table(key, height, width)
     h, w = height // 2, width // 2
     if scheme == "quad":
-        return grid_table(s, h, w)
-    return np.stack([grid_table(hash62(s, 16 + k), h, w) for k in range(4)])
+        return grid_table(key, h, w)
+    return np.stack([grid_table(key, h, w, k) for k in range(4)])
 
 
-def frame_table(scheme: str, height: int, width: int, s: int) -> np.ndarray:
+def frame_table(scheme: str, height: int, width: int, key: bytes) -> np.ndarray:
     """(H*W,) int64 ``pi`` with ``protected.flat[t] == frame.flat[pi[t]]`` (whole mosaic)."""
-    tabs = plane_tables(scheme, height, width, s)
+    tabs = plane_tables(scheme, height, width, key)
     if scheme == "pixel":
         return tabs
     h, w = height // 2, width // 2
@@ -154,4 +138,4 @@ def frame_table(scheme: str, height: int, width: int, s: int) -> np.ndarray:
 def readout_table(secret: bytes, scheme: str, height: int, width: int, frame_index: int | None = None
                   ) -> np.ndarray:
     """Whole-frame table of the keyed readout, from the key bytes."""
-    return frame_table(scheme, height, width, readout_seed(secret, scheme, frame_index))
+    return frame_table(scheme, height, width, readout_subkey(secret, scheme, frame_index))

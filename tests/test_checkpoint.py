@@ -38,7 +38,7 @@ def test_changed_file_is_refused(tmp_path):
 def test_a_keyed_checkpoint_holds_no_table_and_loads_as_plain(tmp_path):
     model = build_model(**ARCH)
     key = Key(bytes(range(32)))
-    twin = keyed(model, key, (4, 14, 14), torch.from_numpy(random_permutation(key.seed("x"), 196)))
+    twin = keyed(model, key, (4, 14, 14), torch.from_numpy(random_permutation(key.subkey("x"), 196)))
     save_checkpoint(tmp_path / "k.pt", twin, ARCH, {})
     payload = torch.load(tmp_path / "k.pt", weights_only=True)
     assert set(payload["state_dict"]) == set(model.state_dict())

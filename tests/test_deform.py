@@ -22,7 +22,7 @@ KEY = Key(bytes(range(32)))
 
 
 def perm(tag: int, n: int) -> torch.Tensor:
-    return random_permutation_torch(KEY.seed("test/deform", tag), n)
+    return random_permutation_torch(KEY.subkey("test/deform", tag), n)
 
 
 def out_size(n: int, k: int, s: int, p: int, d: int) -> int:

@@ -27,7 +27,7 @@ import torch
 from models.checkpoint import load_checkpoint
 from models.keyed import keyed, layer_perm
 from models.tables import plane_tables_torch
-from pipeline.lab.protection import ELE, MONO10, EtC, ReadoutProtection, block_seed
+from pipeline.lab.protection import ELE, MONO10, EtC, ReadoutProtection, block_subkey
 from pipeline.stream.classifier import KeyedClassifier
 from pipeline.stream.inputs import network_input
 from pipeline.stream.recording import RecordingReader
@@ -36,16 +36,17 @@ from sensor.config import SensorConfig
 from sensor.errors import PrivcamError
 from sensor.frame import FrameFormat
 from sensor.keys import Key, load_key_file, write_key_file
-from sensor.readout import SCHEMES, readout_permutation, readout_seed
+from sensor.readout import SCHEMES, TABLE_FORMAT, readout_permutation, readout_subkey
 from sensor.readout_tables import frame_table
 from tests import reference
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: AES-256-CTR + Fisher-Yates tables (sensor.readout.TABLE_FORMAT)
 REPO = Path(__file__).resolve().parents[1]
 DATA = Path(__file__).resolve().parent / "data"
 KAT_FILE = DATA / f"kat_v{FORMAT_VERSION}.json"
 RECORDING_FILE = DATA / f"kat_recording_v{FORMAT_VERSION}.mcap"
 PREDICTIONS_FILE = DATA / f"kat_predictions_v{FORMAT_VERSION}.json"
+V1_RECORDING = DATA / "kat_recording_v1.mcap"  # made by privcam 0.1 (keyed-hash tables): must be refused
 REGENERATE = "bump the format version and regenerate with tests/data/make_kat.py"
 
 TEST_KEY_SENTENCE = b"privcam public known-answer test key v1 - never a real key"
@@ -109,8 +110,7 @@ def compute_fingerprint() -> str:
 
 
 def compute_subkeys() -> dict[str, dict[str, Any]]:
-    return {label_name(p, c): {"subkey": KEY.subkey(p, *c).hex(), "seed": KEY.seed(p, *c)}
-            for p, c in derivation_labels()}
+    return {label_name(p, c): {"subkey": KEY.subkey(p, *c).hex()} for p, c in derivation_labels()}
 
 
 def compute_passphrase(tmp_dir: Path) -> dict[str, str]:
@@ -119,11 +119,11 @@ def compute_passphrase(tmp_dir: Path) -> dict[str, str]:
     path = tmp_dir / "passphrase.key"
     write_key_file(path, key)
     return {"passphrase": TEST_PASSPHRASE, "key_hex": path.read_text().strip(), "fingerprint": key.fingerprint,
-            "seed readout/pixel": key.seed("readout/pixel")}
+            "subkey readout/pixel": key.subkey("readout/pixel").hex()}
 
 
-def compute_readout_seeds() -> dict[str, int]:
-    return {f"{scheme} {frame_name(n)}": readout_seed(KEY, scheme, n)
+def compute_readout_subkeys() -> dict[str, str]:
+    return {f"{scheme} {frame_name(n)}": readout_subkey(KEY, scheme, n).hex()
             for scheme in SCHEMES for n in (None, *FRAME_INDICES, WIDE_FRAME_INDEX)}
 
 
@@ -138,12 +138,12 @@ def compute_readout_tables() -> dict[str, dict[str, Any]]:
     return out
 
 
-def compute_block_seeds() -> dict[str, int]:
+def compute_block_subkeys() -> dict[str, str]:
     out = {}
     for family in ("etc", "ele"):
         for block in (2, 4):
             for n in (None, *FRAME_INDICES):
-                out[f"{family}/b{block} {frame_name(n)}"] = block_seed(KEY, f"{family}/b{block}", n)
+                out[f"{family}/b{block} {frame_name(n)}"] = block_subkey(KEY, f"{family}/b{block}", n).hex()
     return out
 
 
@@ -184,9 +184,9 @@ SECTIONS = {
     "fingerprint": lambda tmp: compute_fingerprint(),
     "subkeys": lambda tmp: compute_subkeys(),
     "passphrase": compute_passphrase,
-    "readout_seeds": lambda tmp: compute_readout_seeds(),
+    "readout_subkeys": lambda tmp: compute_readout_subkeys(),
     "readout_tables": lambda tmp: compute_readout_tables(),
-    "block_seeds": lambda tmp: compute_block_seeds(),
+    "block_subkeys": lambda tmp: compute_block_subkeys(),
     "block_tables": lambda tmp: compute_block_tables(),
     "layer_perm": lambda tmp: compute_layer_perm(),
     "keyed_twin_layers": lambda tmp: compute_keyed_twin_layers(),
@@ -253,7 +253,6 @@ def test_the_pinned_derivations_are_the_documented_ones(kat):
     for purpose, counters in derivation_labels():
         entry = kat["subkeys"][label_name(purpose, counters)]
         assert entry["subkey"] == reference.subkey(secret, purpose, *counters).hex(), (purpose, counters)
-        assert entry["seed"] == reference.seed(secret, purpose, *counters), (purpose, counters)
     assert kat["passphrase"]["key_hex"] == reference.passphrase_secret(TEST_PASSPHRASE).hex()
     assert kat["passphrase"]["fingerprint"] == reference.fingerprint(reference.passphrase_secret(TEST_PASSPHRASE))
     h, w = FRAME_HW
@@ -261,7 +260,7 @@ def test_the_pinned_derivations_are_the_documented_ones(kat):
         for n in (None, *FRAME_INDICES):
             name = f"{scheme} {h}x{w} {frame_name(n)}"
             assert kat["readout_tables"][name] == summary(reference.readout_table(secret, scheme, h, w, n)), name
-            planes = reference.plane_tables(scheme, h, w, reference.readout_seed(secret, scheme, n))
+            planes = reference.plane_tables(scheme, h, w, reference.readout_subkey(secret, scheme, n))
             assert kat["readout_tables"][f"{name} planes"] == summary(planes), name
 
 
@@ -270,8 +269,8 @@ def test_every_readout_path_gives_the_pinned_tables(kat):
     reproduce the same pinned tables as the numba kernels."""
     h, w = FRAME_HW
     for scheme in SCHEMES:
-        seeds = [readout_seed(KEY, scheme, n) for n in FRAME_INDICES]
-        torch_planes = plane_tables_torch(scheme, h, w, seeds).numpy()
+        subkeys = [readout_subkey(KEY, scheme, n) for n in FRAME_INDICES]
+        torch_planes = plane_tables_torch(scheme, h, w, subkeys).numpy()
         stage_tables = ReadoutProtection(KEY, scheme, rotation=True).position_tables(h, w, list(FRAME_INDICES))
         for i, n in enumerate(FRAME_INDICES):
             name = f"{scheme} {h}x{w} {frame_name(n)}"
@@ -282,9 +281,9 @@ def test_every_readout_path_gives_the_pinned_tables(kat):
 
 
 def test_the_change_message_names_the_field_and_the_fix():
-    with pytest.raises(AssertionError, match=r"key derivation changed: subkeys\[readout/pixel\]\[seed\]; bump the "
-                                             r"format version and regenerate with tests/data/make_kat.py"):
-        assert_unchanged({"readout/pixel": {"seed": 1}}, {"readout/pixel": {"seed": 2}}, "subkeys")
+    with pytest.raises(AssertionError, match=r"key derivation changed: subkeys\[readout/pixel\]\[subkey\]; bump "
+                                             r"the format version and regenerate with tests/data/make_kat.py"):
+        assert_unchanged({"readout/pixel": {"subkey": "01"}}, {"readout/pixel": {"subkey": "02"}}, "subkeys")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -385,3 +384,12 @@ def test_the_recording_refuses_another_key(tmp_path):
     assert load_key_file(other) != KEY
     with pytest.raises(PrivcamError, match="refusing to replay with the wrong key"):
         replay_recording(str(RECORDING_FILE), recording_config(other), progress=False)
+
+
+def test_a_recording_of_the_old_table_format_is_refused_by_name(tmp_path):
+    assert FORMAT_VERSION == TABLE_FORMAT
+    reader = RecordingReader(V1_RECORDING)
+    assert reader.table_format == 1 and reader.key_fingerprint == KEY.fingerprint
+    with pytest.raises(PrivcamError, match=r"kat_recording_v1.mcap: its frames were read out with table format 1 "
+                                           r".*this privcam rebuilds format 2"):
+        replay_recording(str(V1_RECORDING), recording_config(make_key_file(tmp_path)), progress=False)

@@ -35,7 +35,7 @@ def perm_table(seed: int, *lead: int, n: int) -> torch.Tensor:
     bit 0 give ``pi ^ 1``), so raw consecutive seeds would not be independent frames.
     """
     count = int(np.prod(lead)) if lead else 1
-    rows = [random_permutation_torch(KEY.seed("test/perm", seed, i), n) for i in range(count)]
+    rows = [random_permutation_torch(KEY.subkey("test/perm", seed, i), n) for i in range(count)]
     return torch.stack(rows).reshape(*lead, n)
 
 
@@ -232,7 +232,7 @@ def test_layer_rejects_wrong_input_size():
 def test_keyed_model_equals_plain_model(plain_model, mode):
     name, (c, h, w), model = plain_model
     n = h * w
-    shared, per_channel = random_permutation_torch(KEY.seed("readout"), n), perm_table(31, c, n=n)
+    shared, per_channel = random_permutation_torch(KEY.subkey("readout"), n), perm_table(31, c, n=n)
     twin_shared = keyed(model, KEY, (c, h, w), shared, mode=mode)
     twin_plane = keyed(model, KEY, (c, h, w), per_channel, mode=mode)
     assert twin_shared.mode == mode and mode in twin_shared.describe()
@@ -439,7 +439,7 @@ def test_wrong_key_gives_unrelated_logits(trained_compact):
     g = torch.Generator().manual_seed(1)
     x, y = quadrant_data(400, g)
     n = 256
-    right_pi = random_permutation_torch(KEY.seed("readout/pixel"), n)
+    right_pi = random_permutation_torch(KEY.subkey("readout/pixel"), n)
     twin = keyed(model, KEY, (1, 16, 16), right_pi)
     with torch.no_grad():
         plain = model(x)
@@ -452,7 +452,7 @@ def test_wrong_key_gives_unrelated_logits(trained_compact):
         other_key = Key(bytes([i + 1] * 32))
         with torch.no_grad():
             # (a) wrong input permutation: the frame was read out under another key
-            wrong_pi = random_permutation_torch(other_key.seed("readout/pixel"), n)
+            wrong_pi = random_permutation_torch(other_key.subkey("readout/pixel"), n)
             wrong = {"wrong input perm": twin(protect(x, wrong_pi))}
             # (b) wrong layer key: the first layer writes other_key's order, KEY's layers read it
             hybrid = keyed(model, KEY, (1, 16, 16), right_pi)

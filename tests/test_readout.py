@@ -3,6 +3,7 @@ models.tables): numba kernels vs numpy references, round trips, tables, statisti
 
 from __future__ import annotations
 
+import hashlib
 import math
 import sys
 
@@ -16,11 +17,11 @@ from sensor import readout_kernels as rk
 from sensor import readout_tables as rt
 from sensor.cfa import pack
 from sensor.keys import Key
-from sensor.permutation import hash62, invert
+from sensor.permutation import invert, keystream_words, row_words, shuffle_rows_nb, shuffle_rows_ref
 from tests import reference
 
 H, W = 64, 96
-SEED = 0x2F3A_9C41_7B55_E1D3 & ((1 << 62) - 1)
+SEED = hashlib.sha256(b"privcam test readout subkey").digest()  # a 32-byte readout subkey
 SECRET = bytes(range(32))
 KEY = Key(SECRET)
 
@@ -36,32 +37,36 @@ def _frames(n: int | None, h: int = H, w: int = W, seed: int = 0) -> np.ndarray:
 # ---------------------------------------------------------------------------------------------
 
 
-def test_hash62_numba_matches_numpy():
-    for seed in (0, 1, SEED, (1 << 62) - 1):
-        ref = hash62(seed, np.arange(5000, dtype=np.uint64))
-        assert np.array_equal(rt.hash62_array_nb(rt.round_keys_nb(seed), 5000), ref)
+def _sub(i: int) -> bytes:
+    """A deterministic 32-byte subkey per test case."""
+    return hashlib.sha256(b"privcam test subkey %d" % i).digest()
 
 
-@pytest.mark.parametrize("n", [1, 2, 3, 17, 64, 1000])
-def test_argsort62_matches_stable_argsort(n):
-    rng = np.random.default_rng(n)
-    counts = np.empty(rt.argsort62_buckets(n) + 1, np.int64)
-    for trial in range(6):
-        if trial % 2:  # many ties, in few buckets: exercises the stable insertion sort
-            keys = rng.integers(0, 3, n).astype(np.uint64) << np.uint64(rng.integers(0, 61))
-        else:
-            keys = rng.integers(0, 1 << 62, n, dtype=np.uint64)
-        order = np.empty(n, np.int64)
-        rt.argsort62_nb(keys, order, counts)
-        assert np.array_equal(order, rt.argsort62_ref(keys))
+@pytest.mark.parametrize("stream, count", [(0, 1), (3, 7), (2**64 - 1, 50), (11, 4096)])
+def test_keystream_is_aes256_of_the_documented_counter_blocks(stream, count):
+    assert keystream_words(SEED, stream, count).tolist() == reference.keystream_words(SEED, stream, count)
 
 
-@pytest.mark.parametrize("dtype", [np.uint16, np.int32])
-def test_row_perms_numba_matches_numpy(dtype):
-    for rows, cols in ((1, 1), (5, 7), (16, 33)):
+@pytest.mark.parametrize("dtype", [np.uint16, np.int32, np.int64])
+def test_fisher_yates_numba_matches_reference(dtype):
+    for rows, cols in ((1, 1), (1, 2), (5, 7), (16, 33), (3, 300)):
+        words = keystream_words(SEED, 5, rows * row_words(cols))
         out = np.empty((rows, cols), dtype)
-        rt.row_perms_nb(rt.round_keys_nb(SEED), out)
-        assert np.array_equal(out, rt.row_perms_ref(SEED, rows, cols))
+        shuffle_rows_nb(words, out)
+        ref = shuffle_rows_ref(words, rows, cols)
+        assert np.array_equal(out, ref)
+        assert np.array_equal(ref, np.array(reference.row_perms(SEED, 5, rows, cols)))
+
+
+def test_fisher_yates_rejects_and_redraws():
+    """Words that fall in the rejection zone of the bounded draw take the row's next word."""
+    cols = 3  # draws for i = 2 (bound 3) and i = 1 (bound 2); 2**32 % 3 == 1, so the low word 0 is rejected
+    words = np.array([0, 0xAAAAAAAB, 0x80000000, 0, 0, 0], np.uint32)  # bound 3: w=0 -> m=0 < 1: redraw
+    ref = shuffle_rows_ref(words, 1, cols)
+    out = np.empty((1, cols), np.int64)
+    shuffle_rows_nb(words, out)
+    assert np.array_equal(out, ref)
+    assert ref[0].tolist() == np.array(reference.row_perms_from_words(words.tolist(), 1, cols)).ravel().tolist()
 
 
 @pytest.mark.parametrize("rows, cols", [(8, 8), (12, 20), (31, 7)])
@@ -307,7 +312,7 @@ def test_pass_tables_follow_the_documented_definition():
 
 
 # ---------------------------------------------------------------------------------------------
-# Torch twins
+# Tables on the network's device (built on the CPU and copied)
 # ---------------------------------------------------------------------------------------------
 
 
@@ -316,22 +321,11 @@ def _devices() -> list[str]:
 
 
 @pytest.mark.parametrize("device", _devices())
-def test_torch_pass_tables_equal_numpy(device):
-    rows, cols = 12, 20
-    ref = rt.three_pass_tables_numpy(SEED, rows, cols)
-    got = mt.three_pass_tables_torch(SEED, rows, cols, device)
-    for a, b in zip(got, ref, strict=True):
-        assert a.dtype == torch.int64 and a.device.type == device
-        assert np.array_equal(a.cpu().numpy(), b)
-    assert np.array_equal(mt.compose_table_torch(*got).cpu().numpy(), rt.compose_table_numpy(*ref))
-
-
-@pytest.mark.parametrize("device", _devices())
 @pytest.mark.parametrize("scheme", ro.SCHEMES)
 def test_torch_plane_tables_equal_numpy(scheme, device):
-    seeds = [ro.readout_seed(KEY, scheme, i) for i in range(3)]
-    got = mt.plane_tables_torch(scheme, H, W, seeds, device)
-    ref = np.stack([ro.ReadoutPermutation(scheme, H, W, s).plane_tables() for s in seeds])
+    subkeys = [ro.readout_subkey(KEY, scheme, i) for i in range(3)]
+    got = mt.plane_tables_torch(scheme, H, W, subkeys, device)
+    ref = np.stack([ro.ReadoutPermutation(scheme, H, W, s).plane_tables() for s in subkeys])
     n = H * W if scheme == "pixel" else H * W // 4
     assert tuple(got.shape) == ((3, 4, n) if scheme == "plane" else (3, n))
     assert got.dtype == torch.int64 and got.device.type == device
@@ -344,22 +338,22 @@ def test_torch_plane_tables_equal_numpy(scheme, device):
 # ---------------------------------------------------------------------------------------------
 
 
-def test_readout_seed_static_and_rotated():
+def test_readout_subkey_static_and_rotated():
     for scheme in ro.SCHEMES:  # HMAC-SHA256 of the documented labels, recomputed with hmac
-        assert ro.readout_seed(KEY, scheme) == reference.readout_seed(SECRET, scheme)
+        assert ro.readout_subkey(KEY, scheme) == reference.readout_subkey(SECRET, scheme)
         for n in (0, 1, 5, 2**40 + 3):
-            assert ro.readout_seed(KEY, scheme, n) == reference.readout_seed(SECRET, scheme, n)
-    seeds = {ro.readout_seed(KEY, "pixel")} | {ro.readout_seed(KEY, s, i) for s in ro.SCHEMES for i in range(3)}
-    assert len(seeds) == 10
+            assert ro.readout_subkey(KEY, scheme, n) == reference.readout_subkey(SECRET, scheme, n)
+    subkeys = {ro.readout_subkey(KEY, "pixel")} | {ro.readout_subkey(KEY, s, i) for s in ro.SCHEMES for i in range(3)}
+    assert len(subkeys) == 10
     perm = ro.readout_permutation(KEY, "quad", H, W, frame_index=2)
-    assert perm == ro.ReadoutPermutation("quad", H, W, reference.readout_seed(SECRET, "quad", 2))
+    assert perm == ro.ReadoutPermutation("quad", H, W, reference.readout_subkey(SECRET, "quad", 2))
     assert np.array_equal(perm.table(), reference.readout_table(SECRET, "quad", H, W, 2))
 
 
-def test_repr_hides_the_seed():
+def test_repr_hides_the_subkey():
     perm = ro.readout_permutation(KEY, "plane", H, W)
     for text in (repr(perm), str(perm)):
-        assert "seed" not in text and str(perm.seed) not in text and hex(perm.seed)[2:] not in text
+        assert "subkey" not in text and perm.subkey.hex() not in text and str(perm.subkey) not in text
         assert "plane" in text and str(H) in text and str(W) in text
 
 
@@ -373,13 +367,13 @@ def test_repr_hides_the_seed():
         (dict(width=2.0), "^width: expected a positive int"),
         (dict(height=True), "^height: expected a positive int"),
         (dict(height=1 << 17, width=1 << 16), "^height, width: at most 2\\*\\*32 pixels"),
-        (dict(seed=-1), "^seed: expected an int"),
-        (dict(seed=1 << 62), "^seed: expected an int"),
-        (dict(seed="1"), "^seed: expected an int"),
+        (dict(subkey=b"short"), "^subkey: expected 32 bytes"),
+        (dict(subkey=1 << 62), "^subkey: expected 32 bytes"),
+        (dict(subkey="1" * 32), "^subkey: expected 32 bytes"),
     ],
 )
 def test_constructor_validation(kwargs, match):
-    args = dict(scheme="pixel", height=H, width=W, seed=SEED) | kwargs
+    args = dict(scheme="pixel", height=H, width=W, subkey=SEED) | kwargs
     with pytest.raises(ValueError, match=match):
         ro.ReadoutPermutation(**args)
 
@@ -408,12 +402,12 @@ def test_frame_validation_and_secret_free_messages():
     with pytest.raises(ValueError, match="out: expected a C-contiguous"):
         perm.forward(frames[0], out=frames[1][::-1])
     with pytest.raises(ValueError, match="frame_index"):
-        ro.readout_seed(KEY, "quad", -1)
+        ro.readout_subkey(KEY, "quad", -1)
     with pytest.raises(ValueError, match="scheme"):
-        ro.readout_seed(KEY, "tiles")
-    with pytest.raises(ValueError, match="seed") as err:
-        ro.ReadoutPermutation("pixel", H, W, (1 << 62) + 12345)
-    assert "12345" not in str(err.value) and str((1 << 62) + 12345) not in str(err.value)
+        ro.readout_subkey(KEY, "tiles")
+    with pytest.raises(ValueError, match="subkey") as err:
+        ro.ReadoutPermutation("pixel", H, W, SEED[:31])
+    assert SEED[:31].hex() not in str(err.value) and str(SEED[:31]) not in str(err.value)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -444,7 +438,7 @@ def test_chi2_critical_value():
 def test_landing_slot_is_uniform(scheme):
     rows = cols = 8
     n, trials = rows * cols, 2000
-    landing = np.stack([_landing(scheme, rows, cols, hash62(SEED, 1000 + i)) for i in range(trials)])
+    landing = np.stack([_landing(scheme, rows, cols, _sub(1000 + i)) for i in range(trials)])
     for item in (0, 3 * cols + 5, n - 1):  # corner, interior, opposite corner
         counts = np.bincount(landing[:, item], minlength=n)
         expected = trials / n
@@ -473,7 +467,7 @@ def test_adjacent_pixels_land_far_apart(scheme):
     expected = _mean_random_distance(rows, cols)
     horiz, vert = [], []
     for i in range(12):
-        slot = _landing(scheme, rows, cols, hash62(SEED, 50 + i)).reshape(rows, cols)
+        slot = _landing(scheme, rows, cols, _sub(50 + i)).reshape(rows, cols)
         r, c = np.divmod(slot, cols)
         horiz.append(np.hypot(r[:, 1:] - r[:, :-1], c[:, 1:] - c[:, :-1]).ravel())
         vert.append(np.hypot(r[1:] - r[:-1], c[1:] - c[:-1]).ravel())
@@ -485,8 +479,8 @@ def test_adjacent_pixels_land_far_apart(scheme):
 def test_different_seeds_give_unrelated_tables(scheme):
     agree = []
     for i in range(20):
-        t1 = rt.plane_tables(scheme, H, W, hash62(SEED, 2 * i))
-        t2 = rt.plane_tables(scheme, H, W, hash62(SEED, 2 * i + 1))
+        t1 = rt.plane_tables(scheme, H, W, _sub(2 * i))
+        t2 = rt.plane_tables(scheme, H, W, _sub(2 * i + 1))
         frac = np.mean(t1 == t2, axis=-1)
         n = t1.shape[-1]
         assert np.all(frac < 1.0 / n + 0.003), frac

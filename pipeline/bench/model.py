@@ -36,7 +36,7 @@ def bench_models(batch: int, repeat: int, key: Key) -> list[dict]:
     for name, shape in CASES:
         torch.manual_seed(0)
         model = build_model(name, shape[0], 10).eval()
-        perm = random_permutation_torch(key.seed("bench/input"), shape[1] * shape[2])
+        perm = random_permutation_torch(key.subkey("bench/input"), shape[1] * shape[2])
         x = torch.randn(batch, *shape)
         t0 = time.perf_counter()
         fused = keyed(model, key, shape, perm, mode="fused").eval()
@@ -55,8 +55,8 @@ def bench_models(batch: int, repeat: int, key: Key) -> list[dict]:
 @torch.inference_mode()
 def bench_pool(key: Key, repeat: int) -> dict:
     pool = nn.MaxPool2d(2)
-    perm_in = random_permutation_torch(key.seed("bench/pool/in"), 32 * 32)
-    perm_out = random_permutation_torch(key.seed("bench/pool/out"), 16 * 16)
+    perm_in = random_permutation_torch(key.subkey("bench/pool/in"), 32 * 32)
+    perm_out = random_permutation_torch(key.subkey("bench/pool/out"), 16 * 16)
     keyed_pool = KeyedMaxPool2d(pool, (32, 32), in_perm=perm_in, out_perm=perm_out)
     x = torch.randn(64, 64, 32, 32)
     plain_s = median_seconds(lambda: pool(x), repeat)

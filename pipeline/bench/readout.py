@@ -76,12 +76,12 @@ def _strip_forward(perm: ro.ReadoutPermutation, x: np.ndarray, y: np.ndarray) ->
     return forward
 
 
-def throughput_cases(x: np.ndarray, seed: int) -> tuple[dict[str, Callable[[], object]], dict[str, str]]:
+def throughput_cases(x: np.ndarray, subkey: bytes) -> tuple[dict[str, Callable[[], object]], dict[str, str]]:
     """Named callables moving frame x (H, W) uint16, and each case's scheme ('' if none)."""
     height, width = x.shape
     y, z = np.empty_like(x), np.empty_like(x)
     flat_x, flat_y = x.reshape(1, -1), y.reshape(1, -1)
-    pi = ro.ReadoutPermutation("pixel", height, width, seed).table()
+    pi = ro.ReadoutPermutation("pixel", height, width, subkey).table()
     cases: dict[str, Callable[[], object]] = {
         "memcpy": lambda: np.copyto(y, x),
         "full_table_numpy_take": lambda: np.take(flat_x[0], pi, out=flat_y[0]),
@@ -91,7 +91,7 @@ def throughput_cases(x: np.ndarray, seed: int) -> tuple[dict[str, Callable[[], o
     for scheme in ro.SCHEMES:
         if scheme != "pixel" and (height % 2 or width % 2):
             continue
-        perm = ro.ReadoutPermutation(scheme, height, width, seed)
+        perm = ro.ReadoutPermutation(scheme, height, width, subkey)
         fwd = perm.forward(x)
         cases[f"three_pass_forward/{scheme}"] = lambda p=perm: p.forward(x, out=y)
         cases[f"three_pass_inverse/{scheme}"] = lambda p=perm, f=fwd: p.inverse(f, out=z)
@@ -105,22 +105,22 @@ def _scheme_table_costs(key: Key, scheme: str, x: np.ndarray, repeat: int, with_
     """Table costs of one scheme for frames like x (H, W) uint16; see :func:`table_costs`."""
     height, width = x.shape
     y = np.empty_like(x)
-    seed = ro.readout_seed(key, scheme)
+    subkey = ro.readout_subkey(key, scheme)
     grid = rt.grid_shape(scheme, height, width)
     frame_indices = iter(range(1 << 30))
 
     def static() -> None:
-        ro.ReadoutPermutation(scheme, height, width, seed).kernel_tables()
+        ro.ReadoutPermutation(scheme, height, width, subkey).kernel_tables()
 
     def rotation() -> None:
         ro.readout_permutation(key, scheme, height, width, next(frame_indices)).forward(x, out=y)
 
     def numpy_reference() -> None:
-        for s in rt.scheme_seeds(scheme, seed):
-            rt.three_pass_tables_numpy(s, *grid)
+        for t in range(rt.plane_count(scheme)):
+            rt.three_pass_tables_numpy(subkey, *grid, t)
 
     def torch_cpu() -> None:
-        plane_tables_torch(scheme, height, width, [seed])
+        plane_tables_torch(scheme, height, width, [subkey])
 
     rows = []
     for name, secs in _interleaved({"static": static, "rotation": rotation}, repeat).items():
@@ -128,7 +128,7 @@ def _scheme_table_costs(key: Key, scheme: str, x: np.ndarray, repeat: int, with_
                          ms_min=1e3 * min(secs)))
     slow = [("tables_static_numpy_reference", numpy_reference)]
     if with_torch:
-        plane_tables_torch(scheme, 8, 8, [seed])  # warm torch up on a tiny grid
+        plane_tables_torch(scheme, 8, 8, [subkey])  # warm torch up on a tiny grid
         slow.append(("plane_tables_torch_cpu", torch_cpu))
     for name, fn in slow:
         ms = 1e3 * _time_once(fn)  # slow: timed once
@@ -156,8 +156,8 @@ def table_costs(height: int, width: int, repeat: int, with_torch: bool = False) 
 def run(height: int, width: int, repeat: int, with_torch: bool = False) -> dict:
     """All measurements as a JSON-ready dict."""
     x = np.random.default_rng(0).integers(0, 1 << 16, (height, width), dtype=np.uint16)
-    seed = ro.readout_seed(Key.generate(), "pixel")
-    cases, schemes = throughput_cases(x, seed)
+    subkey = ro.readout_subkey(Key.generate(), "pixel")
+    cases, schemes = throughput_cases(x, subkey)
     times = _interleaved(cases, repeat)
     nbytes = x.nbytes
     memcpy_ms = 1e3 * statistics.median(times["memcpy"])

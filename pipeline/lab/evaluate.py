@@ -129,15 +129,15 @@ def _keyed_predictions(model: nn.Module, key: Key, fmt: FrameFormat, x_prot: tor
                        rotation: bool, scheme: str, batch: int = 500) -> np.ndarray:
     """The keyed twin on protected inputs; with rotation each frame's table comes from (key, n)."""
     from models.tables import plane_tables_torch
-    from sensor.readout import readout_seed
+    from sensor.readout import readout_subkey
 
     clf = KeyedClassifier(model, key, fmt, device="cpu", check_fingerprint=False)
     out = []
     for s in range(0, len(x_prot), batch):
         xb = x_prot[s:s + batch]
         if rotation:
-            seeds = [readout_seed(key, scheme, TEST_FRAME_BASE + s + i) for i in range(len(xb))]
-            tables = plane_tables_torch(scheme, fmt.height, fmt.width, seeds, "cpu")
+            subkeys = [readout_subkey(key, scheme, TEST_FRAME_BASE + s + i) for i in range(len(xb))]
+            tables = plane_tables_torch(scheme, fmt.height, fmt.width, subkeys, "cpu")
             out.append(clf.model(xb, input_perm=tables).argmax(1))
         else:
             out.append(clf.model(xb).argmax(1))

@@ -31,7 +31,7 @@ ImageToPerturbation      no     no          the plain model on the transformed f
 The literature runs block-wise schemes through networks adapted to the encrypted domain; here the
 authorised EtC/ELE user inverts with the key and runs the plain model, which measures the
 scheme's protection, not an adaptation network. Keyed stages derive everything from
-``key.seed(purpose, ...)`` subkeys (see :func:`block_seed`); no stage prints key material.
+``key.subkey(purpose, ...)`` subkeys (see :func:`block_subkey`); no stage prints key material.
 Colour (CFA) frames: EtC and ELE act on the four packed planes (:func:`sensor.cfa.pack`), so a
 block is 4 x b x b samples and covers 2b x 2b mosaic pixels; mono frames use the (H, W) grid.
 """
@@ -53,7 +53,7 @@ from tqdm import tqdm
 from sensor.cfa import pack
 from sensor.frame import FrameFormat
 from sensor.keys import Key
-from sensor.permutation import hash62
+from sensor.permutation import keystream_words
 from sensor.readout import ReadoutPermutation, readout_permutation
 
 from ..stream.classifier import KeyedClassifier
@@ -270,10 +270,9 @@ def _table_from_layout(layout: np.ndarray, source: np.ndarray) -> np.ndarray:
     return table
 
 
-def _hashes(seed: int, label: int, n: int) -> np.ndarray:
-    """(n,) uint64 keyed hashes of 0..n-1 under the sub-seed ``hash62(seed, label)``."""
-    sub = int(hash62(int(seed), np.uint64(label)))
-    return hash62(sub, np.arange(n, dtype=np.uint64))
+def _keystream(subkey: bytes, label: int, n: int) -> np.ndarray:
+    """(n,) uint64 keystream words of stream ``label`` (AES-256-CTR under the stage's subkey)."""
+    return keystream_words(subkey, label, 2 * n).view(np.uint64)
 
 
 def _dihedral(blocks: np.ndarray, t: int) -> np.ndarray:
@@ -282,10 +281,11 @@ def _dihedral(blocks: np.ndarray, t: int) -> np.ndarray:
     return np.swapaxes(out, -2, -1) if t >= 4 else out
 
 
-def etc_table(seed: int, height: int, width: int, block: int, cfa: str, max_dn: int) -> tuple[np.ndarray, np.ndarray]:
+def etc_table(subkey: bytes, height: int, width: int, block: int, cfa: str, max_dn: int
+              ) -> tuple[np.ndarray, np.ndarray]:
     """EtC as a position table and an XOR mask (negative-positive is ``x XOR max_dn``).
 
-    Steps, each driven by a sub-seed of ``seed``: block shuffle, a symmetry of the square per block
+    Steps, each driven by its own keystream of ``subkey``: block shuffle, a symmetry of the square per block
     (4 rotations x flip), channel (packed CFA plane) shuffle per block on colour frames,
     negative-positive per block.
 
@@ -294,25 +294,26 @@ def etc_table(seed: int, height: int, width: int, block: int, cfa: str, max_dn: 
     """
     layout = block_layout(height, width, block, cfa)
     nb, p = layout.shape[:2]
-    src = layout[np.argsort(_hashes(seed, 0, nb), kind="stable")]  # block shuffle
-    turns = (_hashes(seed, 1, nb) % np.uint64(8)).astype(np.int64)
+    src = layout[np.argsort(_keystream(subkey, 0, nb), kind="stable")]  # block shuffle
+    turns = (_keystream(subkey, 1, nb) % np.uint64(8)).astype(np.int64)
     for t in range(1, 8):
         sel = turns == t
         src[sel] = _dihedral(src[sel], t)
     if p > 1:
-        chan = np.argsort(_hashes(seed, 2, nb * p).reshape(nb, p), axis=1, kind="stable")
+        chan = np.argsort(_keystream(subkey, 2, nb * p).reshape(nb, p), axis=1, kind="stable")
         src = src[np.arange(nb)[:, None], chan]
-    negate = (_hashes(seed, 3, nb) & np.uint64(1)).astype(bool)
+    negate = (_keystream(subkey, 3, nb) & np.uint64(1)).astype(bool)
     mask_layout = np.broadcast_to(np.where(negate, max_dn, 0).astype(np.uint16)[:, None, None, None], layout.shape)
     mask = np.empty(layout.size, np.uint16)
     mask[layout.reshape(-1)] = mask_layout.reshape(-1)
     return _table_from_layout(layout, src), mask
 
 
-def ele_table(seed: int, height: int, width: int, block: int, cfa: str, max_dn: int) -> tuple[np.ndarray, np.ndarray]:
+def ele_table(subkey: bytes, height: int, width: int, block: int, cfa: str, max_dn: int
+              ) -> tuple[np.ndarray, np.ndarray]:
     """ELE as a position table and an XOR mask.
 
-    Block shuffle, then per block (each block's hashes are its own key): a shuffle of the block's
+    Block shuffle, then per block (from the stage's keystreams): a shuffle of the block's
     P*b*b samples and a random ``bit_depth``-bit XOR mask per sample (bit-wise negative-positive).
 
     Returns:
@@ -321,16 +322,16 @@ def ele_table(seed: int, height: int, width: int, block: int, cfa: str, max_dn: 
     layout = block_layout(height, width, block, cfa)
     nb = layout.shape[0]
     m = layout[0].size
-    src = layout[np.argsort(_hashes(seed, 0, nb), kind="stable")].reshape(nb, m)
-    inner = np.argsort(_hashes(seed, 1, nb * m).reshape(nb, m), axis=1, kind="stable")
+    src = layout[np.argsort(_keystream(subkey, 0, nb), kind="stable")].reshape(nb, m)
+    inner = np.argsort(_keystream(subkey, 1, nb * m).reshape(nb, m), axis=1, kind="stable")
     src = np.take_along_axis(src, inner, axis=1)
-    mask = (_hashes(seed, 2, height * width) & np.uint64(max_dn)).astype(np.uint16)
+    mask = (_keystream(subkey, 2, height * width) & np.uint64(max_dn)).astype(np.uint16)
     return _table_from_layout(layout, src), mask
 
 
-def block_seed(key: Key, purpose: str, frame_index: int | None = None) -> int:
-    """Seed of a block-wise stage: ``key.seed(purpose)`` (static) or ``key.seed(purpose + "/frame", n)``."""
-    return key.seed(purpose) if frame_index is None else key.seed(f"{purpose}/frame", int(frame_index))
+def block_subkey(key: Key, purpose: str, frame_index: int | None = None) -> bytes:
+    """Subkey of a block-wise stage: ``key.subkey(purpose)`` (static) or ``key.subkey(purpose + "/frame", n)``."""
+    return key.subkey(purpose) if frame_index is None else key.subkey(f"{purpose}/frame", int(frame_index))
 
 
 class BlockProtection(Protection):
@@ -355,21 +356,21 @@ class BlockProtection(Protection):
         self._static: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}
 
     @abstractmethod
-    def _build(self, seed: int, height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
-        """(table (H*W,) int64, mask (H*W,) uint16) for one seed."""
+    def _build(self, subkey: bytes, height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+        """(table (H*W,) int64, mask (H*W,) uint16) for one subkey."""
 
     def tables(self, height: int, width: int, frame_indices) -> tuple[np.ndarray, np.ndarray]:
         """Per-frame (B, H*W) tables and (B, H*W) masks (static: the same row repeated)."""
         idx = np.asarray(frame_indices, np.int64)
         purpose = f"{self.family}/b{self.block}"
         if self.rotation:
-            pairs = [self._build(block_seed(self.key, purpose, int(n)), height, width) for n in idx]
+            pairs = [self._build(block_subkey(self.key, purpose, int(n)), height, width) for n in idx]
             if not pairs:
                 n = height * width
                 return np.empty((0, n), np.int64), np.empty((0, n), np.uint16)
             return np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs])
         if (height, width) not in self._static:
-            self._static[(height, width)] = self._build(block_seed(self.key, purpose), height, width)
+            self._static[(height, width)] = self._build(block_subkey(self.key, purpose), height, width)
         table, mask = self._static[(height, width)]
         return np.broadcast_to(table, (len(idx), table.size)), np.broadcast_to(mask, (len(idx), mask.size))
 
@@ -409,8 +410,8 @@ class EtC(BlockProtection):
     family = "etc"
     relation = "negate"
 
-    def _build(self, seed: int, height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
-        return etc_table(seed, height, width, self.block, self.spec.cfa, self.spec.max_dn)
+    def _build(self, subkey: bytes, height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+        return etc_table(subkey, height, width, self.block, self.spec.cfa, self.spec.max_dn)
 
 
 class ELE(BlockProtection):
@@ -419,8 +420,8 @@ class ELE(BlockProtection):
     family = "ele"
     relation = "xor"
 
-    def _build(self, seed: int, height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
-        return ele_table(seed, height, width, self.block, self.spec.cfa, self.spec.max_dn)
+    def _build(self, subkey: bytes, height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+        return ele_table(subkey, height, width, self.block, self.spec.cfa, self.spec.max_dn)
 
 
 # ----------------------------------------------------------------------------------------------

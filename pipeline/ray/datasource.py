@@ -25,12 +25,10 @@ except ImportError as _err:  # pragma: no cover - exercised only without the ext
 from sensor.config import SensorConfig
 from sensor.errors import ConfigError, PrivcamError
 from sensor.keys import Key
+from sensor.readout import TABLE_FORMAT
 
 from ..stream.classifier import FrameFormat
-from ..stream.recording import (
-    RecordingReader,
-    encode_frame,
-)
+from ..stream.recording import RecordingReader, check_table_format, encode_frame
 
 READ_CPUS = 0.25  # logical CPUs per read task (decompress + decode; the model is the heavy stage)
 
@@ -60,6 +58,7 @@ class RecordingHeader:
     max_dn: int
     expected_frames: int | None
     size_bytes: int
+    table_format: int = TABLE_FORMAT
 
 
 def scan_header(path: str, index: int = 0) -> RecordingHeader:
@@ -70,7 +69,7 @@ def scan_header(path: str, index: int = 0) -> RecordingHeader:
         sensor_cfg = SensorConfig.from_dict(reader.sensor_config() or {}, f"{path} [privcam.sensor]")
         return RecordingHeader(index, str(path), reader.key_fingerprint, reader.scheme, reader.rotation,
                                sensor_cfg.black_level_dn, sensor_cfg.max_dn, reader.summary_message_count(),
-                               reader.size_bytes)
+                               reader.size_bytes, reader.table_format)
 
 
 def expand_recordings(paths: list[str]) -> list[str]:
@@ -99,6 +98,8 @@ def expand_recordings(paths: list[str]) -> list[str]:
 
 def check_fingerprints(headers: list[RecordingHeader], key: Key, key_file: str) -> None:
     """Refuse the whole job, naming every recording made with another key (as a local replay refuses one)."""
+    for h in headers:
+        check_table_format(h.path, h.table_format)
     wrong = [h for h in headers if h.key_fingerprint != key.fingerprint]
     if wrong:
         raise PrivcamError("; ".join(f"{h.path}: recorded with key {h.key_fingerprint}, but {key_file} has "

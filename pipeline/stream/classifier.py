@@ -20,7 +20,7 @@ from models.tables import plane_tables_torch
 from sensor.errors import PrivcamError
 from sensor.frame import FrameFormat, ProtectedFrame
 from sensor.keys import Key
-from sensor.readout import readout_permutation, readout_seed
+from sensor.readout import readout_permutation, readout_subkey
 
 from .inputs import input_shape, network_input
 
@@ -79,8 +79,8 @@ class KeyedClassifier:
         x = x.to(self.device, non_blocking=True)
         if not self.fmt.rotation:
             return self.model(x)
-        seeds = [readout_seed(self._key, self.fmt.scheme, int(n)) for n in frame_indices]
-        tables = plane_tables_torch(self.fmt.scheme, self.fmt.height, self.fmt.width, seeds, self.device)
+        subkeys = [readout_subkey(self._key, self.fmt.scheme, int(n)) for n in frame_indices]
+        tables = plane_tables_torch(self.fmt.scheme, self.fmt.height, self.fmt.width, subkeys, self.device)
         return self.model(x, input_perm=tables)
 
     def __call__(self, frames: list[ProtectedFrame]) -> list[dict[str, Any]]:

@@ -6,7 +6,9 @@ Layout: one channel ``/privcam/frames`` (schema ``privcam.ProtectedFrame``, enco
     uint32 little-endian header length | JSON header (FrameMeta) | H*W uint16 little-endian
 
 and the log time is the capture time in ns. Metadata records: ``privcam.sensor`` (the
-sensor configuration as YAML) and ``privcam.recording`` (scheme, rotation, key fingerprint).
+sensor configuration as YAML) and ``privcam.recording`` (scheme, rotation, key fingerprint and
+``table_format``, the readout-table derivation, :data:`sensor.readout.TABLE_FORMAT`; a recording
+without it is format 1). A reader refuses frames whose tables it cannot rebuild (:func:`check_table_format`).
 No key material is ever written.
 
 The writer goes through ``<path>.partial`` and renames on :meth:`Recorder.close`, which also
@@ -40,6 +42,7 @@ from mcap.writer import CompressionType, Writer
 
 from sensor.errors import PrivcamError
 from sensor.frame import FrameMeta, ProtectedFrame
+from sensor.readout import TABLE_FORMAT
 
 TOPIC = "/privcam/frames"
 SCHEMA_NAME = "privcam.ProtectedFrame"
@@ -52,6 +55,15 @@ _SCHEMA_TEXT = (b"uint32le header_len; json FrameMeta header; uint16le data[heig
 
 class RecordingError(PrivcamError):
     """A recording cannot be opened at all (missing, not MCAP)."""
+
+
+def check_table_format(path: str | os.PathLike, table_format: int) -> None:
+    """Refuse a recording whose readout tables this version cannot rebuild, naming both versions."""
+    if table_format != TABLE_FORMAT:
+        raise RecordingError(
+            f"{path}: its frames were read out with table format {table_format} (1: privcam 0.1's keyed hash), "
+            f"but this privcam rebuilds format {TABLE_FORMAT} (AES-256-CTR keystreams); replay it with the "
+            "privcam that recorded it, or record it again")
 
 
 def encode_frame(frame: ProtectedFrame) -> bytes:
@@ -91,7 +103,7 @@ class Recorder:
         schema = self._writer.register_schema(SCHEMA_NAME, ENCODING, _SCHEMA_TEXT)
         self._channel = self._writer.register_channel(TOPIC, ENCODING, schema)
         self._writer.add_metadata("privcam.sensor", {"yaml": yaml.safe_dump(sensor_config, sort_keys=False)})
-        self._writer.add_metadata("privcam.recording", {
+        self._writer.add_metadata("privcam.recording", {"table_format": str(TABLE_FORMAT),
             "scheme": scheme, "rotation": str(bool(rotation)).lower(), "key_fingerprint": key_fingerprint})
         self._closed = False
 
@@ -229,6 +241,12 @@ class RecordingReader:
     @property
     def key_fingerprint(self) -> str | None:
         return self.metadata.get("privcam.recording", {}).get("key_fingerprint")
+
+    @property
+    def table_format(self) -> int:
+        """The readout-table derivation the frames were protected with (1 when the recording predates it)."""
+        text = self.metadata.get("privcam.recording", {}).get("table_format", "1")
+        return int(text) if text.isdigit() else -1
 
     @property
     def scheme(self) -> str | None:

@@ -33,7 +33,7 @@ from sensor.sensor import Sensor
 from ..resources import DEFAULT_CHECKPOINT, MONO_PROFILE, resolve
 from .classifier import KeyedClassifier
 from .engine import Batch, Map, Pipeline, RunResult
-from .recording import Recorder, RecordingReader
+from .recording import Recorder, RecordingReader, check_table_format
 from .sinks import PredictionWriter
 from .sources import open_source
 
@@ -229,6 +229,7 @@ def replay_recording(path: str, cfg: RunConfig, progress: bool = True) -> dict[s
     """Stream a recording through the keyed classifier. Damaged parts are skipped and reported."""
     key = load_key(cfg.key.file)
     reader = RecordingReader(path)
+    check_table_format(path, reader.table_format)
     if reader.key_fingerprint != key.fingerprint:
         raise PrivcamError(f"{path}: recorded with key {reader.key_fingerprint}, but {cfg.key.file} has fingerprint "
                            f"{key.fingerprint}; refusing to replay with the wrong key")
