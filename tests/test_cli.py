@@ -64,3 +64,29 @@ def test_ptc_command_reports_measured_gain(capsys):
     result = json.loads(capsys.readouterr().out)
     assert result["gain_dn_per_e"] == pytest.approx(result["configured_gain_dn_per_e"], rel=0.08)
     assert np.isfinite(result["read_noise_e"])
+
+
+@pytest.mark.parametrize("scheme, rotation", [("pixel", False), ("quad", True), ("plane", True)])
+def test_capture_with_a_key_writes_the_protected_frame(photo, tmp_path, capsys, scheme, rotation):
+    from sensor.config import SensorConfig
+    from sensor.keys import load_key_file
+    from sensor.readout import readout_permutation
+    from sensor.scene import render_photons
+    from sensor.sensor import Sensor
+
+    key_file, out = tmp_path / "k.key", tmp_path / "protected.npy"
+    assert main(["keygen", "--out", str(key_file)]) == 0
+    capsys.readouterr()
+    args = ["capture", str(photo), "--key", str(key_file), "--scheme", scheme, "--frame-index", "7", "--out",
+            str(out), "--json"] + (["--rotation"] if rotation else [])
+    assert main(args) == 0
+    summary = json.loads(capsys.readouterr().out)
+    key = load_key_file(key_file)
+    assert summary["protected"] is True and summary["key_fingerprint"] == key.fingerprint
+    assert key_file.read_text().strip() not in json.dumps(summary)
+    config = SensorConfig.from_yaml("configs/sensors/default.yaml")
+    plain = Sensor(config).expose(render_photons(cv2.imread(str(photo))[..., ::-1], config), 7)
+    protected = read_raw(out).data
+    assert not np.array_equal(protected, plain)
+    order = readout_permutation(key, scheme, 48, 64, 7 if rotation else None)
+    assert np.array_equal(order.inverse(protected), plain)  # exactly the plain frame, read out in key order

@@ -73,7 +73,15 @@ def cmd_capture(args: argparse.Namespace) -> dict[str, Any]:
         config = config.replace(exposure_s=args.exposure_s)
     kind, data, meta = read_scene_or_raw(Path(args.input))
     photons = render_photons(data, config) if kind == "scene" else raw_to_photons(data, meta, config)
-    frame = Sensor(config, seed=args.seed).expose(photons, frame_index=args.frame_index)
+    sensor = Sensor(config, seed=args.seed)
+    if args.key:
+        from sensor.keys import load_key_file
+
+        key = load_key_file(args.key)
+        frame = sensor.capture(photons, key, frame_index=args.frame_index, scheme=args.scheme,
+                               rotation=args.rotation).data
+    else:
+        frame = sensor.expose(photons, frame_index=args.frame_index)
     out_meta = RawMeta(width=frame.shape[1], height=frame.shape[0], bit_depth=config.bit_depth,
                        cfa=config.cfa, black_level=config.black_level_dn, white_level=config.max_dn)
     write_raw(args.out, frame, out_meta)
@@ -82,7 +90,10 @@ def cmd_capture(args: argparse.Namespace) -> dict[str, Any]:
         "shape": list(frame.shape), "bit_depth": config.bit_depth, "cfa": config.cfa,
         "frame_index": args.frame_index, "seed": args.seed,
         "mean_dn": float(frame.mean()), "saturated_fraction": float((frame == config.max_dn).mean()),
+        "protected": bool(args.key),
     }
+    if args.key:
+        summary.update(scheme=args.scheme, rotation=args.rotation, key_fingerprint=key.fingerprint)
     if args.preview:
         preview = raw_to_srgb(frame, config)
         write_png(Path(args.preview), preview)
@@ -320,7 +331,8 @@ def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
 
 EXAMPLES = {
     "capture": "privcam capture photo.jpg --sensor configs/sensors/default.yaml --out frame.dng "
-               "--preview preview.png",
+               "--preview preview.png\n  privcam capture photo.jpg --key camera.key --scheme quad --out protected.dng "
+               "--preview protected.png",
     "ptc": "privcam ptc --sensor configs/sensors/mono10.yaml --analog-gain 4 --json",
     "keygen": "privcam keygen --out camera.key",
     "demo": "privcam demo --out demo_out",
@@ -353,7 +365,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("capture", cmd_capture,
             "Expose an 8-bit image (rendered through an inverse ISP) or a raw frame on the emulated sensor "
-            "and write the digitised raw frame (.dng, .npy, .png, .tif, .raw by extension).")
+            "and write the digitised raw frame (.dng, .npy, .png, .tif, .raw by extension); with --key, the "
+            "frame as the keyed readout emits it.")
     p.add_argument("input", metavar="IMAGE_OR_RAW", help="8-bit image (scene) or raw frame")
     p.add_argument("--sensor", help="sensor profile YAML (default: configs/sensors/default.yaml)")
     p.add_argument("--out", required=True, help="output raw frame path")
@@ -361,6 +374,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="temporal noise seed (default 0)")
     p.add_argument("--frame-index", type=int, default=0, help="frame counter n (default 0)")
     p.add_argument("--exposure-s", type=float, help="override the profile's exposure time (s)")
+    p.add_argument("--key", help="read the frame out in this key's order: the protected frame a keyed camera "
+                   "emits (the preview then shows what anyone without the key sees)")
+    p.add_argument("--scheme", default="pixel", choices=SCHEMES, help="readout scheme with --key (default pixel)")
+    p.add_argument("--rotation", action="store_true",
+                   help="with --key: the order of frame --frame-index instead of the static order")
 
     p = add("ptc", cmd_ptc,
             "Photon transfer measurement (EMVA 1288) on the emulator: recover K and read noise.")
