@@ -26,6 +26,7 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	mkdir -p benchmarks/results
+	$(BIN)/privcam bench sensor --out benchmarks/results/sensor.json
 	$(BIN)/privcam bench readout --out benchmarks/results/readout.json
 	$(BIN)/privcam bench model --out benchmarks/results/model.json
 	$(BIN)/privcam bench pipeline --out benchmarks/results/pipeline.json

@@ -14,8 +14,8 @@ Cases: ``memcpy``; ``full_table_*``: the pixel scheme applied as one gather thro
 library path (``ReadoutPermutation.forward`` / ``inverse`` with ``out=``, scratch included);
 ``three_pass_strips_forward/<scheme>``: the alternative with pass B on in-place column strips.
 
-Table costs: ``static`` builds the pass tables once for a static key (numba; the numpy reference
-build, and with ``--torch-tables`` the torch CPU build, are timed once each, for comparison);
+Table costs: ``static`` builds the pass tables once for a static key (AES-256-CTR keystreams and
+numba shuffles);
 ``rotation`` is the per-frame cost with a rotated key: building the frame's tables, then reading
 it out.
 """
@@ -33,11 +33,9 @@ import numba
 import numpy as np
 import torch
 
-from models.tables import plane_tables_torch
 from pipeline.bench.common import write_json
 from sensor import readout as ro
 from sensor import readout_kernels as rk
-from sensor import readout_tables as rt
 from sensor.keys import Key
 
 
@@ -101,12 +99,11 @@ def throughput_cases(x: np.ndarray, subkey: bytes) -> tuple[dict[str, Callable[[
     return cases, schemes
 
 
-def _scheme_table_costs(key: Key, scheme: str, x: np.ndarray, repeat: int, with_torch: bool) -> list[dict]:
+def _scheme_table_costs(key: Key, scheme: str, x: np.ndarray, repeat: int) -> list[dict]:
     """Table costs of one scheme for frames like x (H, W) uint16; see :func:`table_costs`."""
     height, width = x.shape
     y = np.empty_like(x)
     subkey = ro.readout_subkey(key, scheme)
-    grid = rt.grid_shape(scheme, height, width)
     frame_indices = iter(range(1 << 30))
 
     def static() -> None:
@@ -115,45 +112,29 @@ def _scheme_table_costs(key: Key, scheme: str, x: np.ndarray, repeat: int, with_
     def rotation() -> None:
         ro.readout_permutation(key, scheme, height, width, next(frame_indices)).forward(x, out=y)
 
-    def numpy_reference() -> None:
-        for t in range(rt.plane_count(scheme)):
-            rt.three_pass_tables_numpy(subkey, *grid, t)
-
-    def torch_cpu() -> None:
-        plane_tables_torch(scheme, height, width, [subkey])
-
     rows = []
     for name, secs in _interleaved({"static": static, "rotation": rotation}, repeat).items():
         rows.append(dict(name=f"tables_{name}", scheme=scheme, ms=1e3 * statistics.median(secs),
                          ms_min=1e3 * min(secs)))
-    slow = [("tables_static_numpy_reference", numpy_reference)]
-    if with_torch:
-        plane_tables_torch(scheme, 8, 8, [subkey])  # warm torch up on a tiny grid
-        slow.append(("plane_tables_torch_cpu", torch_cpu))
-    for name, fn in slow:
-        ms = 1e3 * _time_once(fn)  # slow: timed once
-        rows.append(dict(name=name, scheme=scheme, ms=ms, ms_min=ms))
     return rows
 
 
-def table_costs(height: int, width: int, repeat: int, with_torch: bool = False) -> list[dict]:
+def table_costs(height: int, width: int, repeat: int) -> list[dict]:
     """Table-building costs per scheme, in ms.
 
     ``tables_static``: pass tables for a static key (numba), built once per key.
     ``tables_rotation``: per-frame rotation: tables of a new frame index, then its readout.
-    ``tables_static_numpy_reference``: the same tables by the numpy reference, timed once.
-    ``plane_tables_torch_cpu`` (if with_torch): the composed tables by torch on the CPU, once.
     """
     key = Key.generate()
     x = np.random.default_rng(1).integers(0, 1 << 16, (height, width), dtype=np.uint16)
     rows = []
     for scheme in ro.SCHEMES:
         if scheme == "pixel" or (height % 2 == 0 and width % 2 == 0):
-            rows += _scheme_table_costs(key, scheme, x, repeat, with_torch)
+            rows += _scheme_table_costs(key, scheme, x, repeat)
     return rows
 
 
-def run(height: int, width: int, repeat: int, with_torch: bool = False) -> dict:
+def run(height: int, width: int, repeat: int) -> dict:
     """All measurements as a JSON-ready dict."""
     x = np.random.default_rng(0).integers(0, 1 << 16, (height, width), dtype=np.uint16)
     subkey = ro.readout_subkey(Key.generate(), "pixel")
@@ -173,7 +154,7 @@ def run(height: int, width: int, repeat: int, with_torch: bool = False) -> dict:
                      numba_threads=numba.get_num_threads(), threading_layer=_threading_layer(),
                      numpy=np.__version__, numba=numba.__version__, torch=torch.__version__),
         results=results,
-        tables=table_costs(height, width, max(3, repeat // 2), with_torch),
+        tables=table_costs(height, width, max(3, repeat // 2)),
     )
 
 
@@ -203,12 +184,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--height", type=int, default=3000)
     parser.add_argument("--width", type=int, default=4000)
     parser.add_argument("--repeat", type=int, default=10)
-    parser.add_argument("--torch-tables", action="store_true",
-                        help="also time the torch table builders on the CPU (slow at 12 MP)")
     args = parser.parse_args(argv)
     if args.height < 1 or args.width < 1 or args.repeat < 1:
         parser.error("--height, --width and --repeat must be positive")
-    report = run(args.height, args.width, args.repeat, args.torch_tables)
+    report = run(args.height, args.width, args.repeat)
     print_table(report)
     write_json(args.json, report)
     return report

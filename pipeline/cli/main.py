@@ -433,7 +433,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("bench", cmd_bench,
             "Throughput benchmarks, ratios against a baseline measured in the same run: readout (vs memcpy), "
             "model (keyed vs plain), pipeline (threaded vs serial), ray (local vs Ray replay, 1 and 2 actors).")
-    p.add_argument("what", choices=["readout", "model", "pipeline", "ray"])
+    p.add_argument("what", choices=["sensor", "readout", "model", "pipeline", "ray"])
     p.add_argument("--out", help="also write the JSON result here")
     p.epilog += "\n\noptions after '--' go to the benchmark itself (see python -m pipeline.bench.WHAT --help)"
 
