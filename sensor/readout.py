@@ -18,6 +18,9 @@ Subkeys come from the key: ``key.subkey("readout/<scheme>")`` (static) or
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -121,14 +124,32 @@ class ReadoutPermutation:
         ``out`` (same shape, C-contiguous) receives the result; it may be ``frame`` itself.
         """
         src, dst = self._prepare(frame, out)
-        forward_units(unit_view(src, self.scheme), self.kernel_tables(), unit_view(dst, self.scheme))
+        with self._scratch(src) as scratch:
+            forward_units(unit_view(src, self.scheme), self.kernel_tables(), unit_view(dst, self.scheme), scratch)
         return dst if frame.ndim == 3 else dst[0]
 
     def inverse(self, frame: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         """Exact restore of :meth:`forward`'s output (H, W) or (B, H, W) uint16."""
         src, dst = self._prepare(frame, out)
-        inverse_units(unit_view(src, self.scheme), self.kernel_tables(), unit_view(dst, self.scheme))
+        with self._scratch(src) as scratch:
+            inverse_units(unit_view(src, self.scheme), self.kernel_tables(), unit_view(dst, self.scheme), scratch)
         return dst if frame.ndim == 3 else dst[0]
+
+    @contextmanager
+    def _scratch(self, src: np.ndarray) -> Iterator[np.ndarray | None]:
+        """This permutation's reusable transposed scratch (one frame), or None (a fresh one per call)
+        when another thread holds it or the batch is larger than one frame."""
+        lock = self._cache.setdefault("lock", threading.Lock())
+        if src.shape[0] != 1 or not lock.acquire(blocking=False):
+            yield None
+            return
+        try:
+            buf = self._cache.get("scratch")
+            if buf is None:
+                buf = self._cache["scratch"] = np.empty(src.size, np.uint16)
+            yield buf
+        finally:
+            lock.release()
 
 
 def readout_permutation(key: Key, scheme: Scheme, height: int, width: int,

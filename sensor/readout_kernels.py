@@ -305,28 +305,38 @@ def aligned(frames: np.ndarray) -> np.ndarray:
     return frames.copy()
 
 
-def forward_units(x5: np.ndarray, tabs: tuple[np.ndarray, ...], y5: np.ndarray) -> None:
+def scratch_for(units: np.ndarray, scratch: np.ndarray | None = None) -> np.ndarray:
+    """The transposed scratch (N, K, P, R, Q) for units (N, R, P, K, Q): ``scratch`` when it fits
+    (reusing one avoids faulting in a frame-sized buffer on every call), else a new one."""
+    n, rows, p, cols, q = units.shape
+    shape = (n, cols, p, rows, q)
+    if scratch is not None and scratch.nbytes >= units.nbytes:
+        return scratch.reshape(-1).view(np.uint8)[:units.nbytes].view(units.dtype).reshape(shape)
+    return np.empty(shape, units.dtype)
+
+
+def forward_units(x5: np.ndarray, tabs: tuple[np.ndarray, ...], y5: np.ndarray,
+                  scratch: np.ndarray | None = None) -> None:
     """Three passes x5 -> y5 (N, R, P, K, Q) through a transposed scratch (N, K, P, R, Q).
 
     Pass A is fused with a blocked transpose into the scratch, pass B is then a row gather of
     the scratch (in place, rows of length R stay in L1), and pass C is fused with the blocked
-    transpose back. y5 may be x5.
+    transpose back. y5 may be x5. ``scratch``: an optional reusable buffer (:func:`scratch_for`).
     """
     a, b, c = tabs
-    n, rows, p, cols, q = x5.shape
     block = _block_rows(x5)
-    scratch = np.empty((n, cols, p, rows, q), x5.dtype)
+    scratch = scratch_for(x5, scratch)
     rows_to_t_nb(x5, a, scratch, block, False)
     rows_nb(scratch, b, scratch, True, False)
     t_to_rows_nb(scratch, c, y5, block, False)
 
 
-def inverse_units(y5: np.ndarray, tabs: tuple[np.ndarray, ...], x5: np.ndarray) -> None:
+def inverse_units(y5: np.ndarray, tabs: tuple[np.ndarray, ...], x5: np.ndarray,
+                  scratch: np.ndarray | None = None) -> None:
     """Exact inverse of :func:`forward_units` (scatters through the same tables). x5 may be y5."""
     a, b, c = tabs
-    n, rows, p, cols, q = y5.shape
     block = _block_rows(y5)
-    scratch = np.empty((n, cols, p, rows, q), y5.dtype)
+    scratch = scratch_for(y5, scratch)
     rows_to_t_nb(y5, c, scratch, block, True)
     rows_nb(scratch, b, scratch, True, True)
     t_to_rows_nb(scratch, a, x5, block, True)
