@@ -87,7 +87,13 @@ def load_checkpoint(path: str | os.PathLike, device: torch.device | str = "cpu")
     if payload.get("arch") != manifest.get("arch"):
         raise CheckpointError(f"{path}: architecture differs from its manifest")
     model = build_model(**payload["arch"])
-    model.load_state_dict(payload["state_dict"], strict=True)
+    try:
+        model.load_state_dict(payload["state_dict"], strict=True)
+    except RuntimeError as err:
+        lines = str(err).strip().splitlines()
+        detail = (lines[1] if len(lines) > 1 else lines[0]).strip()
+        raise CheckpointError(f"{path}: the weights do not fit a {payload['arch']}: "
+                              f"{detail[:200]}{'...' if len(detail) > 200 else ''}") from None
     return model.to(device).eval(), manifest
 
 

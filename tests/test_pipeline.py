@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import gzip
 import json
+import shutil
 
 import numpy as np
 import pytest
 import torch
 
 from models.checkpoint import save_checkpoint
-from models.plain import build_model
 from pipeline.cli.main import main
+from pipeline.resources import COLOUR_PROFILE, DEFAULT_CHECKPOINT, MONO_PROFILE, resolve
 from pipeline.stream.classifier import KeyedClassifier
+from pipeline.stream.datasets import load_dataset
 from pipeline.stream.inputs import network_input
 from pipeline.stream.recording import RecordingReader
 from pipeline.stream.run import RunConfig, record_frames, replay_recording, run_pipeline
@@ -22,8 +24,10 @@ from sensor.frame import FrameFormat
 from sensor.keys import load_key_file, write_key_file
 from sensor.scene import render_photons
 from sensor.sensor import Sensor
+from tests.fitted import fitted_model
 
 N_FRAMES = 40
+MONO, COLOUR = str(resolve(MONO_PROFILE)), str(resolve(COLOUR_PROFILE))
 
 
 def write_idx(path, array: np.ndarray) -> None:
@@ -34,17 +38,19 @@ def write_idx(path, array: np.ndarray) -> None:
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
+    """The first N_FRAMES images of the shipped sample as an IDX dataset, the shipped compact checkpoint
+    (m.pt) and a fitted, non-degenerate 4-plane model for the quad and plane schemes (m4.pt)."""
     root = tmp_path_factory.mktemp("world")
-    rng = np.random.default_rng(0)
-    images = rng.integers(0, 256, (N_FRAMES, 28, 28), dtype=np.uint8)
-    write_idx(root / "t10k-images-idx3-ubyte.gz", images)
-    write_idx(root / "t10k-labels-idx1-ubyte.gz", rng.integers(0, 10, N_FRAMES))
-    torch.manual_seed(0)
-    arch = {"name": "compact", "in_channels": 1, "num_classes": 10}
-    model = build_model(**arch)
-    save_checkpoint(root / "m.pt", model, arch, {"scheme": "pixel"})
+    sample = load_dataset("fashion-mnist-sample")
+    write_idx(root / "t10k-images-idx3-ubyte.gz", sample.images[:N_FRAMES])
+    write_idx(root / "t10k-labels-idx1-ubyte.gz", sample.labels[:N_FRAMES])
+    shipped = resolve(DEFAULT_CHECKPOINT)
+    shutil.copyfile(shipped, root / "m.pt")
+    shutil.copyfile(shipped.with_suffix(".json"), root / "m.json")
     arch4 = {"name": "compact", "in_channels": 4, "num_classes": 10}
-    save_checkpoint(root / "m4.pt", build_model(**arch4), arch4, {"scheme": "quad"})
+    fit = slice(N_FRAMES, N_FRAMES + 384)
+    model4 = fitted_model("compact", SensorConfig.from_yaml(COLOUR), "quad", sample.images[fit], sample.labels[fit])
+    save_checkpoint(root / "m4.pt", model4, arch4, {"scheme": "quad"})
     write_key_file(root / "cam.key")
     write_key_file(root / "other.key")
     return root
@@ -61,11 +67,13 @@ def config(world, **sections) -> RunConfig:
     return RunConfig.from_dict(data, "test")
 
 
-@pytest.mark.parametrize("scheme, rotation, checkpoint", [("pixel", False, "m.pt"), ("pixel", True, "m.pt"),
-                                                          ("quad", True, "m4.pt"), ("plane", False, "m4.pt")])
-def test_live_run_equals_plain_model_and_replay_is_bit_exact(world, tmp_path, scheme, rotation, checkpoint):
+@pytest.mark.parametrize("scheme, rotation, checkpoint, profile",
+                         [("pixel", False, "m.pt", MONO), ("pixel", True, "m.pt", MONO),
+                          ("quad", True, "m4.pt", COLOUR), ("plane", False, "m4.pt", COLOUR)],
+                         ids=["pixel-static", "pixel-rotation", "quad-rotation", "plane-static"])
+def test_live_run_equals_plain_model_and_replay_is_bit_exact(world, tmp_path, scheme, rotation, checkpoint, profile):
     rec, preds = tmp_path / "live.mcap", tmp_path / "live.jsonl"
-    cfg = config(world, key={"scheme": scheme, "rotation": rotation},
+    cfg = config(world, key={"scheme": scheme, "rotation": rotation}, sensor={"profile": profile},
                  model={"checkpoint": str(world / checkpoint)},
                  output={"record": str(rec), "predictions": str(preds)})
     summary = run_pipeline(cfg, progress=False)
@@ -73,17 +81,21 @@ def test_live_run_equals_plain_model_and_replay_is_bit_exact(world, tmp_path, sc
     assert summary["recording"]["frames_written"] == N_FRAMES
     live = [json.loads(line) for line in preds.read_text().splitlines()]
 
-    # The keyed classifier on protected frames predicts what the plain model predicts on plain frames.
+    # The keyed classifier on protected frames predicts what the plain model predicts on plain frames,
+    # with the same confidence, and those predictions are far from constant.
     from models.checkpoint import load_checkpoint
     plain_model, _ = load_checkpoint(world / checkpoint)
-    sensor_cfg = SensorConfig.from_yaml("configs/sensors/mono10.yaml")
+    sensor_cfg = SensorConfig.from_yaml(profile)
     sensor = Sensor(sensor_cfg, seed=3)
-    from pipeline.stream.datasets import load_dataset
     data = load_dataset("mnist", "test", world)
     plain = np.stack([sensor.expose(render_photons(im, sensor_cfg), i) for i, im in enumerate(data.images)])
     with torch.no_grad():
         logits = plain_model(network_input(plain, FrameFormat.from_config(sensor_cfg, scheme=scheme)))
-    assert [row["pred"] for row in live] == logits.argmax(1).tolist()
+    conf, pred = torch.softmax(logits, 1).max(1)
+    assert len(set(pred.tolist())) >= 5, "degenerate plain predictions would make the comparison vacuous"
+    assert float((pred.numpy() == data.labels).mean()) > 0.5
+    assert [row["pred"] for row in live] == pred.tolist()
+    assert np.allclose([row["confidence"] for row in live], conf.numpy(), rtol=0, atol=1e-5)
     assert [row["label"] for row in live] == data.labels.tolist()
 
     replay_preds = tmp_path / "replay.jsonl"
@@ -109,7 +121,6 @@ def test_model_stage_only_sees_protected_frames(world):
         KeyedClassifier.__call__ = original
     sensor_cfg = SensorConfig.from_yaml("configs/sensors/mono10.yaml")
     sensor = Sensor(sensor_cfg, seed=3)
-    from pipeline.stream.datasets import load_dataset
     images = load_dataset("mnist", "test", world).images
     assert len(seen) == N_FRAMES
     for frame in seen[:5]:

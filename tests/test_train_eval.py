@@ -9,19 +9,35 @@ import numpy as np
 import pytest
 import torch
 
-from models.checkpoint import load_checkpoint, read_manifest
+from models.checkpoint import load_checkpoint, read_manifest, save_checkpoint
 from pipeline.cli.main import main
 from pipeline.lab import train as train_module
+from pipeline.lab.evaluate import TEST_FRAME_BASE, capture_frames
 from pipeline.lab.train import TrainConfig, train
+from pipeline.stream.datasets import load_dataset
+from pipeline.stream.inputs import network_input
+from sensor.config import SensorConfig
+from sensor.frame import FrameFormat
+from sensor.keys import Key
+from sensor.sensor import Sensor
+from tests.fitted import fitted_model
 
 
-def write_cifar(root, n_per_batch: int = 12, seed: int = 0) -> None:
-    rng = np.random.default_rng(seed)
-    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
-        labels = rng.integers(0, 10, n_per_batch).tolist()
-        data = rng.integers(0, 256, (n_per_batch, 3072), dtype=np.uint8)
+def cifar_like(images: np.ndarray) -> np.ndarray:
+    """(B, 28, 28) grey uint8 -> (B, 32, 32, 3) RGB, padded with black like CIFAR's 32x32 frames."""
+    return np.repeat(np.pad(images, ((0, 0), (2, 2), (2, 2)))[..., None], 3, axis=3)
+
+
+def write_cifar(root, n_per_batch: int = 12) -> None:
+    """CIFAR-10 python pickles (the real format) holding real images: the shipped Fashion-MNIST sample,
+    padded to 32x32 RGB; the test batch is the sample's first ``n_per_batch`` images."""
+    sample = load_dataset("fashion-mnist-sample")
+    names = ["test_batch"] + [f"data_batch_{i}" for i in range(1, 6)]
+    for b, name in enumerate(names):
+        part = slice(b * n_per_batch, (b + 1) * n_per_batch)
+        data = cifar_like(sample.images[part]).transpose(0, 3, 1, 2).reshape(n_per_batch, 3072)
         with open(root / name, "wb") as fh:
-            pickle.dump({b"data": data, b"labels": labels, b"batch_label": name.encode()}, fh)
+            pickle.dump({b"data": data, b"labels": sample.labels[part].tolist(), b"batch_label": name.encode()}, fh)
 
 
 def write_idx_pair(root, prefix: str, n: int, seed: int) -> None:
@@ -106,7 +122,22 @@ def test_cifar10_train_and_eval_through_the_cli(tmp_path, capsys):
                  "--scheme", "quad", "--epochs", "1", "--out", str(out), "--quiet", "--json"]) == 0
     manifest = json.loads(capsys.readouterr().out)
     assert manifest["arch"]["in_channels"] == 4 and manifest["train_images"] == 60
-    assert main(["eval", "accuracy", "--dataset", "cifar10", "--data", str(tmp_path), "--checkpoint", str(out),
+
+    # One epoch on 60 images predicts about one class, and "keyed agrees with plain" would hold for any
+    # constant model; the table is checked on a fitted model whose predictions vary (tests/fitted.py).
+    colour = SensorConfig.from_yaml("configs/sensors/default.yaml")
+    sample = load_dataset("fashion-mnist-sample")
+    fit = slice(100, 484)
+    model = fitted_model("compact", colour, "quad", cifar_like(sample.images[fit]), sample.labels[fit])
+    fitted = tmp_path / "fitted.pt"
+    save_checkpoint(fitted, model, {"name": "compact", "in_channels": 4, "num_classes": 10}, {"scheme": "quad"})
+    test = load_dataset("cifar10", "test", tmp_path)
+    plain, _ = capture_frames(test.images, Sensor(colour, seed=0), Key(bytes(32)), "quad", False, TEST_FRAME_BASE)
+    with torch.no_grad():
+        plain_preds = model(network_input(plain, FrameFormat.from_config(colour, scheme="quad"))).argmax(1).numpy()
+    assert len(set(plain_preds.tolist())) >= 4, f"degenerate fitted model: {plain_preds.tolist()}"
+
+    assert main(["eval", "accuracy", "--dataset", "cifar10", "--data", str(tmp_path), "--checkpoint", str(fitted),
                  "--sensor", "configs/sensors/default.yaml", "--scheme", "quad", "--attack-train-images", "24",
                  "--attack-epochs", "1", "--quiet", "--json"]) == 0
     table = json.loads(capsys.readouterr().out)
@@ -115,6 +146,7 @@ def test_cifar10_train_and_eval_through_the_cli(tmp_path, capsys):
     for mode in table["modes"]:
         rows = {r["row"]: r for r in mode["rows"]}
         assert sorted(rows) == [1, 2, 3, 4, 5, 6, 7]
+        assert rows[1]["accuracy"] == float((plain_preds == test.labels).mean()), "row 1 is the plain model"
         assert rows[5]["accuracy"] == rows[1]["accuracy"] and rows[5]["agrees_with_row1_on"] == 12
         assert rows[3]["attack_budget"]["train_images"] == 24 and rows[4]["attack_budget"]["epochs"] == 1
         assert all(r["test_images"] == 12 for r in rows.values())

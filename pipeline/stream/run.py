@@ -33,6 +33,7 @@ from sensor.sensor import Sensor
 from ..resources import DEFAULT_CHECKPOINT, MONO_PROFILE, resolve
 from .classifier import KeyedClassifier
 from .engine import Batch, Map, Pipeline, RunResult
+from .inputs import input_shape
 from .recording import Recorder, RecordingReader, check_table_format
 from .sinks import PredictionWriter
 from .sources import open_source
@@ -191,6 +192,10 @@ def build_classifier(cfg: RunConfig, key: Key, fmt: FrameFormat) -> tuple[KeyedC
     if trained_scheme and representation[trained_scheme] != representation[fmt.scheme]:
         raise ConfigError("key", "scheme", f"a scheme whose network input matches the checkpoint's "
                           f"({trained_scheme})", fmt.scheme)
+    channels = input_shape(fmt.scheme, fmt.height, fmt.width)[0]
+    if manifest["arch"].get("in_channels") != channels:  # the manifest's scheme is not authenticated
+        raise ConfigError("model", "checkpoint", f"a model taking the {channels}-channel input of scheme "
+                          f"{fmt.scheme}", f"{cfg.model.checkpoint} ({manifest['arch'].get('in_channels')} channels)")
     device = pick_device(cfg.model.device)
     return KeyedClassifier(model, key, fmt, mode=cfg.model.mode, device=device), manifest
 
