@@ -95,11 +95,11 @@ def accuracy_table(checkpoint: str, test: Dataset, train: Dataset, sensor_cfg: S
             attack_budget={**budget.to_dict(), "wall_s": blind["wall_s"]})
 
         fmt = FrameFormat.from_config(sensor_cfg, scheme=scheme, rotation=rotation, height=h, width=w)
-        keyed_preds = _keyed_predictions(plain_model, key, fmt, x_prot, test, rotation, scheme)
+        keyed_preds = _keyed_predictions(plain_model, key, fmt, prot)
         row(5, "keyed model, protected frames", float((keyed_preds == test.labels).mean()),
             agrees_with_row1_on=int((keyed_preds == plain_preds).sum()))
         wrong = Key.generate()
-        wrong_preds = _keyed_predictions(load_checkpoint(checkpoint)[0], wrong, fmt, x_prot, test, rotation, scheme)
+        wrong_preds = _keyed_predictions(load_checkpoint(checkpoint)[0], wrong, fmt, prot)
         row(6, "keyed model built with a wrong key", float((wrong_preds == test.labels).mean()))
         x_hist, x_hist_test = (torch.sort(x.flatten(1), dim=1).values for x in (x_attack, x_prot))
         hist = mlp_attack(x_hist, attack_set.labels, x_hist_test, test.labels, num_classes, budget, progress,
@@ -124,21 +124,11 @@ def _predictions(model: nn.Module, x: torch.Tensor, batch: int = 500) -> np.ndar
     return torch.cat([model(x[s:s + batch]).argmax(1) for s in range(0, len(x), batch)]).numpy()
 
 
-@torch.inference_mode()
-def _keyed_predictions(model: nn.Module, key: Key, fmt: FrameFormat, x_prot: torch.Tensor, test: Dataset,
-                       rotation: bool, scheme: str, batch: int = 500) -> np.ndarray:
-    """The keyed twin on protected inputs; with rotation each frame's table comes from (key, n)."""
-    from models.tables import plane_tables_torch
-    from sensor.readout import readout_subkey
-
+def _keyed_predictions(model: nn.Module, key: Key, fmt: FrameFormat, frames: np.ndarray,
+                       batch: int = 500) -> np.ndarray:
+    """The keyed twin (the one keyed inference path, :meth:`KeyedClassifier.logits_array`) on protected
+    frames (B, H, W); with rotation frame i's table comes from (key, TEST_FRAME_BASE + i)."""
     clf = KeyedClassifier(model, key, fmt, device="cpu", check_fingerprint=False)
-    out = []
-    for s in range(0, len(x_prot), batch):
-        xb = x_prot[s:s + batch]
-        if rotation:
-            subkeys = [readout_subkey(key, scheme, TEST_FRAME_BASE + s + i) for i in range(len(xb))]
-            tables = plane_tables_torch(scheme, fmt.height, fmt.width, subkeys, "cpu")
-            out.append(clf.model(xb, input_perm=tables).argmax(1))
-        else:
-            out.append(clf.model(xb).argmax(1))
-    return torch.cat(out).numpy()
+    idx = TEST_FRAME_BASE + np.arange(len(frames))
+    out = [clf.logits_array(frames[s:s + batch], idx[s:s + batch]).argmax(1) for s in range(0, len(frames), batch)]
+    return torch.cat(out).cpu().numpy()
