@@ -65,6 +65,10 @@ class ReadoutPermutation:
         object.__setattr__(self, "width", w)
         object.__setattr__(self, "subkey", check_subkey(self.subkey))
 
+    def __reduce__(self):  # the tables are the key: never into a pickle, a checkpoint or a task argument
+        raise TypeError("ReadoutPermutation holds a readout subkey and cannot be pickled; rebuild it from the "
+                        "key file with sensor.readout.readout_permutation")
+
     # -- tables ----------------------------------------------------------------------------------
 
     def kernel_tables(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -219,6 +219,10 @@ def test_classifier_refuses_frames_of_another_format(world):
     other = sensor.capture(np.full((28, 28), 100.0), load_key_file(world / "other.key"), 0, scheme="pixel")
     with pytest.raises(PrivcamError, match="protected with key"):
         clf([other])
+    import pickle
+
+    with pytest.raises(TypeError, match="cannot be pickled"):  # it holds the key and the tables
+        pickle.dumps(clf)
 
 
 def test_a_folder_of_raw_frames_is_a_source(world, tmp_path):

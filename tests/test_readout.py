@@ -498,3 +498,11 @@ def test_rotation_gives_unrelated_consecutive_frames(scheme):
         assert np.mean(t1 == t2) < 1.0 / n + 0.003
         land1, land2 = invert(t1), invert(t2)  # landing slots of the same pixels: uncorrelated
         assert abs(np.corrcoef(land1, land2)[0, 1]) < 0.05
+
+
+def test_a_readout_permutation_refuses_to_be_pickled():
+    import pickle
+
+    perm = ro.readout_permutation(KEY, "pixel", H, W)
+    with pytest.raises(TypeError, match="cannot be pickled"):
+        pickle.dumps(perm)

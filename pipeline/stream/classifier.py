@@ -91,6 +91,10 @@ class KeyedClassifier:
         return [{"frame_index": f.meta.frame_index, "label": f.meta.label, "pred": int(p),
                  "confidence": float(c)} for f, p, c in rows]
 
+    def __reduce__(self):  # it holds the key and the keyed twin's tables
+        raise TypeError("KeyedClassifier holds the key and its gather tables and cannot be pickled; build it "
+                        "where it runs, from the key file and the checkpoint path")
+
     def __repr__(self) -> str:
         return (f"KeyedClassifier(key={self.fingerprint}, scheme={self.fmt.scheme}, "
                 f"rotation={self.fmt.rotation}, mode={self.mode}, device={self.device})")
