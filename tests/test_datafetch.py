@@ -312,3 +312,25 @@ def test_a_whole_part_left_before_its_rename_is_checked_and_placed(cache):
         fetch("fashion-mnist", mirror=server.url, progress=False, sources={"fashion-mnist": sample_source()})
         assert (name, f"bytes={len(files[name])}-") in server.behaviour.requests
     assert (folder / name).read_bytes() == files[name] and no_parts(folder)
+
+
+def test_every_not_here_error_names_the_command_that_gets_it(tmp_path, capsys):
+    from models.checkpoint import CheckpointError, load_checkpoint
+    from sensor.errors import PrivcamError
+    from sensor.keys import write_key_file
+
+    key = tmp_path / "k.key"
+    assert main(["replay", str(tmp_path / "gone.mcap"), "--key", str(key)]) == 2
+    assert "privcam keygen" in capsys.readouterr().err
+    write_key_file(key)
+    assert main(["replay", str(tmp_path / "gone.mcap"), "--key", str(key)]) == 2
+    err = capsys.readouterr().err
+    assert "gone.mcap: recording not found" in err and "privcam record" in err
+    with pytest.raises(CheckpointError, match="privcam train"):
+        load_checkpoint(tmp_path / "none.pt")
+    pytest.importorskip("ray")
+    from pipeline.ray.datasource import expand_recordings
+
+    for missing in (tmp_path / "gone.mcap", tmp_path / "*.mcap", tmp_path):
+        with pytest.raises(PrivcamError, match="privcam record"):
+            expand_recordings([str(missing)])
