@@ -87,6 +87,7 @@ def test_fetch_verifies_places_and_is_then_found_by_the_lookup(cache, sha256):
             assert (folder / name).read_bytes() == (sample_root() / name).read_bytes()
         sums = (folder / "SHA256SUMS").read_text().splitlines()
         assert sums == [f"{SAMPLE_SHA256[n]}  {n}" for n in SAMPLE_FILES]
+        assert (folder / SAMPLE_FILES[0]).stat().st_mode & 0o777 == 0o644
         served = len(server.behaviour.requests)
         again = fetch("fashion-mnist", mirror=server.url, progress=False,
                       sources={"fashion-mnist": sample_source(sha256)})
@@ -334,3 +335,16 @@ def test_every_not_here_error_names_the_command_that_gets_it(tmp_path, capsys):
     for missing in (tmp_path / "gone.mcap", tmp_path / "*.mcap", tmp_path):
         with pytest.raises(PrivcamError, match="privcam record"):
             expand_recordings([str(missing)])
+
+
+def test_progress_bar_and_an_unwritable_cache(cache, monkeypatch, capsys):
+    monkeypatch.setitem(datafetch.SOURCES, "fashion-mnist", sample_source())
+    with DataServer(sample_bytes()) as server:
+        assert main(["data", "fashion-mnist", "--mirror", server.url]) == 0
+        err = capsys.readouterr().err
+        assert "t10k-images-idx3-ubyte.gz" in err and "100%" in err  # tqdm, on stderr
+        blocker = cache.parent / "a-file"
+        blocker.write_text("")
+        assert main(["data", "fashion-mnist", "--mirror", server.url, "--root", str(blocker), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot create the dataset folder" in err and err.count("\n") == 1

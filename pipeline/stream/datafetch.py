@@ -45,6 +45,7 @@ except ImportError:  # pragma: no cover - Windows
 CACHE_ENV = "PRIVCAM_DATA_DIR"
 CHUNK_BYTES = 1 << 20
 TIMEOUT_S = 30.0
+FILE_MODE = 0o644  # a dataset is not a secret (temporary files are created 0600)
 
 
 class DataFetchError(PrivcamError):
@@ -215,14 +216,18 @@ def _download(url: str, fh: IO[bytes], label: str, progress: bool) -> None:
         total = offset + int(length) if length and length.isdigit() else None
         received = offset
         with tqdm(total=total, initial=offset, unit="B", unit_scale=True, unit_divisor=1024, desc=label,
-                  disable=not progress, leave=False) as bar:
+                  disable=not progress) as bar:
             try:
-                while chunk := response.read(CHUNK_BYTES):
-                    fh.write(chunk)
+                while True:
+                    try:
+                        chunk = response.read(CHUNK_BYTES)
+                    except (OSError, http.client.HTTPException) as err:
+                        raise _Unreachable(f"connection lost after {received} bytes ({err})") from None
+                    if not chunk:
+                        break
+                    fh.write(chunk)  # a full disk raises OSError here: not a network problem
                     received += len(chunk)
                     bar.update(len(chunk))
-            except (OSError, http.client.HTTPException) as err:
-                raise _Unreachable(f"connection lost after {received} bytes ({err})") from None
             finally:
                 fh.flush()
                 os.fsync(fh.fileno())
@@ -274,6 +279,7 @@ def fetch_file(source: RemoteDataset, spec: RemoteFile, folder: Path, mirrors: t
                                      f"No network? Then {source.manual}")
             problem = check_sums(part, spec)
             if problem is None:
+                os.chmod(part, FILE_MODE)
                 os.replace(part, dest)
                 _fsync_dir(folder)
                 break
@@ -321,6 +327,7 @@ def _write_sha256sums(folder: Path, files: list[dict[str, Any]]) -> None:
     fd, tmp = tempfile.mkstemp(prefix=".SHA256SUMS.", dir=folder)
     with os.fdopen(fd, "w") as fh:
         fh.writelines(f"{f['sha256']}  {f['name']}\n" for f in files)
+    os.chmod(tmp, FILE_MODE)
     os.replace(tmp, path)
 
 
@@ -342,10 +349,13 @@ def fetch(name: str, root: str | os.PathLike | None = None, mirror: str | None =
     except OSError as err:
         raise DataFetchError(f"{folder}: cannot create the dataset folder: {err.strerror}") from None
     mirrors = (mirror,) if mirror else source.mirrors
-    files = [fetch_file(source, spec, folder, mirrors, progress) for spec in source.files]
-    _write_sha256sums(folder, files)
-    if source.extract and not (folder / source.extract).is_dir():
-        _extract(folder / source.files[0].name, source.extract, folder)
+    try:
+        files = [fetch_file(source, spec, folder, mirrors, progress) for spec in source.files]
+        _write_sha256sums(folder, files)
+        if source.extract and not (folder / source.extract).is_dir():
+            _extract(folder / source.files[0].name, source.extract, folder)
+    except OSError as err:  # the cache side: permissions, a full disk (a part keeps what was received)
+        raise DataFetchError(f"{folder}: cannot write the dataset: {err.strerror or err}") from None
     path = folder / source.extract if source.extract else folder
     default = root is None or Path(root).expanduser().resolve() == cache_root().resolve()
     return {"dataset": name, "folder": str(folder), "data": str(path),
