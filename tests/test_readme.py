@@ -213,7 +213,12 @@ def tiny_fashion_mnist(folder: Path) -> list[dict]:
 
 def fresh_clone(target: Path) -> Path:
     """The repository's tracked files (the working tree's versions), as a fresh clone has them."""
-    tracked = subprocess.run(["git", "ls-files", "-z"], cwd=REPO, capture_output=True, check=True).stdout
+    try:
+        tracked = subprocess.run(["git", "ls-files", "-z"], cwd=REPO, capture_output=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):  # not a git checkout: the tree without build outputs
+        shutil.copytree(REPO, target, dirs_exist_ok=True, ignore=shutil.ignore_patterns(
+            ".git", ".venv", "__pycache__", "*.egg-info", "build", "demo_out", ".pytest_cache", ".ruff_cache"))
+        return target
     for name in tracked.decode().split("\0"):
         if name and (REPO / name).is_file():
             (target / name).parent.mkdir(parents=True, exist_ok=True)
