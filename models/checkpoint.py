@@ -77,7 +77,8 @@ def load_checkpoint(path: str | os.PathLike, device: torch.device | str = "cpu")
     """Verify the manifest hash, then build the plain model and load its weights (eval mode)."""
     path = Path(path)
     if not path.exists():
-        raise CheckpointError(f"{path}: checkpoint not found")
+        raise CheckpointError(f"{path}: checkpoint not found (privcam train writes one; the shipped one is "
+                              f"models/weights/compact_fashion_mnist_pixel.pt)")
     manifest = read_manifest(path)
     actual = sha256_file(path)
     if manifest.get("sha256") != actual:

@@ -19,6 +19,7 @@ import torch
 
 from models.plain import build_model
 from pipeline.bench.common import write_json
+from pipeline.resources import resolve
 from pipeline.stream.classifier import KeyedClassifier
 from pipeline.stream.engine import Batch, Map, Pipeline
 from pipeline.stream.inputs import input_shape
@@ -35,7 +36,7 @@ CASES = [("mono10 28x28 pixel", "configs/sensors/mono10.yaml", (28, 28), "pixel"
 def run_case(profile: str, hw: tuple[int, int], scheme: str, frames: int, batch: int, rotation: bool,
              rounds: int = 3) -> dict:
     key = Key(bytes(range(32)))  # fixed public test key: benchmarks protect nothing
-    cfg = SensorConfig.from_yaml(profile)
+    cfg = SensorConfig.from_yaml(resolve(profile))  # the shipped profile outside a checkout
     rng = np.random.default_rng(0)
     scenes = rng.integers(0, 256, (frames, *hw), dtype=np.uint8)
     items = [(i, scenes[i], None) for i in range(frames)]

@@ -36,6 +36,7 @@ import torch
 
 from models.checkpoint import save_checkpoint
 from models.plain import build_model
+from pipeline.resources import resolve
 from pipeline.stream.recording import Recorder
 from pipeline.stream.run import RunConfig, replay_recording
 from sensor.config import SensorConfig
@@ -55,7 +56,7 @@ def make_world(root: Path, recordings: int, frames: int, rotation: bool) -> tupl
     torch.manual_seed(0)
     arch = {"name": "compact", "in_channels": 1, "num_classes": 10}
     save_checkpoint(root / "m.pt", build_model(**arch), arch, {"scheme": "pixel"})
-    cfg = SensorConfig.from_yaml(PROFILE)
+    cfg = SensorConfig.from_yaml(resolve(PROFILE))  # the shipped profile outside a checkout
     sensor, rng = Sensor(cfg, seed=0), np.random.default_rng(0)
     paths = []
     for r in range(recordings):
@@ -171,7 +172,7 @@ def actor_memory(key_file: str, checkpoint: str, threads: int = 1) -> dict:
         return {"rss_before_model_mb": before, "rss_with_model_mb": rss_mb(), "parameter_bytes": params,
                 "buffer_bytes_incl_gather_tables": buffers}
 
-    cfg = SensorConfig.from_yaml(PROFILE)
+    cfg = SensorConfig.from_yaml(resolve(PROFILE))  # the shipped profile outside a checkout
     fmt = {"scheme": "pixel", "rotation": False, "height": HW[0], "width": HW[1], "black_level": cfg.black_level_dn,
            "max_dn": cfg.max_dn}
     return ray.get(measure.remote(fmt))

@@ -18,6 +18,7 @@ from sensor.errors import PrivcamError
 from sensor.readout import SCHEMES
 
 from ..resources import COLOUR_PROFILE, DEFAULT_CHECKPOINT, MONO_PROFILE, RUN_CONFIG, resolve
+from . import data_cmd
 from .images import write_png
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
@@ -343,6 +344,7 @@ EXAMPLES = {
     "bench": "privcam bench readout --out readout.json -- --height 3000 --width 4000",
     "eval": "privcam eval accuracy --checkpoint models/weights/compact_fashion_mnist_pixel.pt --json",
     "train": "privcam train --config configs/train/compact_fashion_mnist.yaml",
+    "data": data_cmd.EXAMPLE,
 }
 
 
@@ -464,6 +466,9 @@ def build_parser() -> argparse.ArgumentParser:
                            formatter_class=argparse.RawDescriptionHelpFormatter)
     priv.add_argument("--json", action="store_true", help="print a machine-readable summary on stdout")
     add_privacy_arguments(priv)
+
+    p = add("data", data_cmd.cmd_data, data_cmd.HELP)
+    data_cmd.add_data_arguments(p)
 
     p = add("demo", cmd_demo,
             "Built-in demo on the shipped Fashion-MNIST sample: sensor, rotating keyed readout, recording, keyed "

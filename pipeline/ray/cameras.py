@@ -297,7 +297,7 @@ def _serve_cameras(cfg: RunConfig, key: Key, fmt: dict[str, Any], shards: list[t
                "dataset": cfg.source.dataset, "split": cfg.source.split, "scheme": cfg.key.scheme,
                "rotation": cfg.key.rotation, "mode": cfg.model.mode, "device": ",".join(devices) or None,
                "key_fingerprint": key.fingerprint, "checkpoint": cfg.model.checkpoint,
-               "checkpoint_plain_accuracy": read_manifest(cfg.model.checkpoint).get("plain_test_accuracy"),
+               "checkpoint_plain_accuracy": read_manifest(resolve(cfg.model.checkpoint)).get("plain_test_accuracy"),
                "camera_shards": [list(s) for s in shards], "frames": writer.count, "labelled": writer.labelled,
                "accuracy": writer.accuracy, "wall_s": round(wall, 3),
                "frames_per_s": round(writer.count / wall, 2) if wall > 0 else None,

@@ -29,6 +29,7 @@ from sensor.readout import TABLE_FORMAT
 
 from ..stream.classifier import FrameFormat
 from ..stream.recording import RecordingReader, check_table_format, encode_frame
+from ..stream.run import make_recording_hint
 
 READ_CPUS = 0.25  # logical CPUs per read task (decompress + decode; the model is the heavy stage)
 
@@ -82,13 +83,16 @@ def expand_recordings(paths: list[str]) -> list[str]:
         if any(ch in item for ch in "*?["):
             matches = sorted(m for m in glob.glob(item, recursive=True) if m.endswith(".mcap") and os.path.isfile(m))
             if not matches:
-                raise PrivcamError(f"{item}: no .mcap recording matches")
+                raise PrivcamError(f"{item}: no .mcap recording matches ({make_recording_hint('PATH.mcap')})")
             found += matches
         elif os.path.isdir(item):
             matches = sorted(str(p) for p in Path(item).glob("*.mcap") if p.is_file())
             if not matches:
-                raise PrivcamError(f"{item}: folder holds no .mcap recording")
+                hint = make_recording_hint(os.path.join(item, "NAME.mcap"))
+                raise PrivcamError(f"{item}: folder holds no .mcap recording ({hint})")
             found += matches
+        elif not os.path.exists(item):
+            raise PrivcamError(f"{item}: recording not found ({make_recording_hint(item)})")
         else:
             found.append(item)
     if not found:

@@ -230,9 +230,16 @@ def run_pipeline(cfg: RunConfig, progress: bool = True) -> dict[str, Any]:
     return summarise(result, sink, extra)
 
 
+def make_recording_hint(path: str) -> str:
+    """What to run when a recording is not there (every "not here" error names the command)."""
+    return f"make one with privcam record --key KEY --out {path}, or privcam run --key KEY --record {path}"
+
+
 def replay_recording(path: str, cfg: RunConfig, progress: bool = True) -> dict[str, Any]:
     """Stream a recording through the keyed classifier. Damaged parts are skipped and reported."""
     key = load_key(cfg.key.file)
+    if not Path(path).exists():
+        raise PrivcamError(f"{path}: recording not found ({make_recording_hint(path)})")
     reader = RecordingReader(path)
     check_table_format(path, reader.table_format)
     if reader.key_fingerprint != key.fingerprint:
