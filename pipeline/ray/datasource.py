@@ -30,6 +30,7 @@ from ..stream.classifier import FrameFormat
 from ..stream.recording import (
     RecordingReader,
     encode_frame,
+    stream_mismatch,
 )
 
 READ_CPUS = 0.25  # logical CPUs per read task (decompress + decode; the model is the heavy stage)
@@ -124,7 +125,16 @@ def read_recording_blocks(header: RecordingHeader, batch_size: int, block_bytes:
     reader = RecordingReader(header.path)
     try:
         fmt_text, rows, batch, batch_index, rows_per_block = None, [], [], 0, 1
+        first, skipped = None, 0
         for frame in reader.frames():
+            if first is None:
+                first = frame.meta
+            why = stream_mismatch(first, frame.meta, header.key_fingerprint or first.key_fingerprint)
+            if why is not None:  # as the local replay: skip a frame of another key or format, report it
+                skipped += 1
+                if skipped <= 20:
+                    reader.report.problems.append(f"skipped {why}")
+                continue
             if fmt_text is None:
                 m = frame.meta
                 fmt_text = _fmt_json(FrameFormat(header.black_level, header.max_dn, m.cfa, m.scheme, m.rotation,
