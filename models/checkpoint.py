@@ -20,6 +20,7 @@ import hashlib
 import json
 import os
 import pickle
+import re
 from pathlib import Path
 from typing import Any
 
@@ -89,7 +90,9 @@ def safe_torch_load(path: str | os.PathLike, what: str = "checkpoint") -> Any:
     with _open(path, f"a {what} file") as fh:
         try:
             return torch.load(fh, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError:
+        except pickle.UnpicklingError as err:
+            if not re.search(r"\bglobal\b", str(err), re.IGNORECASE):  # not a pickled object: damaged data
+                raise CheckpointError(f"{path}: not a readable {what} (damaged or not a torch file)") from None
             raise CheckpointError(f"{path}: {what} holds objects other than tensors and plain containers; "
                                   "refusing to load it (only weights are ever loaded, never code)") from None
         except Exception as err:  # noqa: BLE001 - torch raises many types for a damaged file
