@@ -297,6 +297,8 @@ def cmd_show(args: argparse.Namespace) -> dict[str, Any]:
         torch.manual_seed(0)
         model = build_model("compact", input_shape(args.scheme, *scene.shape[:2])[0], 10)
         weights = "random init (seed 0)"
+        check_model_input(model, {}, input_shape(args.scheme, h, w),
+                          f"the {args.scheme} scheme on this {h}x{w} {config.cfa} frame", "the compact net")
     figure, facts = show_panels(scene, config, key, args.scheme, model, args.frame_index, args.seed)
     write_png(Path(args.out), figure)
     return {"out": args.out, "weights": weights, **facts}
