@@ -86,6 +86,10 @@ def decode_frame(payload: bytes) -> ProtectedFrame:
     return ProtectedFrame(data, meta)
 
 
+def _stream(m: FrameMeta) -> str:
+    return f"{m.scheme}/{'rotating' if m.rotation else 'static'} {m.width}x{m.height} {m.bit_depth}-bit {m.cfa}"
+
+
 def stream_mismatch(first: FrameMeta, meta: FrameMeta, fingerprint: str) -> str | None:
     """Why a frame cannot join the stream that ``first`` started (None when it can)."""
     if meta.key_fingerprint != fingerprint:
@@ -93,8 +97,7 @@ def stream_mismatch(first: FrameMeta, meta: FrameMeta, fingerprint: str) -> str 
     mine = (meta.scheme, meta.rotation, meta.height, meta.width, meta.bit_depth, meta.cfa)
     theirs = (first.scheme, first.rotation, first.height, first.width, first.bit_depth, first.cfa)
     if mine != theirs:
-        return (f"frame {meta.frame_index}: scheme/rotation/size/bits/CFA {'/'.join(map(str, mine))} differ from "
-                f"the stream's {'/'.join(map(str, theirs))}")
+        return f"frame {meta.frame_index}: {_stream(meta)} differs from the stream's {_stream(first)}"
     return None
 
 
