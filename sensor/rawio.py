@@ -45,7 +45,16 @@ import yaml
 from .atomic import staged_files
 from .cfa import PATTERNS
 from .errors import InputFileError, RawFormatError
-from .safeio import check_pixels, max_pixels, open_regular, read_bytes, read_image, read_text, regular_file
+from .safeio import (
+    check_pixels,
+    max_pixels,
+    open_regular,
+    quiet_decoders,
+    read_bytes,
+    read_image,
+    read_text,
+    regular_file,
+)
 
 ByteOrder = Literal["little", "big"]
 BIT_DEPTHS: tuple[int, ...] = (8, 10, 12, 14, 16)
@@ -354,7 +363,7 @@ def _read_npy(path: Path, hints: Mapping[str, Any]) -> RawFrame:
                 shape, fortran, dtype = np.lib.format.read_array_header_2_0(fh)
             else:
                 raise ValueError(f"unsupported .npy format version {version}")
-        except (ValueError, OSError, EOFError, SyntaxError, TypeError) as exc:
+        except Exception as exc:  # noqa: BLE001 - numpy parses the header with ast/tokenize: many types
             raise RawFormatError(path, "npy", "a complete .npy array file", " ".join(str(exc).split())) from None
         if dtype.hasobject or dtype.kind != "u" or dtype.itemsize != 2:
             raise RawFormatError(path, "dtype", "uint16", dtype)
@@ -428,7 +437,7 @@ def _check_shape(path: Path, shape: Sequence[int]) -> None:
 def _read_tiff(path: Path, hints: Mapping[str, Any]) -> RawFrame:
     tifffile = _import_tifffile(path)
     try:
-        with _tiff_handle(path) as fh, tifffile.TiffFile(fh) as tif:
+        with quiet_decoders(), _tiff_handle(path) as fh, tifffile.TiffFile(fh) as tif:
             order = tif.byteorder
             if len(tif.pages):
                 _check_shape(path, tif.pages[0].shape)
@@ -528,7 +537,7 @@ def _dng_tifffile(path: Path) -> tuple[np.ndarray, dict[str, Any]]:
     """Decode a DNG's main image (IFD0 or its first raw SubIFD) with tifffile."""
     tifffile = _import_tifffile(path)
     try:
-        with _tiff_handle(path) as fh, tifffile.TiffFile(fh) as tif:
+        with quiet_decoders(), _tiff_handle(path) as fh, tifffile.TiffFile(fh) as tif:
             pages = [tif.pages[0], *(tif.pages[0].pages or [])]
             page = next((pg for pg in pages if int(pg.photometric) in
                          (_PHOTOMETRIC_CFA, _PHOTOMETRIC_LINEAR_RAW)), pages[0])
@@ -553,7 +562,7 @@ def _dng_bit_depth(path: Path) -> int | None:
     except ImportError:  # pragma: no cover - depends on the environment
         return None
     try:
-        with open_regular(path, "a DNG file") as fh, tifffile.TiffFile(fh) as tif:
+        with quiet_decoders(), open_regular(path, "a DNG file") as fh, tifffile.TiffFile(fh) as tif:
             description = tif.pages[0].description or ""
     except Exception:  # the decoders report a broken file with more detail
         return None
@@ -570,7 +579,7 @@ def _dng_check_sizes(path: Path) -> None:
         return
     shapes = []
     try:
-        with _tiff_handle(path) as fh, tifffile.TiffFile(fh) as tif:
+        with quiet_decoders(), _tiff_handle(path) as fh, tifffile.TiffFile(fh) as tif:
             for page in tif.pages:
                 shapes += [page.shape] + [sub.shape for sub in (page.pages or [])]
     except RawFormatError:
@@ -592,8 +601,10 @@ def _read_dng(path: Path, hints: Mapping[str, Any]) -> RawFrame:
     if rawpy is not None:
         try:
             data, found = _dng_rawpy(path)
-        except rawpy.LibRawError as exc:  # e.g. smaller than MIN_RAWPY_SIZE: try tifffile
-            rawpy_error = exc
+        except RawFormatError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - LibRawError (e.g. smaller than MIN_RAWPY_SIZE), or rawpy
+            rawpy_error = exc     # failing on a damaged file in another way: try tifffile
     if rawpy is None or rawpy_error is not None:
         try:
             data, found = _dng_tifffile(path)

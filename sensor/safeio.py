@@ -13,9 +13,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import stat
 import struct
+from collections.abc import Iterator
 
 import numpy as np
 
@@ -245,6 +248,28 @@ def declared_image_size(data: bytes) -> tuple[str, tuple[int, int] | None]:
 IMREAD_MODES = ("unchanged", "grey", "colour")
 
 
+@contextlib.contextmanager
+def quiet_decoders() -> Iterator[None]:
+    """Silence OpenCV's and tifffile's own log lines about a damaged file while it is decoded: the caller
+    reports the problem once, in one line. (libpng may still print its own messages.)"""
+    import cv2
+
+    logger = logging.getLogger("tifffile")
+    level, cv_level = logger.level, None
+    logger.setLevel(logging.CRITICAL)
+    try:
+        cv_level = cv2.utils.logging.getLogLevel()
+        cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)
+    except AttributeError:  # pragma: no cover - an OpenCV build without the logging utilities
+        pass
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+        if cv_level is not None:
+            cv2.utils.logging.setLogLevel(cv_level)
+
+
 def read_image(path: str | os.PathLike, mode: str = "unchanged", what: str = "an image") -> np.ndarray:
     """Decode an image file safely. ``mode``: unchanged (as stored), grey (H, W) or colour (H, W, 3) BGR.
 
@@ -263,7 +288,8 @@ def read_image(path: str | os.PathLike, mode: str = "unchanged", what: str = "an
         raise InputFileError(path, f"{what} whose {fmt} header gives its size", "a damaged or truncated header")
     check_pixels(path, *size, what=what)
     try:
-        image = cv2.imdecode(np.frombuffer(data, np.uint8), flags)
+        with quiet_decoders():
+            image = cv2.imdecode(np.frombuffer(data, np.uint8), flags)
     except cv2.error as err:
         raise InputFileError(path, f"a decodable {fmt} image", str(err).strip().splitlines()[-1]) from None
     if image is None or image.size == 0:

@@ -212,6 +212,16 @@ def test_size_bombs_are_refused_before_allocation(tmp_path, capsys):
         read_raw(tmp_path / "big.raw")
 
 
+def test_damaged_npy_headers_are_refused(tmp_path):
+    for i, header in enumerate((b"{'descr': '<u2', 'fortran_order': False, 'shape': (2,",
+                                b"{'descr': 'O', 'fortran_order': False, 'shape': (2, 2), }",
+                                b"{'descr': '<u2', 'fortran_order': False, 'shape': (2, 2, 2), }")):
+        path = tmp_path / f"h{i}.npy"
+        path.write_bytes(b"\x93NUMPY\x01\x00" + struct.pack("<H", len(header) + 1) + header + b"\n" + b"\0" * 16)
+        with pytest.raises(RawFormatError, match=f"h{i}.npy"):
+            read_raw(path, cfa="mono")
+
+
 def test_the_pixel_limit_is_configurable(tmp_path, monkeypatch, capsys):
     image = tmp_path / "photo.png"
     cv2.imwrite(str(image), np.full((40, 60, 3), 90, np.uint8))

@@ -141,7 +141,9 @@ class RunConfig:
         sections = {}
         for name, section_cls in _SECTIONS.items():
             try:
-                sections[name] = dataclass_from_dict(section_cls, data.get(name) or {}, f"{source} [{name}]")
+                section = data.get(name)
+                sections[name] = dataclass_from_dict(section_cls, {} if section is None else section,
+                                                     f"{source} [{name}]")
             except ConfigError as err:
                 raise ConfigError(err.source, f"{name}.{err.field}".replace(f"{name}.{name}.", f"{name}."),
                                   err.expected, err.got) from None
