@@ -122,7 +122,6 @@ def cmd_keygen(args: argparse.Namespace) -> dict[str, Any]:
 
     if not Path(args.out).exists():  # an existing file is refused by write_key_file itself
         check_outputs([(args.out, "--out", None)])
-
     key = write_key_file(args.out)
     return {"key_file": str(args.out), "fingerprint": key.fingerprint, "mode": "0600"}
 
