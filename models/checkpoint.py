@@ -7,6 +7,11 @@ and the SHA-256 of ``NAME.pt``). Loading checks the hash and refuses a changed f
 Checkpoints hold weights only. The keyed twin's gather tables are the key and are derived from
 the key file when the keyed model is built; :func:`save_checkpoint` refuses a state_dict that
 holds anything not in the plain model.
+
+Every file is read through :func:`safe_torch_load` (``weights_only=True``: tensors and plain
+containers, never code), and every payload is checked (a dict with the expected keys, an
+architecture that builds, weights that fit it) before use, so a file placed beside an output, or a
+checkpoint whose hash matches but whose payload is wrong, gives a one-line CheckpointError.
 """
 
 from __future__ import annotations
@@ -14,6 +19,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pickle
+import re
 from pathlib import Path
 from typing import Any
 
@@ -21,9 +28,13 @@ import torch
 from torch import nn
 
 from sensor.atomic import atomic_path
-from sensor.errors import PrivcamError
+from sensor.errors import InputFileError, PrivcamError
+from sensor.safeio import open_regular, read_text
 
-from .plain import build_model
+from .plain import MODEL_NAMES, build_model
+
+ARCH_KEYS = ("name", "in_channels", "num_classes")
+TRAINING_STATE_KEYS = ("config", "model", "optimizer", "scheduler", "epoch", "history", "wall_s")
 
 
 class CheckpointError(PrivcamError):
@@ -32,7 +43,7 @@ class CheckpointError(PrivcamError):
 
 def sha256_file(path: str | os.PathLike) -> str:
     digest = hashlib.sha256()
-    with open(path, "rb") as fh:
+    with _open(path, "a checkpoint file") as fh:
         for block in iter(lambda: fh.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
@@ -63,14 +74,60 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, arch: dict[str, A
     return manifest
 
 
+def _open(path: str | os.PathLike, what: str):
+    try:
+        return open_regular(path, what)
+    except InputFileError as err:
+        raise CheckpointError(str(err)) from None
+
+
+def safe_torch_load(path: str | os.PathLike, what: str = "checkpoint") -> Any:
+    """``torch.load`` of a regular file with ``weights_only=True``: tensors and plain containers only.
+
+    A file that holds anything else (a pickled object, which could run code) or is not a torch file at
+    all raises CheckpointError; nothing in it is executed.
+    """
+    with _open(path, f"a {what} file") as fh:
+        try:
+            return torch.load(fh, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as err:
+            if not re.search(r"\bglobal\b", str(err), re.IGNORECASE):  # not a pickled object: damaged data
+                raise CheckpointError(f"{path}: not a readable {what} (damaged or not a torch file)") from None
+            raise CheckpointError(f"{path}: {what} holds objects other than tensors and plain containers; "
+                                  "refusing to load it (only weights are ever loaded, never code)") from None
+        except Exception as err:  # noqa: BLE001 - torch raises many types for a damaged file
+            first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            raise CheckpointError(f"{path}: not a readable {what} ({type(err).__name__}: {first[:200]})") from None
+
+
 def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
     mpath = manifest_path(path)
+    if not mpath.exists():
+        raise CheckpointError(f"{mpath}: manifest not found beside the checkpoint")
     try:
-        return json.loads(mpath.read_text())
-    except FileNotFoundError:
-        raise CheckpointError(f"{mpath}: manifest not found beside the checkpoint") from None
+        manifest = json.loads(read_text(mpath, "a JSON manifest"))
+    except InputFileError as err:
+        raise CheckpointError(str(err)) from None
     except json.JSONDecodeError as err:
         raise CheckpointError(f"{mpath}: not valid JSON: {err}") from None
+    if not isinstance(manifest, dict):
+        raise CheckpointError(f"{mpath}: expected a JSON object (the manifest), got {type(manifest).__name__}")
+    return manifest
+
+
+def check_arch(source: str | os.PathLike, arch: Any) -> dict[str, Any]:
+    """An architecture mapping {name, in_channels, num_classes} with known values, else CheckpointError."""
+    if not isinstance(arch, dict) or set(arch) != set(ARCH_KEYS):
+        got = sorted(arch) if isinstance(arch, dict) else type(arch).__name__
+        raise CheckpointError(f"{source}: arch: expected a mapping with exactly the keys {list(ARCH_KEYS)}, "
+                              f"got {got}")
+    if arch["name"] not in MODEL_NAMES:
+        raise CheckpointError(f"{source}: arch.name: expected one of {', '.join(MODEL_NAMES)}, got {arch['name']!r}")
+    for name, high in (("in_channels", 64), ("num_classes", 100_000)):
+        value = arch[name]
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= high:
+            raise CheckpointError(f"{source}: arch.{name}: expected an integer in [1, {high}], got {value!r}")
+    return dict(arch)
 
 
 def load_checkpoint(path: str | os.PathLike, device: torch.device | str = "cpu") -> tuple[nn.Module, dict]:
@@ -84,18 +141,61 @@ def load_checkpoint(path: str | os.PathLike, device: torch.device | str = "cpu")
     if manifest.get("sha256") != actual:
         raise CheckpointError(f"{path}: SHA-256 {actual[:16]}... differs from the manifest's "
                               f"{str(manifest.get('sha256'))[:16]}...; the file was changed, refusing to load")
-    payload = torch.load(path, map_location="cpu", weights_only=True)
+    payload = safe_torch_load(path, "checkpoint")
+    if not isinstance(payload, dict) or not {"arch", "state_dict"} <= set(payload):
+        got = sorted(map(str, payload)) if isinstance(payload, dict) else type(payload).__name__
+        raise CheckpointError(f"{path}: expected a checkpoint dict with 'arch' and 'state_dict', got {got}")
     if payload.get("arch") != manifest.get("arch"):
         raise CheckpointError(f"{path}: architecture differs from its manifest")
-    model = build_model(**payload["arch"])
-    try:
-        model.load_state_dict(payload["state_dict"], strict=True)
-    except RuntimeError as err:
-        lines = str(err).strip().splitlines()
-        detail = (lines[1] if len(lines) > 1 else lines[0]).strip()
-        raise CheckpointError(f"{path}: the weights do not fit a {payload['arch']}: "
-                              f"{detail[:200]}{'...' if len(detail) > 200 else ''}") from None
+    arch = check_arch(path, payload["arch"])
+    model = build_model(**arch)
+    _load_weights(path, model, payload["state_dict"], f"a plain {arch['name']} {arch}")
     return model.to(device).eval(), manifest
+
+
+def _load_weights(path: str | os.PathLike, module: Any, state: Any, what: str) -> None:
+    if not isinstance(state, dict) or not all(isinstance(k, str) for k in state):
+        raise CheckpointError(f"{path}: state_dict: expected a mapping of names to tensors, got {type(state).__name__}")
+    try:
+        module.load_state_dict(state, strict=True) if isinstance(module, nn.Module) else module.load_state_dict(state)
+    except Exception as err:  # noqa: BLE001 - missing/unexpected keys, wrong shapes or types
+        lines = [line.strip() for line in str(err).strip().splitlines()] or [type(err).__name__]
+        detail = lines[1] if len(lines) > 1 else lines[0]  # the first line only says "Error(s) in loading"
+        raise CheckpointError(f"{path}: the weights do not fit {what}: {detail[:300]}") from None
+
+
+def first_conv_channels(model: nn.Module) -> int | None:
+    conv = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+    return None if conv is None else conv.in_channels
+
+
+def check_model_input(model: nn.Module, manifest: dict[str, Any], shape: tuple[int, int, int], given_by: str,
+                      source: str | os.PathLike = "checkpoint") -> None:
+    """Refuse a network input ``shape`` (C, h, w) the checkpoint's model cannot take, naming both.
+
+    ``given_by`` says where the shape comes from, e.g. "the quad scheme on 96x144 RGGB frames".
+    """
+    c, h, w = shape
+    want = first_conv_channels(model)
+    trained = manifest.get("input_shape")
+    at = f" at {trained[1]}x{trained[2]}" if isinstance(trained, list) and len(trained) == 3 else ""
+    expects = f"{want} channel{'s' if want != 1 else ''}{at}"
+    gives = f"{c} channel{'s' if c != 1 else ''} at {h}x{w}"
+    if want is not None and want != c:
+        raise CheckpointError(f"{source}: this checkpoint expects {expects}; {given_by} gives {gives}")
+    was_training = model.training
+    model.eval()
+    try:
+        param = next(model.parameters(), None)
+        device = param.device if param is not None else torch.device("cpu")
+        with torch.no_grad():
+            model(torch.zeros(1, c, h, w, device=device))
+    except RuntimeError as err:
+        first = (str(err).strip().splitlines() or ["RuntimeError"])[0]
+        raise CheckpointError(f"{source}: this checkpoint expects {expects}; {given_by} gives {gives} "
+                              f"({first[:200]})") from None
+    finally:
+        model.train(was_training)
 
 
 def save_training_state(path: str | os.PathLike, state: dict[str, Any]) -> None:
@@ -105,7 +205,31 @@ def save_training_state(path: str | os.PathLike, state: dict[str, Any]) -> None:
 
 
 def load_training_state(path: str | os.PathLike) -> dict[str, Any] | None:
+    """The training state saved by :func:`save_training_state`, or None when there is none.
+
+    Read with ``weights_only=True`` (a pickle placed beside the output cannot run code) and checked
+    for the keys and types :func:`pipeline.lab.train.train` uses; anything else is a CheckpointError.
+    """
     path = Path(path)
-    if not path.exists():
+    if not path.exists() and not path.is_symlink():
         return None
-    return torch.load(path, map_location="cpu", weights_only=False)
+    state = safe_torch_load(path, "training state")
+    hint = "(delete it to start the training over)"
+    if not isinstance(state, dict) or not set(TRAINING_STATE_KEYS) <= set(state):
+        got = sorted(map(str, state)) if isinstance(state, dict) else type(state).__name__
+        raise CheckpointError(f"{path}: expected a training state with keys {list(TRAINING_STATE_KEYS)}, "
+                              f"got {got} {hint}")
+    types = {"config": dict, "model": dict, "optimizer": dict, "scheduler": dict, "epoch": int, "history": list,
+             "wall_s": (int, float)}
+    for name, kind in types.items():
+        if isinstance(state[name], bool) or not isinstance(state[name], kind):
+            raise CheckpointError(f"{path}: {name}: expected {getattr(kind, '__name__', 'a number')}, "
+                                  f"got {type(state[name]).__name__} {hint}")
+    if state["epoch"] < 0 or not all(isinstance(h, dict) for h in state["history"]):
+        raise CheckpointError(f"{path}: epoch/history: expected a count >= 0 and a list of epochs {hint}")
+    return state
+
+
+def load_state_into(path: str | os.PathLike, module: Any, state: Any, what: str) -> None:
+    """``module.load_state_dict(state)`` with a CheckpointError naming ``path`` when it does not fit."""
+    _load_weights(path, module, state, what)

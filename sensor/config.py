@@ -86,11 +86,31 @@ class SensorConfig:
         return cls.from_dict(read_yaml(path), str(path))
 
 
-def _positive(cfg: SensorConfig, name: str, allow_zero: bool = False) -> None:
+# Largest values accepted: far beyond any real sensor, small enough that no draw or power overflows.
+LIMITS: dict[str, tuple[float, float, bool]] = {  # name: (low, high, low excluded)
+    "full_well_e": (0.0, 1e9, True),
+    "conversion_gain_dn_per_e": (0.0, 1e4, True),
+    "analog_gain": (0.0, 1e4, True),
+    "exposure_s": (0.0, 3600.0, True),
+    "dark_doubling_temperature_c": (0.1, 100.0, False),
+    "read_noise_e": (0.0, 1e6, False),
+    "dark_current_e_per_s": (0.0, 1e9, False),
+    "dsnu_e": (0.0, 1e6, False),
+    "prnu_percent": (0.0, 100.0, False),
+    "white_photons_per_s": (0.0, 1e12, False),
+    "temperature_c": (-60.0, 150.0, False),
+    "dark_reference_temperature_c": (-60.0, 150.0, False),
+}
+MAX_ELECTRONS_PER_EXPOSURE = 1e12  # mean photons or dark electrons of one pixel in one exposure
+
+
+def _in_range(cfg: SensorConfig, source: str, name: str) -> None:
+    low, high, low_open = LIMITS[name]
     value = getattr(cfg, name)
-    ok = math.isfinite(value) and (value >= 0 if allow_zero else value > 0)
+    ok = math.isfinite(value) and (value > low if low_open else value >= low) and value <= high
     if not ok:
-        raise ConfigError("SensorConfig", name, ">= 0" if allow_zero else "> 0", value)
+        lo = f"> {low:g}" if low_open else f">= {low:g}"
+        raise ConfigError(source, name, f"a number {lo} and <= {high:g}", value)
 
 
 def validate(cfg: SensorConfig, source: str) -> None:
@@ -106,15 +126,19 @@ def validate(cfg: SensorConfig, source: str) -> None:
     for key, value in qe.items():
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
             raise ConfigError(source, f"quantum_efficiency.{key}", "a number in (0, 1]", value)
-    for name in ("full_well_e", "conversion_gain_dn_per_e", "analog_gain", "exposure_s",
-                 "dark_doubling_temperature_c"):
-        _positive(cfg, name)
-    for name in ("read_noise_e", "dark_current_e_per_s", "dsnu_e", "prnu_percent",
-                 "white_photons_per_s"):
-        _positive(cfg, name, allow_zero=True)
+    for name in LIMITS:
+        _in_range(cfg, source, name)
     if not 0 <= cfg.black_level_dn < cfg.max_dn:
         raise ConfigError(source, "black_level_dn", f"an integer in [0, {cfg.max_dn})",
                           cfg.black_level_dn)
-    if not -60 <= cfg.temperature_c <= 150:
-        raise ConfigError(source, "temperature_c", "a temperature in [-60, 150] C",
-                          cfg.temperature_c)
+    if not 0 <= cfg.fpn_seed < 2**63:
+        raise ConfigError(source, "fpn_seed", "an integer in [0, 2**63)", cfg.fpn_seed)
+    if cfg.white_photons_per_s * cfg.exposure_s > MAX_ELECTRONS_PER_EXPOSURE:
+        raise ConfigError(source, "exposure_s", f"white_photons_per_s * exposure_s <= "
+                          f"{MAX_ELECTRONS_PER_EXPOSURE:g} photons per pixel", cfg.exposure_s)
+    delta = cfg.temperature_c - cfg.dark_reference_temperature_c
+    doublings = delta / cfg.dark_doubling_temperature_c
+    if doublings > 60 or cfg.dark_current_at_temperature_e_per_s() * cfg.exposure_s > MAX_ELECTRONS_PER_EXPOSURE:
+        raise ConfigError(source, "temperature_c", f"a dark signal of at most {MAX_ELECTRONS_PER_EXPOSURE:g} e- "
+                          f"per exposure ({doublings:.3g} doublings of dark_current_e_per_s above "
+                          f"dark_reference_temperature_c)", cfg.temperature_c)

@@ -6,28 +6,47 @@ Errors are :class:`~sensor.errors.ConfigError` naming the source file and the fi
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
+import re
 from pathlib import Path
 from typing import Any, TypeVar
 
 import yaml
 
-from .errors import ConfigError
+from .errors import ConfigError, InputFileError
+from .safeio import read_text
 
 T = TypeVar("T")
 _SCALARS = {"float": (float, "a number"), "int": (int, "an integer"), "str": (str, "a string"),
             "bool": (bool, "true or false")}
 
 
+class YamlLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, plus YAML 1.2 floats: ``1.2e6`` and ``1e-3`` are numbers, not strings
+    (YAML 1.1 wants a dot and a signed exponent)."""
+
+
+YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$|^[-+]?\.[0-9_]+[eE][-+]?[0-9]+$"),
+    list("-+0123456789."))
+
+
+def load_yaml(text: str) -> Any:
+    """Parse YAML text safely (no objects), with YAML 1.2 floats (see :class:`YamlLoader`)."""
+    return yaml.load(text, Loader=YamlLoader)  # noqa: S506 - YamlLoader is a SafeLoader
+
+
 def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
-    """A YAML mapping from a file (empty file -> {})."""
+    """A YAML mapping from a file (empty file -> {}). Only a regular file of at most 16 MiB is read."""
     path = Path(path)
     try:
-        text = path.read_text()
-    except OSError as err:
-        raise ConfigError(str(path), "<file>", "a readable YAML file", err.strerror) from None
+        text = read_text(path, "a readable YAML file")
+    except InputFileError as err:
+        raise ConfigError(str(path), "<file>", err.expected, err.got) from None
     try:
-        data = yaml.safe_load(text)
+        data = load_yaml(text)
     except yaml.YAMLError as err:
         raise ConfigError(str(path), "<file>", "valid YAML", str(err).splitlines()[0]) from None
     data = {} if data is None else data
@@ -50,6 +69,8 @@ def coerce_field(source: str, name: str, type_name: str, value: Any) -> Any:
     if base == "float":
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(source, name, words, value)
+        if not math.isfinite(float(value)):
+            raise ConfigError(source, name, "a finite number", value)
         return float(value)
     if (kind is int and isinstance(value, bool)) or not isinstance(value, kind):
         raise ConfigError(source, name, words, value)
@@ -90,7 +111,7 @@ def apply_overrides(config: dict[str, Any], overrides: list[str], source: str = 
                 raise ConfigError(source, dotted, f"'{part}' to be a section", child)
             node = child
         try:
-            node[parts[-1]] = yaml.safe_load(text)
+            node[parts[-1]] = load_yaml(text)
         except yaml.YAMLError:
             raise ConfigError(source, dotted, "a YAML value", text) from None
     return out
@@ -98,3 +119,17 @@ def apply_overrides(config: dict[str, Any], overrides: list[str], source: str = 
 
 def _deep_copy(d: dict[str, Any]) -> dict[str, Any]:
     return {k: _deep_copy(v) if isinstance(v, dict) else v for k, v in d.items()}
+
+
+def check_range(source: str, name: str, value: Any, low: float | None = None, high: float | None = None,
+                low_open: bool = False) -> None:
+    """Raise ConfigError naming ``name`` unless ``value`` is a finite number in [low, high] (or (low, high])."""
+    ok = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+    if ok and low is not None:
+        ok = value > low if low_open else value >= low
+    if ok and high is not None:
+        ok = value <= high
+    if not ok:
+        lo = "" if low is None else (f"> {low}" if low_open else f">= {low}")
+        hi = "" if high is None else f"<= {high}"
+        raise ConfigError(source, name, " and ".join(x for x in (lo, hi) if x) or "a finite number", value)

@@ -38,3 +38,18 @@ class KeyFileError(PrivcamError):
 
 class DatasetError(PrivcamError, ValueError):
     """A dataset file is missing or not in the expected format."""
+
+
+class InputFileError(PrivcamError, ValueError):
+    """An input file is missing, not a regular file, too large, or not in the format its use expects."""
+
+    def __init__(self, path: object, expected: str, got: object = None) -> None:
+        self.path, self.expected, self.got = str(path), expected, got
+        msg = f"{path}: expected {expected}"
+        if got is not None:
+            msg += f", got {got}"
+        super().__init__(msg)
+
+
+class OutputPathError(PrivcamError, ValueError):
+    """An output path cannot be written (a folder, under a file, unwritable, the input itself, exists)."""

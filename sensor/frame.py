@@ -76,11 +76,29 @@ class FrameMeta:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> FrameMeta:
+        """Build from a decoded header, checking every field's type and range (PrivcamError naming it)."""
+        if not isinstance(data, dict):
+            raise PrivcamError(f"frame metadata: expected a mapping, got {type(data).__name__}")
         known = set(cls.__dataclass_fields__)
         missing = [k for k in known if k not in data and k not in ("capture_time_ns", "label")]
         if missing:
             raise PrivcamError(f"frame metadata: missing fields {sorted(missing)}")
-        return cls(**{k: v for k, v in data.items() if k in known})
+        values = {k: v for k, v in data.items() if k in known}
+        ints = {"frame_index": (0, 2**63 - 1), "bit_depth": (1, 16), "height": (1, 1 << 16), "width": (1, 1 << 16),
+                "capture_time_ns": (0, 2**63 - 1)}
+        for name, (low, high) in ints.items():
+            value = values.get(name, 0)
+            if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+                raise PrivcamError(f"frame metadata: {name}: expected an integer in [{low}, {high}], got {value!r}")
+        label = values.get("label")
+        if label is not None and (isinstance(label, bool) or not isinstance(label, int)):
+            raise PrivcamError(f"frame metadata: label: expected an integer or null, got {label!r}")
+        for name in ("scheme", "key_fingerprint", "cfa"):
+            if not isinstance(values[name], str):
+                raise PrivcamError(f"frame metadata: {name}: expected a string, got {values[name]!r}")
+        if not isinstance(values["rotation"], bool):
+            raise PrivcamError(f"frame metadata: rotation: expected true or false, got {values['rotation']!r}")
+        return cls(**values)
 
 
 @dataclass(frozen=True)

@@ -81,7 +81,10 @@ class Key:
 
 
 def write_key_file(path: str | os.PathLike, key: Key | None = None) -> Key:
-    """Create ``path`` (mode 0600, refusing to overwrite) holding a new or given key as hex."""
+    """Create ``path`` (mode 0600, refusing to overwrite) holding a new or given key as hex.
+
+    On any error while writing, the new file is removed, so a failed keygen can simply be run again.
+    """
     key = key or Key.generate()
     path = Path(path)
     try:
@@ -90,9 +93,18 @@ def write_key_file(path: str | os.PathLike, key: Key | None = None) -> Key:
         raise KeyFileError(f"{path}: refusing to overwrite an existing key file") from None
     except OSError as err:
         raise KeyFileError(f"{path}: cannot create key file: {err.strerror}") from None
-    with os.fdopen(fd, "w") as fh:
-        fh.write(key._secret.hex() + "\n")
-    os.chmod(path, 0o600)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(key._secret.hex() + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(path, 0o600)
+    except BaseException as err:  # a full disk or Ctrl-C: leave no empty or partial key file behind
+        path.unlink(missing_ok=True)
+        if isinstance(err, OSError):
+            raise KeyFileError(f"{path}: cannot write key file: {err.strerror or type(err).__name__}; "
+                               "nothing was left behind") from None
+        raise
     return key
 
 
@@ -107,6 +119,8 @@ def load_key_file(path: str | os.PathLike, allow_insecure_mode: bool = False) ->
         raise KeyFileError(f"{path}: cannot read key file: {err.strerror}") from None
     if not stat.S_ISREG(st.st_mode):
         raise KeyFileError(f"{path}: expected a regular file")
+    if st.st_size > 1024:
+        raise KeyFileError(f"{path}: expected {2 * KEY_BYTES} hex digits, got a file of {st.st_size} bytes")
     if st.st_mode & 0o077:
         msg = (f"{path}: key file mode is {stat.S_IMODE(st.st_mode):04o}, expected 0600 "
                f"(run: chmod 600 {path})")

@@ -22,10 +22,15 @@ included), then moved into place with :func:`os.replace`; on any error the tempo
 removed and an existing file at the target is left untouched.
 
 ``tifffile`` (TIFF/DNG) and ``rawpy`` (DNG reading) are optional and imported on first use.
+
+Readers are safe on hostile files: only regular files are opened, the size a file declares is
+checked against the file's own size and against :func:`sensor.safeio.max_pixels` before anything is
+allocated, and files are read as bytes (never through a library call that takes the file name).
 """
 
 from __future__ import annotations
 
+import io
 import os
 import re
 from collections.abc import Callable, Mapping, Sequence
@@ -39,7 +44,17 @@ import yaml
 
 from .atomic import staged_files
 from .cfa import PATTERNS
-from .errors import RawFormatError
+from .errors import InputFileError, RawFormatError
+from .safeio import (
+    check_pixels,
+    max_pixels,
+    open_regular,
+    quiet_decoders,
+    read_bytes,
+    read_image,
+    read_text,
+    regular_file,
+)
 
 ByteOrder = Literal["little", "big"]
 BIT_DEPTHS: tuple[int, ...] = (8, 10, 12, 14, 16)
@@ -250,6 +265,18 @@ def _native(data: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(data, dtype=np.uint16)
 
 
+def _as_raw_error(path: Path, err: InputFileError, field: str = "file") -> RawFormatError:
+    return RawFormatError(path, field, err.expected, err.got)
+
+
+def _check_size(path: Path, height: int, width: int) -> None:
+    """The declared frame size against :func:`sensor.safeio.max_pixels`, before allocating."""
+    try:
+        check_pixels(path, height, width, "a raw frame")
+    except InputFileError as err:
+        raise _as_raw_error(path, err, "size") from None
+
+
 def _bit_depth_for(white_level: int | None) -> int:
     """Smallest supported bit depth that can hold ``white_level`` (16 when unknown or too big)."""
     if white_level is None:
@@ -270,16 +297,18 @@ def read_sidecar(path: str | os.PathLike[str], required: bool) -> dict[str, Any]
     """
     p = Path(path)
     sc = sidecar_path(p)
-    if not sc.is_file():
+    if not sc.exists():
         if required:
             raise RawFormatError(p, "sidecar", f"a YAML sidecar {sc.name} next to it with fields "
                                  f"{', '.join(SIDECAR_FIELDS)}", "missing")
         return None
     try:
-        values = yaml.safe_load(sc.read_text(encoding="utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        values = yaml.safe_load(read_text(sc, f"a YAML sidecar of {p.name}", limit=1 << 20))
+    except InputFileError as err:
+        raise _as_raw_error(sc, err, "sidecar") from None
+    except yaml.YAMLError as exc:
         raise RawFormatError(sc, "sidecar", f"valid YAML for {p.name}",
-                             " ".join(str(exc).split())) from exc
+                             " ".join(str(exc).split())) from None
     if not isinstance(values, dict):
         raise RawFormatError(sc, "sidecar", f"a YAML mapping with fields {', '.join(SIDECAR_FIELDS)}",
                              type(values).__name__)
@@ -321,9 +350,32 @@ _DEFAULTS: dict[str, Any] = {"bit_depth": 16, "black_level": 0, "white_level": N
 
 def _read_npy(path: Path, hints: Mapping[str, Any]) -> RawFrame:
     try:
-        data = np.load(path, allow_pickle=False)
-    except (ValueError, OSError, EOFError) as exc:
-        raise RawFormatError(path, "npy", "a complete .npy array file", str(exc)) from exc
+        fh = open_regular(path, "a .npy array file")
+    except InputFileError as err:
+        raise _as_raw_error(path, err) from None
+    with fh:
+        size = os.fstat(fh.fileno()).st_size
+        try:
+            version = np.lib.format.read_magic(fh)
+            if version == (1, 0):
+                shape, fortran, dtype = np.lib.format.read_array_header_1_0(fh)
+            elif version == (2, 0):
+                shape, fortran, dtype = np.lib.format.read_array_header_2_0(fh)
+            else:
+                raise ValueError(f"unsupported .npy format version {version}")
+        except Exception as exc:  # noqa: BLE001 - numpy parses the header with ast/tokenize: many types
+            raise RawFormatError(path, "npy", "a complete .npy array file", " ".join(str(exc).split())) from None
+        if dtype.hasobject or dtype.kind != "u" or dtype.itemsize != 2:
+            raise RawFormatError(path, "dtype", "uint16", dtype)
+        if len(shape) != 2:
+            raise RawFormatError(path, "ndim", "a 2-D (H, W) array", f"{len(shape)}-D array of shape {shape}")
+        _check_size(path, int(shape[0]), int(shape[1]))
+        expected, available = int(shape[0]) * int(shape[1]) * 2, size - fh.tell()
+        if available != expected:
+            raise RawFormatError(path, "npy", f"a complete .npy array file ({expected} data bytes for shape "
+                                 f"{tuple(shape)})", f"{available} bytes")
+        data = np.fromfile(fh, dtype=dtype, count=int(shape[0]) * int(shape[1]))
+    data = data.reshape(shape, order="F" if fortran else "C")
     check_data(path, data)
     intrinsic = {**_shape_fields(data), "byte_order": _byte_order_of(data.dtype)}
     return _finish(path, data, intrinsic, read_sidecar(path, required=False), hints, _DEFAULTS)
@@ -334,21 +386,28 @@ def _read_headerless(path: Path, hints: Mapping[str, Any]) -> RawFrame:
     assert sidecar is not None
     meta = validate_meta(path, _merge_sources(path, [(f"sidecar {sidecar_path(path).name}", sidecar),
                                                      ("keyword hints", hints)], _DEFAULTS))
+    _check_size(path, meta.height, meta.width)
     expected = meta.width * meta.height * 2
-    size = path.stat().st_size
-    if size != expected:
-        raise RawFormatError(path, "size", f"{expected} bytes (width*height*2 = "
-                             f"{meta.width}*{meta.height}*2)", f"{size} bytes")
-    data = np.fromfile(path, dtype=_uint16_dtype(meta.byte_order)).reshape(meta.shape)
+    try:
+        fh = open_regular(path, "a headerless raw frame")
+    except InputFileError as err:
+        raise _as_raw_error(path, err) from None
+    with fh:
+        size = os.fstat(fh.fileno()).st_size
+        if size != expected:
+            raise RawFormatError(path, "size", f"{expected} bytes (width*height*2 = "
+                                 f"{meta.width}*{meta.height}*2)", f"{size} bytes")
+        data = np.fromfile(fh, dtype=_uint16_dtype(meta.byte_order), count=meta.width * meta.height)
+    data = data.reshape(meta.shape)
     check_data(path, data, meta)
     return RawFrame(_native(data), meta)
 
 
 def _read_png(path: Path, hints: Mapping[str, Any]) -> RawFrame:
-    buf = np.fromfile(path, dtype=np.uint8)
-    data = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED) if buf.size else None
-    if data is None:
-        raise RawFormatError(path, "png", "a PNG file OpenCV can decode", "undecodable data")
+    try:
+        data = read_image(path, "unchanged", "a 16-bit PNG raw frame")
+    except InputFileError as err:
+        raise RawFormatError(path, "png", err.expected, err.got) from None
     check_data(path, data)
     return _finish(path, data, _shape_fields(data), read_sidecar(path, required=False), hints, _DEFAULTS)
 
@@ -362,12 +421,29 @@ def _import_tifffile(path: Path) -> Any:
     return tifffile
 
 
+def _tiff_handle(path: Path):
+    try:
+        return open_regular(path, "a TIFF/DNG file")
+    except InputFileError as err:
+        raise _as_raw_error(path, err) from None
+
+
+def _check_shape(path: Path, shape: Sequence[int]) -> None:
+    """A TIFF page's declared shape against the pixel limit (samples count as pixels)."""
+    if len(shape) >= 2:
+        _check_size(path, int(shape[0]), int(np.prod(shape[1:], dtype=np.int64)))
+
+
 def _read_tiff(path: Path, hints: Mapping[str, Any]) -> RawFrame:
     tifffile = _import_tifffile(path)
     try:
-        with tifffile.TiffFile(path) as tif:
+        with quiet_decoders(), _tiff_handle(path) as fh, tifffile.TiffFile(fh) as tif:
             order = tif.byteorder
-            data = tif.asarray() if len(tif.pages) else None
+            if len(tif.pages):
+                _check_shape(path, tif.pages[0].shape)
+            data = tif.asarray(key=0) if len(tif.pages) else None
+    except RawFormatError:
+        raise
     except Exception as exc:  # tifffile raises many types for a bad file
         raise RawFormatError(path, "tiff", "a readable TIFF file", f"{type(exc).__name__}: {exc}") from exc
     if data is None:
@@ -378,7 +454,7 @@ def _read_tiff(path: Path, hints: Mapping[str, Any]) -> RawFrame:
 
 
 def _tiff_header_byte_order(path: Path) -> ByteOrder:
-    with open(path, "rb") as f:
+    with _tiff_handle(path) as f:
         head = f.read(2)
     if head == b"II":
         return "little"
@@ -407,7 +483,11 @@ def _dng_rawpy(path: Path) -> tuple[np.ndarray, dict[str, Any]]:
     """Decode a DNG with rawpy. Returns (H, W) data and the metadata found in the file."""
     import rawpy
 
-    with rawpy.imread(str(path)) as raw:
+    try:
+        blob = read_bytes(path, "a DNG file", limit=8 * max_pixels() + (16 << 20))
+    except InputFileError as err:
+        raise _as_raw_error(path, err) from None
+    with rawpy.imread(io.BytesIO(blob)) as raw:
         data = np.array(raw.raw_image_visible, dtype=np.uint16, copy=True)
         if raw.num_colors == 1:
             cfa = "mono"
@@ -457,10 +537,11 @@ def _dng_tifffile(path: Path) -> tuple[np.ndarray, dict[str, Any]]:
     """Decode a DNG's main image (IFD0 or its first raw SubIFD) with tifffile."""
     tifffile = _import_tifffile(path)
     try:
-        with tifffile.TiffFile(path) as tif:
+        with quiet_decoders(), _tiff_handle(path) as fh, tifffile.TiffFile(fh) as tif:
             pages = [tif.pages[0], *(tif.pages[0].pages or [])]
             page = next((pg for pg in pages if int(pg.photometric) in
                          (_PHOTOMETRIC_CFA, _PHOTOMETRIC_LINEAR_RAW)), pages[0])
+            _check_shape(path, page.shape)
             data = page.asarray()
             cfa = _dng_tifffile_cfa(path, page)
             black_tag, white_tag = page.tags.get(_TAG_BLACK_LEVEL), page.tags.get(_TAG_WHITE_LEVEL)
@@ -481,7 +562,7 @@ def _dng_bit_depth(path: Path) -> int | None:
     except ImportError:  # pragma: no cover - depends on the environment
         return None
     try:
-        with tifffile.TiffFile(path) as tif:
+        with quiet_decoders(), open_regular(path, "a DNG file") as fh, tifffile.TiffFile(fh) as tif:
             description = tif.pages[0].description or ""
     except Exception:  # the decoders report a broken file with more detail
         return None
@@ -489,8 +570,29 @@ def _dng_bit_depth(path: Path) -> int | None:
     return int(match.group(1)) if match else None
 
 
+def _dng_check_sizes(path: Path) -> None:
+    """Every image a DNG declares (IFD0 and its SubIFDs) against the pixel limit, before a decoder
+    allocates it. A file tifffile cannot parse is left to the decoders to report."""
+    try:
+        import tifffile
+    except ImportError:  # pragma: no cover - depends on the environment
+        return
+    shapes = []
+    try:
+        with quiet_decoders(), _tiff_handle(path) as fh, tifffile.TiffFile(fh) as tif:
+            for page in tif.pages:
+                shapes += [page.shape] + [sub.shape for sub in (page.pages or [])]
+    except RawFormatError:
+        raise
+    except Exception:  # noqa: BLE001 - the decoders report a broken file with more detail
+        return
+    for shape in shapes:
+        _check_shape(path, shape)
+
+
 def _read_dng(path: Path, hints: Mapping[str, Any]) -> RawFrame:
     byte_order = _tiff_header_byte_order(path)
+    _dng_check_sizes(path)
     try:
         import rawpy
     except ImportError:  # pragma: no cover - depends on the environment
@@ -499,8 +601,10 @@ def _read_dng(path: Path, hints: Mapping[str, Any]) -> RawFrame:
     if rawpy is not None:
         try:
             data, found = _dng_rawpy(path)
-        except rawpy.LibRawError as exc:  # e.g. smaller than MIN_RAWPY_SIZE: try tifffile
-            rawpy_error = exc
+        except RawFormatError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - LibRawError (e.g. smaller than MIN_RAWPY_SIZE), or rawpy
+            rawpy_error = exc     # failing on a damaged file in another way: try tifffile
     if rawpy is None or rawpy_error is not None:
         try:
             data, found = _dng_tifffile(path)
@@ -546,8 +650,10 @@ def read_raw(path: str | os.PathLike[str], **hints: Any) -> RawFrame:
     reader = _READERS.get(p.suffix.lower())
     if reader is None:
         raise RawFormatError(p, "extension", f"one of {', '.join(EXTENSIONS)}", repr(p.suffix))
-    if not p.is_file():
-        raise RawFormatError(p, "file", "an existing file", "missing")
+    try:
+        regular_file(p, "an existing raw frame file")
+    except InputFileError as err:
+        raise _as_raw_error(p, err) from None
     return reader(p, clean_hints)
 
 

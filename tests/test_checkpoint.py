@@ -106,5 +106,6 @@ def test_a_checkpoint_for_another_input_is_refused_before_the_run(tmp_path, caps
             "--scheme", "quad", "--checkpoint", str(path), "--quiet", "--set", "model.device=cpu"]
     assert main(args) == 2
     err = capsys.readouterr().err
-    assert "field 'checkpoint'" in err and "4-channel input of scheme quad" in err and "(1 channels)" in err
+    assert "m.pt: this checkpoint expects 1 channel at 28x28" in err and "the quad scheme" in err
+    assert "gives 4 channels" in err
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1

@@ -350,13 +350,12 @@ def test_ctrl_c_during_replay_keeps_the_predictions_made(running, tmp_path, key_
     assert [r["frame_index"] for r in rows] == list(range(summary["frames"]))
 
 
-@pytest.mark.xfail(strict=True, reason="SIGTERM not handled yet (issue 12)")
 def test_sigterm_during_run_finalises_like_ctrl_c(running, tmp_path, key_file):
-    """Today SIGTERM kills the process outright: live.mcap.partial and a prediction temporary stay behind."""
+    """SIGTERM stops the run like Ctrl-C: exit 130, outputs finalised, nothing temporary left behind."""
     cwd = tmp_path / "cwd"
     cwd.mkdir()
     rc, out, err = interrupted_run(running, cwd, key_file, signal.SIGTERM)
-    assert rc not in (0, -signal.SIGTERM), f"exit status {rc}: SIGTERM was not handled"
+    assert rc == 130, f"exit status {rc}: SIGTERM was not handled like Ctrl-C"
     assert leftovers(cwd) == []
     rows = jsonl(cwd / "live.jsonl")
     assert len(rows) >= 16

@@ -1,11 +1,18 @@
 """The ``privcam`` command line. Each subcommand is a small function returning a summary dict;
 ``--json`` prints that dict on stdout for machines, otherwise a short human summary is shown.
+
+Errors are one line on stderr: exit status 2 for a bad input (a PrivcamError, a bad option), 1 for a
+failure of the machine (disk full, out of memory), 130 for Ctrl-C or SIGTERM (handled alike: outputs are
+finalised, an existing output is never replaced by an interrupted run). Every numeric option has a range
+(checked by argparse, the error names the option), and every output path is checked before any work
+(:func:`check_outputs`).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -14,12 +21,14 @@ from typing import Any
 import numpy as np
 
 from sensor.config import SensorConfig
-from sensor.errors import PrivcamError
+from sensor.errors import OutputPathError, PrivcamError
+from sensor.rawio import EXTENSIONS as RAW_OUTPUT_SUFFIXES
 from sensor.readout import SCHEMES
 
 from ..resources import COLOUR_PROFILE, DEFAULT_CHECKPOINT, MONO_PROFILE, RUN_CONFIG, resolve
 from . import data_cmd
 from .images import write_png
+from .options import COUNT, EPOCHS, FRAME_INDEX, SEED, WORKERS, check_outputs, float_range, int_range
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
 RAW_SUFFIXES = {".npy", ".raw", ".bin", ".dng", ".png", ".tif", ".tiff"}
@@ -39,19 +48,19 @@ def load_sensor_config(path: str | None) -> SensorConfig:
 def read_scene_or_raw(path: Path) -> tuple[str, np.ndarray, Any]:
     """Classify INPUT: an 8-bit image is a scene, a 16-bit image or raw file is a raw frame.
 
-    Returns ("scene", (H, W[, 3]) uint8 RGB, None) or ("raw", (H, W) uint16, RawMeta).
+    Returns ("scene", (H, W[, 3]) uint8 RGB, None) or ("raw", (H, W) uint16, RawMeta). Images are read
+    through :func:`sensor.safeio.read_image` (regular files only, declared size checked first).
     """
     import cv2
 
     from sensor.rawio import read_raw
+    from sensor.safeio import read_image
 
     if not path.exists():
         raise CliError(f"{path}: input not found")
     suffix = path.suffix.lower()
     if suffix in IMAGE_SUFFIXES:
-        image = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
-        if image is None:
-            raise CliError(f"{path}: not a readable image")
+        image = read_image(path, "unchanged", "an 8-bit image or a 16-bit raw PNG/TIFF")
         if image.dtype == np.uint8:
             if image.ndim == 3:
                 image = cv2.cvtColor(image[..., :3], cv2.COLOR_BGR2RGB)
@@ -59,16 +68,22 @@ def read_scene_or_raw(path: Path) -> tuple[str, np.ndarray, Any]:
     if suffix in RAW_SUFFIXES:
         frame = read_raw(path)
         return "raw", frame.data, frame.meta
+    if suffix in IMAGE_SUFFIXES:
+        raise CliError(f"{path}: expected an 8-bit image or a 16-bit raw frame, got a {image.dtype} image")
     raise CliError(f"{path}: unknown input type '{suffix}', expected an 8-bit image "
                    f"({', '.join(sorted(IMAGE_SUFFIXES))}) or a raw frame "
                    f"({', '.join(sorted(RAW_SUFFIXES))})")
 
 
 def cmd_capture(args: argparse.Namespace) -> dict[str, Any]:
-    from sensor.rawio import RawMeta, write_raw
+    from sensor.rawio import RawMeta, sidecar_path, write_raw
     from sensor.scene import raw_to_photons, raw_to_srgb, render_photons
     from sensor.sensor import Sensor
 
+    out = Path(args.out)
+    sidecar = None if out.suffix.lower() == ".dng" else str(sidecar_path(out))
+    check_outputs([(args.out, "--out", RAW_OUTPUT_SUFFIXES), (sidecar, "--out (its .yaml sidecar)", None),
+                   (args.preview, "--preview", (".png",))], [args.input, args.sensor and resolve(args.sensor)])
     config = load_sensor_config(args.sensor)
     if args.exposure_s is not None:
         config = config.replace(exposure_s=args.exposure_s)
@@ -117,6 +132,8 @@ def cmd_ptc(args: argparse.Namespace) -> dict[str, Any]:
 def cmd_keygen(args: argparse.Namespace) -> dict[str, Any]:
     from sensor.keys import write_key_file
 
+    if not Path(args.out).exists():  # an existing file is refused by write_key_file itself
+        check_outputs([(args.out, "--out", None)])
     key = write_key_file(args.out)
     return {"key_file": str(args.out), "fingerprint": key.fingerprint, "mode": "0600"}
 
@@ -124,7 +141,12 @@ def cmd_keygen(args: argparse.Namespace) -> dict[str, Any]:
 def cmd_demo(args: argparse.Namespace) -> dict[str, Any]:
     from .demo import run_demo
 
-    return run_demo(Path(args.out), args.limit, progress=not args.quiet)
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise OutputPathError(f"--out {out}: expected a folder for the demo's files, got a file")
+    if not out.exists():
+        check_outputs([(str(out / "camera.key"), "--out", None)])
+    return run_demo(out, args.limit, progress=not args.quiet)
 
 
 
@@ -158,7 +180,7 @@ def add_run_options(p: argparse.ArgumentParser, model: bool = True, source: bool
     if source:
         p.add_argument("--dataset", help="fashion-mnist | mnist | cifar10 | folder")
         p.add_argument("--data", help="dataset path")
-        p.add_argument("--limit", type=int, help="number of items from the split")
+        p.add_argument("--limit", type=COUNT, help="number of items from the split (>= 1)")
         p.add_argument("--scheme", choices=SCHEMES, help="readout permutation scheme")
         p.add_argument("--rotation", action="store_true", help="a fresh permutation per frame")
     if model:
@@ -166,13 +188,13 @@ def add_run_options(p: argparse.ArgumentParser, model: bool = True, source: bool
         p.add_argument("--mode", help="keyed network mode: fused (no feature map in natural order) or fast (only the "
                        "first layer keyed); checked against models.keyed.MODES")
         p.add_argument("--predictions", help="write predictions here (.jsonl or .csv)")
-        p.add_argument("--batch-size", type=int, dest="batch_size", help="frames per model batch")
+        p.add_argument("--batch-size", type=int_range(1, 1 << 16), dest="batch_size", help="frames per model batch")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
 def add_ray_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ray", action="store_true", help="run on Ray (pip install 'privcam[ray]')")
-    p.add_argument("--actors", type=int, default=2, help="with --ray: model actors (default 2)")
+    p.add_argument("--actors", type=WORKERS, default=2, help="with --ray: model actors (default 2)")
     p.add_argument("--ray-address", help="with --ray: an existing cluster (ray.init(address=...)), e.g. auto")
 
 
@@ -213,7 +235,10 @@ def cmd_replay(args: argparse.Namespace) -> dict[str, Any]:
     cfg = load_run_config(args)
     if args.ray:
         from ..ray.replay import replay_on_ray
+        from ..stream.sinks import OUTPUT_SUFFIXES
 
+        check_outputs([(cfg.output.predictions, "--predictions", OUTPUT_SUFFIXES)],
+                      [*args.recording, cfg.key.file, resolve(cfg.model.checkpoint)])
         summary = replay_on_ray(args.recording, cfg.key.file or "", cfg.model.checkpoint, out=args.predictions,
                                 batch_size=cfg.pipeline.batch_size, actors=args.actors, mode=cfg.model.mode,
                                 ray_address=args.ray_address, progress=not args.quiet, device=cfg.model.device)
@@ -226,7 +251,8 @@ def cmd_replay(args: argparse.Namespace) -> dict[str, Any]:
         lost = report["frames_lost"]
         if report.get("lost_is_lower_bound"):
             lost = f"at least {lost}" if lost else "an unknown number of frames"
-        print(f"privcam replay: {summary['frames']} intact frames replayed, {lost} lost: "
+        skipped = f", {summary['skipped']} skipped" if summary.get("skipped") else ""
+        print(f"privcam replay: {summary['frames']} intact frames replayed, {lost} lost{skipped}: "
               f"{'; '.join(report['problems'])}", file=sys.stderr)
     return _finish(summary)
 
@@ -243,14 +269,14 @@ def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
         if value is not None:
             sets.append(f"{flag}={value}")
     cfg = TrainConfig.from_dict(apply_overrides(data, sets), args.config or "train options")
-    manifest = train(cfg, progress=not args.quiet)
+    manifest = train(cfg, progress=not args.quiet, overwrite=args.force)
     return {k: v for k, v in manifest.items() if k not in ("history", "sensor", "train_config")}
 
 
 def cmd_show(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
-    from models.checkpoint import load_checkpoint
+    from models.checkpoint import check_model_input, load_checkpoint
     from models.plain import build_model
     from sensor.keys import load_key_file
     from sensor.scene import colour_chart
@@ -258,6 +284,9 @@ def cmd_show(args: argparse.Namespace) -> dict[str, Any]:
     from ..stream.inputs import input_shape
     from .show import show_panels
 
+    check_outputs([(args.out, "--out", (".png",))],
+                  [args.image, args.key, args.checkpoint and resolve(args.checkpoint),
+                   args.sensor and resolve(args.sensor)])
     config = load_sensor_config(args.sensor)
     if args.image:
         kind, scene, _ = read_scene_or_raw(Path(args.image))
@@ -269,13 +298,18 @@ def cmd_show(args: argparse.Namespace) -> dict[str, Any]:
     if args.scheme != "pixel" and (h % 2 or w % 2):
         scene = scene[: h - h % 2, : w - w % 2]
     key = load_key_file(args.key)
+    h, w = scene.shape[:2]
     if args.checkpoint:
-        model, _ = load_checkpoint(resolve(args.checkpoint))
+        model, manifest = load_checkpoint(resolve(args.checkpoint))
+        check_model_input(model, manifest, input_shape(args.scheme, h, w),
+                          f"the {args.scheme} scheme on this {h}x{w} {config.cfa} frame", args.checkpoint)
         weights = args.checkpoint
     else:
         torch.manual_seed(0)
         model = build_model("compact", input_shape(args.scheme, *scene.shape[:2])[0], 10)
         weights = "random init (seed 0)"
+        check_model_input(model, {}, input_shape(args.scheme, h, w),
+                          f"the {args.scheme} scheme on this {h}x{w} {config.cfa} frame", "the compact net")
     figure, facts = show_panels(scene, config, key, args.scheme, model, args.frame_index, args.seed)
     write_png(Path(args.out), figure)
     return {"out": args.out, "weights": weights, **facts}
@@ -287,6 +321,7 @@ def cmd_bench(args: argparse.Namespace) -> dict[str, Any]:
     import importlib
     import tempfile
 
+    check_outputs([(args.out, "--out", (".json",))])
     module = importlib.import_module(f"pipeline.bench.{args.what}")
     out = Path(args.out) if args.out else Path(tempfile.mkstemp(suffix=".json")[1])
     try:
@@ -309,6 +344,8 @@ def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
         from .privacy_cmd import privacy_cli
 
         return privacy_cli(args)
+    check_outputs([(args.out, "--out", (".json",))],
+                  [args.key, args.data, resolve(args.checkpoint), resolve(args.sensor)])
     key = load_key_file(args.key) if args.key else Key.generate()
     test = load_dataset(args.dataset, "test", args.data).subset(args.limit_test)
     train = load_dataset(args.dataset, "train", args.data)
@@ -348,14 +385,21 @@ EXAMPLES = {
 }
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (the usage is one --help away), exit status 2 as before."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .privacy_cmd import add_privacy_arguments
 
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="privcam",
         description="Simulated camera sensor with a keyed, privacy-preserving ADC readout.",
         epilog="Run 'privcam COMMAND --help' for the options and an example of each command.")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=Parser)
 
     def add(name: str, func: Callable, help_text: str) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text, description=help_text,
@@ -373,9 +417,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sensor", help="sensor profile YAML (default: configs/sensors/default.yaml)")
     p.add_argument("--out", required=True, help="output raw frame path")
     p.add_argument("--preview", help="also write a demosaiced, gamma-corrected PNG preview here")
-    p.add_argument("--seed", type=int, default=0, help="temporal noise seed (default 0)")
-    p.add_argument("--frame-index", type=int, default=0, help="frame counter n (default 0)")
-    p.add_argument("--exposure-s", type=float, help="override the profile's exposure time (s)")
+    p.add_argument("--seed", type=SEED, default=0, help="temporal noise seed (default 0)")
+    p.add_argument("--frame-index", type=FRAME_INDEX, default=0, help="frame counter n (default 0)")
+    p.add_argument("--exposure-s", type=float_range(0, 3600), help="override the profile's exposure time (s)")
     p.add_argument("--key", help="read the frame out in this key's order: the protected frame a keyed camera "
                    "emits (the preview then shows what anyone without the key sees)")
     p.add_argument("--scheme", default="pixel", choices=SCHEMES, help="readout scheme with --key (default pixel)")
@@ -385,11 +429,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("ptc", cmd_ptc,
             "Photon transfer measurement (EMVA 1288) on the emulator: recover K and read noise.")
     p.add_argument("--sensor", help="sensor profile YAML")
-    p.add_argument("--analog-gain", type=float,
+    p.add_argument("--analog-gain", type=float_range(0, 1e4),
                    help="override analog gain (read noise below 0.5 DN needs more gain)")
-    p.add_argument("--points", type=int, default=12, help="number of exposures (default 12)")
-    p.add_argument("--size", type=int, default=256, help="flat-field size in pixels (default 256)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--points", type=int_range(2, 1000), default=12, help="number of exposures, 2-1000 (default 12)")
+    p.add_argument("--size", type=int_range(16, 4096), default=256,
+                   help="flat-field side in pixels, 16-4096 (default 256)")
+    p.add_argument("--seed", type=SEED, default=0)
 
     p = add("keygen", cmd_keygen, "Create a 256-bit key file (hex, mode 0600). Refuses to overwrite.")
     p.add_argument("--out", required=True, help="key file to create")
@@ -398,7 +443,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_run_options(p)
     p.add_argument("--record", help="also record the protected frames to this .mcap file")
     add_ray_options(p)
-    p.add_argument("--cameras", type=int, default=2, help="with --ray: simulated cameras (Ray actors)")
+    p.add_argument("--cameras", type=WORKERS, default=2, help="with --ray: simulated cameras (Ray actors)")
 
     p = add("record", cmd_record, "Capture protected frames into an MCAP recording (no model).")
     add_run_options(p, model=False)
@@ -416,9 +461,10 @@ def build_parser() -> argparse.ArgumentParser:
             "manifest.")
     p.add_argument("--config", help="training YAML (configs/train/)")
     p.add_argument("--set", action="append", metavar="FIELD=VALUE", help="override a training field (repeatable)")
-    for flag, kind in (("--dataset", str), ("--data", str), ("--model", str), ("--scheme", str), ("--epochs", int),
-                       ("--out", str), ("--limit-train", int), ("--limit-test", int), ("--sensor", str)):
+    for flag, kind in (("--dataset", str), ("--data", str), ("--model", str), ("--scheme", str), ("--epochs", EPOCHS),
+                       ("--out", str), ("--limit-train", COUNT), ("--limit-test", COUNT), ("--sensor", str)):
         p.add_argument(flag, type=kind)
+    p.add_argument("--force", action="store_true", help="replace an existing checkpoint at --out")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
     p = add("show", cmd_show,
@@ -428,8 +474,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--key", required=True, help="key file")
     p.add_argument("--scheme", default="quad", choices=SCHEMES)
     p.add_argument("--checkpoint", help="plain model checkpoint (default: a randomly initialised compact net)")
-    p.add_argument("--frame-index", type=int, default=0)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--frame-index", type=FRAME_INDEX, default=0)
+    p.add_argument("--seed", type=SEED, default=0)
     p.add_argument("--out", default="show.png", help="PNG to write (default show.png)")
 
     p = add("bench", cmd_bench,
@@ -444,7 +490,7 @@ def build_parser() -> argparse.ArgumentParser:
             "attack, for a static key and per-frame rotation. 'privacy': every protection method (keyed readout, "
             "EtC, ELE, Image-to-Perturbation) under the same attacks. Run 'privcam eval accuracy --help'.")
     p.epilog += "\n  privcam eval privacy --limit-test 2000 --json"
-    what = p.add_subparsers(dest="what", required=True, metavar="TABLE")
+    what = p.add_subparsers(dest="what", required=True, metavar="TABLE", parser_class=Parser)
     acc = what.add_parser("accuracy", help="the accuracy table", description="The accuracy table.",
                           epilog=f"example:\n  {EXAMPLES['eval']}",
                           formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -455,9 +501,9 @@ def build_parser() -> argparse.ArgumentParser:
     acc.add_argument("--sensor", default=MONO_PROFILE)
     acc.add_argument("--scheme", default="pixel", choices=SCHEMES)
     acc.add_argument("--key", help="key file (default: a fresh random key)")
-    acc.add_argument("--limit-test", type=int, help="test images (default: the whole test split)")
-    acc.add_argument("--attack-train-images", type=int, default=10_000, help="attacker's labelled frames")
-    acc.add_argument("--attack-epochs", type=int, default=3, help="attacker's epochs (same for both key modes)")
+    acc.add_argument("--limit-test", type=COUNT, help="test images (default: the whole test split)")
+    acc.add_argument("--attack-train-images", type=COUNT, default=10_000, help="attacker's labelled frames")
+    acc.add_argument("--attack-epochs", type=EPOCHS, default=3, help="attacker's epochs (same for both key modes)")
     acc.add_argument("--out", help="also write the table (JSON) here")
     acc.add_argument("--quiet", action="store_true")
     priv = what.add_parser("privacy", help="the privacy table (methods x attacks)",
@@ -474,7 +520,8 @@ def build_parser() -> argparse.ArgumentParser:
             "Built-in demo on the shipped Fashion-MNIST sample: sensor, rotating keyed readout, recording, keyed "
             "classifier, replay, a wrong key, and show.png.")
     p.add_argument("--out", default="demo_out", help="output folder (default demo_out)")
-    p.add_argument("--limit", type=int, default=1000, help="frames from the sample (default 1000)")
+    p.add_argument("--limit", type=int_range(1, 1000), default=1000,
+                   help="frames from the sample, 1-1000 (default 1000)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return parser
 
@@ -497,27 +544,62 @@ def _print_human(summary: dict[str, Any]) -> None:
                   f"{st['wait_in_s']:>10.3f} {st['wait_out_s']:>10.3f}")
 
 
+def _sigterm_as_interrupt(signum: int, frame: Any) -> None:
+    """SIGTERM is handled like Ctrl-C: the run stops, outputs are finalised, exit status 130."""
+    raise KeyboardInterrupt
+
+
+def _one_line(err: BaseException) -> str:
+    return " ".join(str(err).split()) or type(err).__name__
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    for stream in (sys.stdout, sys.stderr):  # paths that are not valid UTF-8 print as escapes, never crash
+        if hasattr(stream, "reconfigure"):
+            try:
+                stream.reconfigure(errors="backslashreplace")
+            except (ValueError, OSError):
+                pass
     passthrough: list[str] = []
     if argv[:1] == ["bench"] and "--" in argv:
         cut = argv.index("--")
         argv, passthrough = argv[:cut], argv[cut + 1:]
     args = build_parser().parse_args(argv)
     args.extra = passthrough
+    previous = None
+    if threading_is_main():
+        previous = signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
     try:
         summary = args.func(args)
     except (PrivcamError, ValueError) as err:
-        print(f"privcam {args.command}: error: {err}", file=sys.stderr)
+        print(f"privcam {args.command}: error: {_one_line(err)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"privcam {args.command}: interrupted", file=sys.stderr)
         return 130
+    except MemoryError:
+        print(f"privcam {args.command}: error: out of memory (input too large? see PRIVCAM_MAX_PIXELS)",
+              file=sys.stderr)
+        return 1
+    except OSError as err:
+        where = f"{err.filename}: " if getattr(err, "filename", None) else ""
+        print(f"privcam {args.command}: error: {where}{err.strerror or _one_line(err)}", file=sys.stderr)
+        return 1
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     if args.json:
         print(json.dumps(summary, indent=2))
     else:
         _print_human(summary)
     return int(summary.get("exit_status", 0))
+
+
+def threading_is_main() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
 
 
 if __name__ == "__main__":

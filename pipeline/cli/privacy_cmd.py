@@ -9,12 +9,14 @@ from typing import Any
 import torch
 
 from sensor.config import SensorConfig
+from sensor.errors import ConfigError
 from sensor.keys import Key
 from sensor.readout import SCHEMES
 
 from ..lab.privacy import PrivacyBudget, format_table, privacy_table
 from ..lab.protection import METHOD_NAMES
 from ..resources import COLOUR_PROFILE, DEFAULT_CHECKPOINT, MONO_PROFILE, resolve
+from .options import COUNT, EPOCHS, check_outputs, int_range
 
 
 def add_privacy_arguments(p: argparse.ArgumentParser) -> None:
@@ -26,24 +28,25 @@ def add_privacy_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--scheme", default="pixel", choices=SCHEMES, help="readout scheme")
     p.add_argument("--key", help="key file (default: a fresh random key)")
     p.add_argument("--methods", default=",".join(METHOD_NAMES), help=f"comma list of {', '.join(METHOD_NAMES)}")
-    p.add_argument("--block", type=int, default=4, help="EtC/ELE block side (default 4)")
-    p.add_argument("--limit-test", type=int, default=2000, help="test images (default 2000)")
-    p.add_argument("--attack-train-images", type=int, default=2000, help="attacker's labelled frames (default 2000)")
-    p.add_argument("--attack-epochs", type=int, default=2, help="fine-tune and MLP attack epochs (default 2)")
-    p.add_argument("--inversion-train-images", type=int, default=2000, help="inversion attack pairs (default 2000)")
-    p.add_argument("--inversion-epochs", type=int, default=3, help="inversion attack epochs (default 3)")
-    p.add_argument("--i2p-train-images", type=int, default=5000, help="I2P transform training frames (default 5000)")
-    p.add_argument("--i2p-epochs", type=int, default=2, help="I2P transform epochs (default 2)")
+    p.add_argument("--block", type=int_range(1, 64), default=4, help="EtC/ELE block side, 1-64 (default 4)")
+    p.add_argument("--limit-test", type=COUNT, default=2000, help="test images (default 2000)")
+    p.add_argument("--attack-train-images", type=COUNT, default=2000, help="attacker's labelled frames (default 2000)")
+    p.add_argument("--attack-epochs", type=EPOCHS, default=2, help="fine-tune and MLP attack epochs (default 2)")
+    p.add_argument("--inversion-train-images", type=COUNT, default=2000, help="inversion attack pairs (default 2000)")
+    p.add_argument("--inversion-epochs", type=EPOCHS, default=3, help="inversion attack epochs (default 3)")
+    p.add_argument("--i2p-train-images", type=COUNT, default=5000, help="I2P transform training frames (default 5000)")
+    p.add_argument("--i2p-epochs", type=EPOCHS, default=2, help="I2P transform epochs (default 2)")
     p.add_argument("--i2p-features", default="classifier", choices=["classifier", "random"],
                    help="I2P feature extractor: the classifier's first conv block or a fixed random conv stack")
     p.add_argument("--kpa-pairs", default="1,2,4,8", help="known-plaintext pair counts (default 1,2,4,8)")
     p.add_argument("--cifar", help="foolbox wheel or folder with cifar10_*.png (pip download --no-deps foolbox)")
     p.add_argument("--cifar-sensor", default=COLOUR_PROFILE)
     p.add_argument("--cifar-scheme", default="quad", choices=SCHEMES)
-    p.add_argument("--cifar-attack-images", type=int, default=2000, help="CIFAR attacker's natural patches")
-    p.add_argument("--seed", type=int, default=0, help="training and sampling seed (default 0)")
-    p.add_argument("--threads", type=int, help="torch and numba threads (default: theirs; 1 is much faster for these "
-                   "tiny frames when other jobs share the cores)")
+    p.add_argument("--cifar-attack-images", type=COUNT, default=2000, help="CIFAR attacker's natural patches")
+    p.add_argument("--seed", type=int_range(0, 2**32 - 1), default=0, help="training and sampling seed (default 0)")
+    p.add_argument("--threads", type=int_range(1, 1024),
+                   help="torch and numba threads (default: theirs; 1 is much faster for these tiny frames when other "
+                   "jobs share the cores)")
     p.add_argument("--out", help="also write the table (JSON) here")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -55,6 +58,17 @@ def privacy_cli(args: argparse.Namespace) -> dict[str, Any]:
 
     from ..stream.datasets import load_dataset
 
+    check_outputs([(args.out, "--out", (".json",))],
+                  [args.key, args.data, args.cifar, resolve(args.checkpoint), resolve(args.sensor)])
+    try:
+        kpa_pairs = tuple(int(k) for k in args.kpa_pairs.split(","))
+    except ValueError:
+        raise ConfigError("--kpa-pairs", "kpa_pairs", "a comma list of integers >= 1 such as 1,2,4,8",
+                          args.kpa_pairs) from None
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in METHOD_NAMES]
+    if unknown or not methods:
+        raise ConfigError("--methods", "methods", f"a comma list of {', '.join(METHOD_NAMES)}", args.methods)
     if args.threads:
         import numba
 
@@ -65,9 +79,8 @@ def privacy_cli(args: argparse.Namespace) -> dict[str, Any]:
                            attack_epochs=args.attack_epochs, inversion_train_images=args.inversion_train_images,
                            inversion_epochs=args.inversion_epochs, i2p_train_images=args.i2p_train_images,
                            i2p_epochs=args.i2p_epochs, i2p_features=args.i2p_features,
-                           kpa_pairs=tuple(int(k) for k in args.kpa_pairs.split(",")),
+                           kpa_pairs=kpa_pairs,
                            cifar_attack_images=args.cifar_attack_images, seed=args.seed)
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     sensor_cfg = SensorConfig.from_yaml(resolve(args.sensor))
     table = privacy_table(str(resolve(args.checkpoint)), load_dataset(args.dataset, "test", args.data),
                           load_dataset(args.dataset, "train", args.data), sensor_cfg, key,

@@ -28,6 +28,7 @@ from torch import nn
 from tqdm import tqdm
 
 from models.checkpoint import load_checkpoint
+from sensor.configio import check_range
 
 from .protection import RELATIONS
 from .unet import UNet
@@ -46,6 +47,13 @@ class AttackBudget:
     mlp_lr: float = 1e-3
     mlp_hidden: int = 512
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("train_images", "epochs", "batch_size", "mlp_hidden"):
+            check_range("AttackBudget", name, getattr(self, name), 1)
+        for name in ("finetune_lr", "mlp_lr"):
+            check_range("AttackBudget", name, getattr(self, name), 0, 10, low_open=True)
+        check_range("AttackBudget", "seed", self.seed, 0, 2**32 - 1)
 
     def to_dict(self) -> dict[str, Any]:
         return {"train_images": self.train_images, "epochs": self.epochs, "batch_size": self.batch_size,

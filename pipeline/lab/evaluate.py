@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from models.checkpoint import load_checkpoint
+from models.checkpoint import check_model_input, load_checkpoint
 from sensor.config import SensorConfig
 from sensor.frame import FrameFormat
 from sensor.keys import Key
@@ -35,7 +35,7 @@ from sensor.sensor import Sensor
 
 from ..stream.classifier import KeyedClassifier
 from ..stream.datasets import Dataset
-from ..stream.inputs import network_input
+from ..stream.inputs import input_shape, network_input
 from ..stream.sources import expose_scenes
 from .attacks import AttackBudget, accuracy, mlp_attack, train_classifier
 
@@ -64,6 +64,8 @@ def accuracy_table(checkpoint: str, test: Dataset, train: Dataset, sensor_cfg: S
     num_classes = model.fc.out_features if hasattr(model, "fc") else int(test.labels.max()) + 1
     sensor = Sensor(sensor_cfg, seed=sensor_seed)
     h, w = test.images.shape[1:3]
+    check_model_input(model, manifest, input_shape(scheme, h, w),
+                      f"the {scheme} scheme on {h}x{w} {sensor_cfg.cfa} frames", checkpoint)
     attack_set = train.subset(budget.train_images)
     chance = 1.0 / num_classes
     modes = []

@@ -44,15 +44,17 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from models.checkpoint import load_checkpoint
+from models.checkpoint import check_model_input, load_checkpoint
 from sensor.config import SensorConfig
+from sensor.configio import check_range
+from sensor.errors import ConfigError
 from sensor.frame import FrameFormat
 from sensor.keys import Key
 from sensor.sensor import Sensor
 
 from ..resources import COLOUR_PROFILE, resolve
 from ..stream.datasets import CIFAR10_CLASSES, Dataset
-from ..stream.inputs import network_input
+from ..stream.inputs import input_shape, network_input
 from ..stream.sources import expose_scenes
 from .attacks import (
     finetune_attack,
@@ -98,6 +100,19 @@ class PrivacyBudget:
     kpa_targets: int = 20  # held-out test frames whose true tables score the recovered table
     cifar_attack_images: int = 2000  # natural patches for the CIFAR inversion attacker
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        src = "PrivacyBudget"
+        if self.test_images is not None:
+            check_range(src, "test_images", self.test_images, 1)
+        for name in ("attack_train_images", "attack_epochs", "inversion_train_images", "inversion_epochs",
+                     "inversion_width", "i2p_train_images", "i2p_epochs", "i2p_width", "kpa_targets",
+                     "cifar_attack_images"):
+            check_range(src, name, getattr(self, name), 1)
+        check_range(src, "i2p_feature_weight", self.i2p_feature_weight, 0)
+        check_range(src, "seed", self.seed, 0, 2**32 - 1)
+        if not self.kpa_pairs or any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in self.kpa_pairs):
+            raise ConfigError(src, "kpa_pairs", "one or more integers >= 1", list(self.kpa_pairs))
 
     def attack_budget(self) -> AttackBudget:
         return AttackBudget(train_images=self.attack_train_images, epochs=self.attack_epochs, seed=self.seed)
@@ -345,6 +360,13 @@ def privacy_table(checkpoint: str | os.PathLike, test: Dataset, train: Dataset, 
     unknown = [m for m in methods if m not in METHOD_NAMES]
     if unknown or not methods:
         raise ValueError(f"methods: expected some of {', '.join(METHOD_NAMES)}, got {list(methods)}")
+    if isinstance(block, bool) or not isinstance(block, int) or not 1 <= block <= min(test.images.shape[1:3]):
+        raise ConfigError("privacy", "block", f"an integer in [1, {min(test.images.shape[1:3])}] (the frame side)",
+                          block)
+    model, manifest = load_checkpoint(checkpoint)  # refuse a checkpoint that does not fit before any work
+    h, w = test.images.shape[1:3]
+    check_model_input(model, manifest, input_shape(scheme, h, w), f"the {scheme} scheme on {h}x{w} "
+                      f"{sensor_cfg.cfa} frames", checkpoint)
     t0 = time.perf_counter()
     tables = [_fashion_table(str(checkpoint), test, train, sensor_cfg, key, scheme, budget, methods, block, progress,
                              sensor_seed)]

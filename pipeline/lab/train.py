@@ -6,7 +6,10 @@ rendered to photons and exposed with the sensor's noise; the network sees
 classifies protected frames without retraining.
 
 Resumable: the full training state (model, optimiser, scheduler, epoch, best accuracy) is saved
-atomically after every epoch to ``<out>.state``; running again with the same config continues.
+atomically after every epoch to ``<out>.state``; running again with the same config continues. The
+state is read back with ``weights_only=True`` and checked (:func:`models.checkpoint.load_training_state`).
+An existing checkpoint at ``out`` is never replaced unless asked (``overwrite=True``, ``--force``), and a
+run whose loss or weights stop being finite writes no checkpoint.
 """
 
 from __future__ import annotations
@@ -21,10 +24,17 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from models.checkpoint import load_training_state, save_checkpoint, save_training_state
-from models.plain import build_model
+from models.checkpoint import (
+    CheckpointError,
+    load_state_into,
+    load_training_state,
+    save_checkpoint,
+    save_training_state,
+)
+from models.plain import MODEL_NAMES, build_model
+from sensor.atomic import check_output_path
 from sensor.config import SensorConfig
-from sensor.configio import dataclass_from_dict
+from sensor.configio import check_range, dataclass_from_dict
 from sensor.errors import ConfigError
 from sensor.frame import FrameFormat
 from sensor.readout import SCHEMES
@@ -55,17 +65,43 @@ class TrainConfig:
     out: str = "compact_fashion_mnist_pixel.pt"
 
     def __post_init__(self) -> None:
+        src = "TrainConfig"
         if self.scheme not in SCHEMES:
-            raise ConfigError("TrainConfig", "scheme", "pixel, quad or plane", self.scheme)
-        for name in ("epochs", "batch_size"):
-            if getattr(self, name) < 1:
-                raise ConfigError("TrainConfig", name, ">= 1", getattr(self, name))
-        if self.lr <= 0:
-            raise ConfigError("TrainConfig", "lr", "> 0", self.lr)
+            raise ConfigError(src, "scheme", "pixel, quad or plane", self.scheme)
+        if self.model not in MODEL_NAMES:
+            raise ConfigError(src, "model", f"one of {', '.join(MODEL_NAMES)}", self.model)
+        check_range(src, "epochs", self.epochs, 1, 10_000)
+        check_range(src, "batch_size", self.batch_size, 1, 65_536)
+        check_range(src, "lr", self.lr, 0, 10, low_open=True)
+        check_range(src, "momentum", self.momentum, 0, 0.999)
+        check_range(src, "weight_decay", self.weight_decay, 0, 1)
+        check_range(src, "seed", self.seed, 0, 2**32 - 1)
+        for name in ("limit_train", "limit_test"):
+            if getattr(self, name) is not None:
+                check_range(src, name, getattr(self, name), 1)
+        if not str(self.out).strip() or Path(self.out).suffix != ".pt":
+            raise ConfigError(src, "out", "a checkpoint path ending in .pt (its manifest is written beside it "
+                              "as .json, the resumable state as .state)", self.out)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "TrainConfig") -> TrainConfig:
         return dataclass_from_dict(cls, data, source)
+
+
+def _check_resumed(path: Path, model: nn.Module, opt: torch.optim.Optimizer, state: dict[str, Any],
+                   epochs: int) -> None:
+    """What load_state_dict does not check: finite weights, momentum buffers shaped like their
+    parameters, an epoch within the run."""
+    hint = "(delete it to start the training over)"
+    if not all(torch.isfinite(p).all() for p in model.parameters()):
+        raise CheckpointError(f"{path}: model: expected finite weights {hint}")
+    for group in opt.param_groups:
+        for p in group["params"]:
+            buf = opt.state.get(p, {}).get("momentum_buffer")
+            if buf is not None and (not isinstance(buf, torch.Tensor) or buf.shape != p.shape):
+                raise CheckpointError(f"{path}: optimizer: momentum buffers do not match the model {hint}")
+    if not 0 <= state["epoch"] <= epochs:
+        raise CheckpointError(f"{path}: epoch: expected 0..{epochs}, got {state['epoch']} {hint}")
 
 
 def augment_scenes(images: np.ndarray, rng: np.random.Generator, pad: int = 2) -> np.ndarray:
@@ -99,8 +135,21 @@ def evaluate_plain(model: nn.Module, data: Dataset, sensor: Sensor, scheme: str,
     return correct / len(data)
 
 
-def train(cfg: TrainConfig, progress: bool = True, device: torch.device | str | None = None) -> dict[str, Any]:
-    """Train (or resume) and write the checkpoint and its manifest. Returns the manifest."""
+def check_outputs(cfg: TrainConfig, overwrite: bool = False) -> None:
+    """Refuse, before any work, outputs that cannot be written, and an existing checkpoint unless ``overwrite``."""
+    out = Path(cfg.out)
+    check_output_path(out, "out", (".pt",), overwrite=overwrite)
+    check_output_path(out.with_suffix(".json"), "out (its manifest)", (".json",))
+    check_output_path(out.with_suffix(".state"), "out (its training state)", (".state",))
+
+
+def train(cfg: TrainConfig, progress: bool = True, device: torch.device | str | None = None,
+          overwrite: bool = False) -> dict[str, Any]:
+    """Train (or resume) and write the checkpoint and its manifest. Returns the manifest.
+
+    An existing checkpoint at ``cfg.out`` is refused unless ``overwrite``.
+    """
+    check_outputs(cfg, overwrite)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     train_set = load_dataset(cfg.dataset, "train", cfg.data).subset(cfg.limit_train)
     test_set = load_dataset(cfg.dataset, "test", cfg.data).subset(cfg.limit_test)
@@ -123,9 +172,10 @@ def train(cfg: TrainConfig, progress: bool = True, device: torch.device | str | 
         if state["config"] != asdict(cfg):
             raise ConfigError(str(state_path), "config", "the same training config to resume (delete the .state "
                               "file to start over)", "a different config")
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
+        load_state_into(state_path, model, state["model"], f"a plain {cfg.model}")
+        load_state_into(state_path, opt, state["optimizer"], "the SGD optimiser")
+        load_state_into(state_path, sched, state["scheduler"], "the one-cycle schedule")
+        _check_resumed(state_path, model, opt, state, cfg.epochs)
         epoch0, history, wall_s = state["epoch"], state["history"], state["wall_s"]
     loss_fn = nn.CrossEntropyLoss()
     for epoch in range(epoch0, cfg.epochs):
@@ -151,6 +201,9 @@ def train(cfg: TrainConfig, progress: bool = True, device: torch.device | str | 
             total_loss += loss.item() * len(idx)
             seen += len(idx)
             bar.set_postfix(loss=f"{total_loss / seen:.4f}")
+        if not np.isfinite(total_loss) or not all(torch.isfinite(p).all() for p in model.parameters()):
+            raise ConfigError(cfg.out, "lr", f"a training run whose loss stays finite (it diverged in epoch "
+                              f"{epoch + 1}; no checkpoint was written; try a smaller lr)", cfg.lr)
         acc = evaluate_plain(model, test_set, sensor, cfg.scheme, device=device)
         wall_s += time.perf_counter() - t0
         history.append({"epoch": epoch + 1, "loss": total_loss / seen, "test_accuracy": acc, "wall_s": wall_s})

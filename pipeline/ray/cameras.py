@@ -127,17 +127,19 @@ class CameraActor:
         if c.output.record:
             recorder = Recorder(camera_recording_path(c.output.record, self.camera), self.sensor_cfg.to_dict(),
                                 c.key.scheme, c.key.rotation, self.fingerprint)
-        stopped = False
+        stopped, ok = False, False
         try:
             self._capture_all(fmt, recorder)
+            ok = True
         except CameraStopped:
             stopped = True
         finally:
             if recorder is not None:
-                recorder.close()
+                recorder.close(ok=ok)
         result = {"stats": self.stats.to_dict(), "shard": [self.first, self.end], "stopped": stopped}
         if recorder is not None:
-            result["recording"] = {"path": str(recorder.path), "frames_written": recorder.frames_written}
+            result["recording"] = {"path": str(recorder.final_path or recorder.path),
+                                   "frames_written": recorder.frames_written}
         return result
 
     def _capture_all(self, fmt: dict[str, Any], recorder: Recorder | None) -> None:
@@ -285,7 +287,7 @@ def _serve_cameras(cfg: RunConfig, key: Key, fmt: dict[str, Any], shards: list[t
     finally:
         if err or interrupted:
             cam_results = _stop_cameras(cams, cam_runs, results_q, writer)
-        writer.close()
+        writer.close(ok=not (err or interrupted or setup_error))
         for handle in [*workers, *cams]:
             ray.kill(handle)
         frames_q.shutdown(force=True)

@@ -28,7 +28,7 @@ from sensor.keys import Key
 from sensor.readout import TABLE_FORMAT
 
 from ..stream.classifier import FrameFormat
-from ..stream.recording import RecordingReader, check_table_format, encode_frame
+from ..stream.recording import RecordingReader, check_table_format, encode_frame, stream_mismatch
 from ..stream.run import make_recording_hint
 
 READ_CPUS = 0.25  # logical CPUs per read task (decompress + decode; the model is the heavy stage)
@@ -59,7 +59,7 @@ class RecordingHeader:
     max_dn: int
     expected_frames: int | None
     size_bytes: int
-    table_format: int = TABLE_FORMAT
+    table_format: int | None = TABLE_FORMAT
 
 
 def scan_header(path: str, index: int = 0) -> RecordingHeader:
@@ -103,7 +103,8 @@ def expand_recordings(paths: list[str]) -> list[str]:
 def check_fingerprints(headers: list[RecordingHeader], key: Key, key_file: str) -> None:
     """Refuse the whole job, naming every recording made with another key (as a local replay refuses one)."""
     for h in headers:
-        check_table_format(h.path, h.table_format)
+        if h.table_format is not None:
+            check_table_format(h.path, h.table_format)
     wrong = [h for h in headers if h.key_fingerprint != key.fingerprint]
     if wrong:
         raise PrivcamError("; ".join(f"{h.path}: recorded with key {h.key_fingerprint}, but {key_file} has "
@@ -129,7 +130,16 @@ def read_recording_blocks(header: RecordingHeader, batch_size: int, block_bytes:
     reader = RecordingReader(header.path)
     try:
         fmt_text, rows, batch, batch_index, rows_per_block = None, [], [], 0, 1
+        first, skipped = None, 0
         for frame in reader.frames():
+            if first is None:
+                first = frame.meta
+            why = stream_mismatch(first, frame.meta, header.key_fingerprint or first.key_fingerprint)
+            if why is not None:  # as the local replay: skip a frame of another key or format, report it
+                skipped += 1
+                if skipped <= 20:
+                    reader.report.problems.append(f"skipped {why}")
+                continue
             if fmt_text is None:
                 m = frame.meta
                 fmt_text = _fmt_json(FrameFormat(header.black_level, header.max_dn, m.cfa, m.scheme, m.rotation,

@@ -271,7 +271,7 @@ def replay_on_ray(paths: list[str], key_file: str, checkpoint: str, out: str | N
         except Exception as exc:  # noqa: BLE001 - reported in the summary like a local stage error
             err = error_text(exc)
         finally:
-            writer.close()
+            writer.close(ok=not (err or interrupted))
         wall = time.perf_counter() - t0
         per = sink.recording_summaries()
         return _replay_summary(per, writer, sink, wall, t0, err, interrupted, key, checkpoint, mode, batch_size,

@@ -3,8 +3,13 @@
 - Fashion-MNIST and MNIST in IDX format (optionally gzipped). Debian's
   ``dataset-fashion-mnist`` installs them under ``/usr/share/datasets/fashion-mnist``; the first
   1000 test images ship with privcam as ``fashion-mnist-sample`` for the demo.
-- CIFAR-10 in its python pickle format (``data_batch_1..5``, ``test_batch``, ``batches.meta``).
-- A folder of images: labels from sub-folder names when there are sub-folders.
+- CIFAR-10 in its python pickle format (``data_batch_1..5``, ``test_batch``, ``batches.meta``), read by
+  an unpickler that only builds numpy arrays, lists, dicts and bytes (no other object, no code).
+- A folder of images: labels from sub-folder names when there are sub-folders. An image that cannot be
+  read, or whose size differs from the others, is skipped and named in :attr:`Dataset.skipped`.
+
+Every file is read safely (:mod:`sensor.safeio`): regular files only, declared sizes checked against
+the file and the limits before anything is allocated.
 
 Where a named dataset is looked up, in order: ``--data`` (the ``root`` argument), the cache that
 ``privcam data NAME`` fills (:mod:`pipeline.stream.datafetch`), Debian's path (Fashion-MNIST), and,
@@ -18,12 +23,15 @@ import gzip
 import logging
 import os
 import pickle
+import zlib
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from sensor.errors import DatasetError
+from sensor.errors import DatasetError, InputFileError
+from sensor.safeio import check_pixels, max_dataset_bytes, open_regular, read_bytes, read_image
 
 from ..resources import sample_root
 from . import datafetch
@@ -49,39 +57,78 @@ class Dataset:
     labels: np.ndarray | None
     class_names: tuple[str, ...] = ()
     source: str = ""
+    skipped: tuple[str, ...] = ()  # "file: why" for each item that could not be used
 
     def __len__(self) -> int:
         return len(self.images)
 
     def subset(self, count: int | None, offset: int = 0) -> Dataset:
         """The first ``count`` items from ``offset`` (all when count is None)."""
+        if (count is not None and count < 0) or offset < 0:
+            raise DatasetError(f"{self.name}: subset: expected count >= 0 and offset >= 0, got {count}, {offset}")
         end = None if count is None else offset + count
         labels = None if self.labels is None else self.labels[offset:end]
-        return Dataset(self.name, self.images[offset:end], labels, self.class_names, self.source)
+        return Dataset(self.name, self.images[offset:end], labels, self.class_names, self.source, self.skipped)
+
+
+_GZIP_MAX_RATIO = 1100  # deflate expands at most ~1032:1
+
+
+def _read_exact(stream, n: int, path: Path, what: str) -> bytes:
+    data = stream.read(n)
+    if len(data) != n:
+        raise DatasetError(f"{path}: {what}: expected {n} bytes, file too short")
+    return data
 
 
 def read_idx(path: str | os.PathLike) -> np.ndarray:
-    """Read an IDX file (``.gz`` or plain). Errors name the file and the bad header field."""
+    """Read an IDX file (``.gz`` or plain). Errors name the file and the bad header field.
+
+    The declared shape is checked against the file size (plain files exactly; gzip files against the
+    most deflate can expand), against :func:`sensor.safeio.max_dataset_bytes` and, per image, against
+    :func:`sensor.safeio.max_pixels` before the data are read.
+    """
     path = Path(path)
     try:
-        raw = gzip.open(path).read() if path.suffix == ".gz" else path.read_bytes()
-    except FileNotFoundError:
-        raise DatasetError(f"{path}: IDX file not found") from None
-    except (OSError, EOFError) as err:
-        raise DatasetError(f"{path}: cannot read IDX file: {err}") from None
-    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES:
-        raise DatasetError(f"{path}: magic: expected 00 00 <type> <ndim> IDX header")
-    ndim = raw[3]
-    header = 4 + 4 * ndim
-    if len(raw) < header:
-        raise DatasetError(f"{path}: header: expected {ndim} dimension sizes, file too short")
-    shape = tuple(int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
-    dtype = np.dtype(_IDX_DTYPES[raw[2]])
-    expected = int(np.prod(shape)) * dtype.itemsize
-    if len(raw) - header != expected:
+        fh = open_regular(path, "an IDX file")
+    except InputFileError as err:
+        if err.got == "no such file":
+            raise DatasetError(f"{path}: IDX file not found") from None
+        raise DatasetError(str(err)) from None
+    with fh:
+        size = os.fstat(fh.fileno()).st_size
+        packed = path.suffix == ".gz"
+        stream = gzip.GzipFile(fileobj=fh) if packed else fh
+        try:
+            head = stream.read(4)
+            if len(head) < 4 or head[0] != 0 or head[1] != 0 or head[2] not in _IDX_DTYPES:
+                raise DatasetError(f"{path}: magic: expected 00 00 <type> <ndim> IDX header")
+            ndim = head[3]
+            dims = _read_exact(stream, 4 * ndim, path, f"header: {ndim} dimension sizes")
+            shape = tuple(int.from_bytes(dims[4 * i: 4 * i + 4], "big") for i in range(ndim))
+            dtype = np.dtype(_IDX_DTYPES[head[2]])
+            expected = int(np.prod(shape, dtype=object)) * dtype.itemsize
+            header = 4 + 4 * ndim
+            if not packed and size - header != expected:
+                raise DatasetError(f"{path}: size: expected {expected} data bytes for shape {shape}, "
+                                   f"got {size - header}")
+            if packed and expected > _GZIP_MAX_RATIO * size:
+                raise DatasetError(f"{path}: size: shape {shape} declares {expected} bytes, more than a gzip file "
+                                   f"of {size} bytes can hold")
+            if expected > max_dataset_bytes():
+                raise DatasetError(f"{path}: size: shape {shape} declares {expected:,} bytes, above the limit of "
+                                   f"{max_dataset_bytes():,} (PRIVCAM_MAX_DATASET_BYTES)")
+            if ndim >= 3:
+                check_pixels(path, shape[1], int(np.prod(shape[2:])), "images")
+            data = stream.read(expected + 1)
+        except (OSError, EOFError, zlib.error) as err:
+            raise DatasetError(f"{path}: cannot read IDX file: {err}") from None
+        except InputFileError as err:
+            raise DatasetError(str(err)) from None
+    if len(data) != expected:
         raise DatasetError(f"{path}: size: expected {expected} data bytes for shape {shape}, "
-                           f"got {len(raw) - header}")
-    return np.frombuffer(raw, dtype, offset=header).reshape(shape)
+                           f"got {'more' if len(data) > expected else len(data)}")
+    return np.frombuffer(data, dtype).reshape(shape)
 
 
 def _find(root: Path, stem: str, name: str = "") -> Path:
@@ -114,11 +161,34 @@ def load_idx_dataset(name: str, root: str | os.PathLike, split: str,
     return Dataset(name, images, labels, class_names, str(root))
 
 
+def _multiarray():
+    try:
+        from numpy._core import multiarray
+    except ImportError:  # pragma: no cover - numpy < 2
+        from numpy.core import multiarray
+    return multiarray
+
+
+class CifarUnpickler(pickle.Unpickler):
+    """Unpickles CIFAR-10 batches and nothing else: numpy arrays, dtypes and scalars plus the builtin
+    containers; any other class or function named by the file is refused (a pickle can run code)."""
+
+    def find_class(self, module: str, name: str):
+        if module.split(".")[0] == "numpy" and module.endswith("multiarray") and name in ("_reconstruct", "scalar"):
+            return getattr(_multiarray(), name)
+        if module == "numpy" and name in ("ndarray", "dtype"):
+            return getattr(np, name)
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name}: a CIFAR-10 batch holds only arrays, "
+                                     "lists and bytes")
+
+
 def load_cifar10(root: str | os.PathLike, split: str) -> Dataset:
     """CIFAR-10 python pickles: (N, 32, 32, 3) uint8 RGB and labels.
 
-    The format is pickle, which can run code: only load batches from a source you trust.
+    Read with :class:`CifarUnpickler`: a file that names any other object is refused, never run.
     """
+    import io
+
     root = Path(root)
     names = {"train": [f"data_batch_{i}" for i in range(1, 6)], "test": ["test_batch"]}.get(split)
     if names is None:
@@ -127,50 +197,66 @@ def load_cifar10(root: str | os.PathLike, split: str) -> Dataset:
     for name in names:
         path = root / name
         try:
-            with open(path, "rb") as fh:
-                batch = pickle.load(fh, encoding="bytes")
-        except FileNotFoundError:
-            raise DatasetError(f"{path}: CIFAR-10 batch not found (python pickle version; privcam data cifar10 "
-                               f"fetches it)") from None
-        except (pickle.UnpicklingError, EOFError, ValueError) as err:
+            blob = read_bytes(path, "a CIFAR-10 batch", limit=max_dataset_bytes())
+            batch = CifarUnpickler(io.BytesIO(blob), encoding="bytes").load()
+        except InputFileError as err:
+            if err.got == "no such file":
+                raise DatasetError(f"{path}: CIFAR-10 batch not found (python pickle version; privcam data "
+                                   "cifar10 fetches it)") from None
+            raise DatasetError(str(err)) from None
+        except Exception as err:  # noqa: BLE001 - a damaged or hostile pickle raises many types
             raise DatasetError(f"{path}: not a CIFAR-10 pickle batch: {err}") from None
         if not isinstance(batch, dict) or b"data" not in batch or b"labels" not in batch:
             raise DatasetError(f"{path}: expected a dict with b'data' and b'labels'")
-        data = np.asarray(batch[b"data"], dtype=np.uint8)
+        try:
+            data = np.asarray(batch[b"data"], dtype=np.uint8)
+            batch_labels = np.asarray(batch[b"labels"], dtype=np.int64)
+        except (TypeError, ValueError, OverflowError) as err:
+            raise DatasetError(f"{path}: data/labels: expected uint8 pixels and integer labels ({err})") from None
         if data.ndim != 2 or data.shape[1] != 3072:
             raise DatasetError(f"{path}: data: expected (N, 3072) uint8, got {data.shape}")
         images.append(data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
-        labels.append(np.asarray(batch[b"labels"], dtype=np.int64))
-        if len(labels[-1]) != len(images[-1]):
-            raise DatasetError(f"{path}: labels: expected {len(images[-1])}, got {len(labels[-1])}")
+        labels.append(batch_labels)
+        if batch_labels.ndim != 1 or len(labels[-1]) != len(images[-1]):
+            raise DatasetError(f"{path}: labels: expected {len(images[-1])}, got {batch_labels.shape}")
+        if len(batch_labels) and not (0 <= batch_labels.min() and batch_labels.max() < len(CIFAR10_CLASSES)):
+            raise DatasetError(f"{path}: labels: expected integers in [0, {len(CIFAR10_CLASSES) - 1}]")
     return Dataset("cifar10", np.concatenate(images), np.concatenate(labels), CIFAR10_CLASSES, str(root))
 
 
 def load_image_folder(root: str | os.PathLike, grey: bool = False) -> Dataset:
     """Every image under ``root`` (sorted). Sub-folder names become class labels when present.
 
-    All images must share one size; grey images are returned (N, H, W), colour (N, H, W, 3).
+    Images share one size (the most common one); grey images are returned (N, H, W), colour
+    (N, H, W, 3). An unreadable image, or one of another size, is skipped and named in ``skipped``.
     """
-    import cv2
-
     root = Path(root)
     if not root.is_dir():
         raise DatasetError(f"{root}: expected a folder of images")
     files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
         raise DatasetError(f"{root}: no images ({', '.join(IMAGE_SUFFIXES)}) found")
-    classes = sorted({p.parent.name for p in files if p.parent != root})
-    images = []
+    read, skipped = [], []
     for path in files:
-        image = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE if grey else cv2.IMREAD_COLOR)
-        if image is None:
-            raise DatasetError(f"{path}: not a readable image")
-        images.append(image if grey else cv2.cvtColor(image, cv2.COLOR_BGR2RGB))
-    shapes = {im.shape for im in images}
-    if len(shapes) != 1:
-        raise DatasetError(f"{root}: expected images of one size, found {sorted(shapes)}")
-    labels = np.array([classes.index(p.parent.name) for p in files], np.int64) if classes else None
-    return Dataset(root.name, np.stack(images), labels, tuple(classes), str(root))
+        try:
+            image = read_image(path, "grey" if grey else "colour")
+        except InputFileError as err:
+            skipped.append(str(err))
+            continue
+        read.append((path, image if grey else image[..., ::-1]))
+    if not read:
+        raise DatasetError(f"{root}: no readable image; {len(skipped)} skipped, first: {skipped[0]}")
+    shape = Counter(im.shape for _, im in read).most_common(1)[0][0]
+    skipped += [f"{p}: expected an image of {shape[1]}x{shape[0]} like the others, got {im.shape[1]}x{im.shape[0]}"
+                for p, im in read if im.shape != shape]
+    read = [(p, im) for p, im in read if im.shape == shape]
+    classes = sorted({p.parent.name for p, _ in read if p.parent != root})
+    if classes:
+        skipped += [f"{p}: expected an image inside a class sub-folder" for p, _ in read if p.parent == root]
+        read = [(p, im) for p, im in read if p.parent != root]
+    labels = np.array([classes.index(p.parent.name) for p, _ in read], np.int64) if classes else None
+    images = np.stack([np.ascontiguousarray(im) for _, im in read])
+    return Dataset(root.name, images, labels, tuple(classes), str(root), tuple(skipped))
 
 
 def _not_found(name: str, split: str, searched: list[Path], what: str) -> DatasetError:

@@ -11,21 +11,26 @@ sensor configuration as YAML) and ``privcam.recording`` (scheme, rotation, key f
 without it is format 1). A reader refuses frames whose tables it cannot rebuild (:func:`check_table_format`).
 No key material is ever written.
 
-The writer goes through ``<path>.partial`` and renames on :meth:`Recorder.close`, which also
-runs on an exception or Ctrl-C, so a recording is either finalised or clearly partial.
+The writer goes through a unique ``<path>.<random>.partial`` (two recorders never share one) and
+finalises it on :meth:`Recorder.close`, which also runs on an exception, Ctrl-C or SIGTERM; the
+finalised file replaces an existing recording only when the run succeeded
+(:class:`sensor.atomic.StagedOutput`), so a recording is either finalised or clearly partial.
+
 The reader walks the records itself: a chunk whose CRC or compression is broken is skipped
-(and counted, using the message index after it), a corrupted length field triggers a
-search for the next intact chunk, and a truncated tail ends the walk. It never raises on
-damage; it reports how many frames were lost and why.
+(and counted, using the message index after it), a corrupted length field or opcode triggers a
+search for the next intact chunk or metadata record, damaged metadata is skipped, and a truncated
+tail ends the walk. A file without its footer (truncated, or left by ``kill -9``) is reported as not
+finalised, with the number of frames recovered. It never raises on damage; it reports how many
+frames were lost and why. Only regular files are opened (a pipe or device is refused).
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import mmap
 import os
-import stat
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -40,9 +45,12 @@ from mcap.records import Chunk, Message, MessageIndex, Metadata, Statistics
 from mcap.stream_reader import breakup_chunk
 from mcap.writer import CompressionType, Writer
 
-from sensor.errors import PrivcamError
+from sensor.atomic import StagedOutput
+from sensor.configio import load_yaml
+from sensor.errors import InputFileError, PrivcamError
 from sensor.frame import FrameMeta, ProtectedFrame
 from sensor.readout import TABLE_FORMAT
+from sensor.safeio import open_regular
 
 TOPIC = "/privcam/frames"
 SCHEMA_NAME = "privcam.ProtectedFrame"
@@ -76,9 +84,11 @@ def decode_frame(payload: bytes) -> ProtectedFrame:
     if len(payload) < 4:
         raise PrivcamError("frame message: expected a 4-byte header length")
     (hlen,) = struct.unpack_from("<I", payload)
+    if hlen > min(len(payload) - 4, 1 << 16):
+        raise PrivcamError(f"frame message: header length {hlen} runs past the message")
     try:
         meta = FrameMeta.from_dict(json.loads(payload[4:4 + hlen]))
-    except (ValueError, TypeError) as err:
+    except (ValueError, TypeError, RecursionError) as err:
         raise PrivcamError(f"frame message: bad JSON header: {err}") from None
     pixels = payload[4 + hlen:]
     if len(pixels) != 2 * meta.height * meta.width:
@@ -88,24 +98,55 @@ def decode_frame(payload: bytes) -> ProtectedFrame:
     return ProtectedFrame(data, meta)
 
 
+def _stream(m: FrameMeta) -> str:
+    return f"{m.scheme}/{'rotating' if m.rotation else 'static'} {m.width}x{m.height} {m.bit_depth}-bit {m.cfa}"
+
+
+def stream_mismatch(first: FrameMeta, meta: FrameMeta, fingerprint: str) -> str | None:
+    """Why a frame cannot join the stream that ``first`` started (None when it can)."""
+    if meta.key_fingerprint != fingerprint:
+        return f"frame {meta.frame_index}: protected with key {meta.key_fingerprint}, not {fingerprint}"
+    mine = (meta.scheme, meta.rotation, meta.height, meta.width, meta.bit_depth, meta.cfa)
+    theirs = (first.scheme, first.rotation, first.height, first.width, first.bit_depth, first.cfa)
+    if mine != theirs:
+        return f"frame {meta.frame_index}: {_stream(meta)} differs from the stream's {_stream(first)}"
+    return None
+
+
 class Recorder:
-    """Streaming MCAP writer of protected frames. Use as a context manager."""
+    """Streaming MCAP writer of protected frames. Use as a context manager.
+
+    Frames go to :attr:`partial` (``<path>.<random>.partial``); :meth:`close` finalises it and places it
+    (see :class:`sensor.atomic.StagedOutput`): :attr:`final_path` is where the recording ended up and
+    :attr:`note` says why when that is not ``path``.
+    """
 
     def __init__(self, path: str | os.PathLike, sensor_config: dict[str, Any], scheme: str, rotation: bool,
                  key_fingerprint: str, chunk_size: int = 256 << 10) -> None:
         self.path = Path(path)
-        self.partial = self.path.with_name(self.path.name + ".partial")
+        self._out = StagedOutput(self.path)
+        self.partial = self._out.path
         self.key_fingerprint = key_fingerprint
         self.frames_written = 0
-        self._fh = open(self.partial, "wb")
-        self._writer = Writer(self._fh, chunk_size=chunk_size, compression=CompressionType.ZSTD)
-        self._writer.start(profile="privcam", library="privcam")
-        schema = self._writer.register_schema(SCHEMA_NAME, ENCODING, _SCHEMA_TEXT)
-        self._channel = self._writer.register_channel(TOPIC, ENCODING, schema)
-        self._writer.add_metadata("privcam.sensor", {"yaml": yaml.safe_dump(sensor_config, sort_keys=False)})
-        self._writer.add_metadata("privcam.recording", {"table_format": str(TABLE_FORMAT),
-            "scheme": scheme, "rotation": str(bool(rotation)).lower(), "key_fingerprint": key_fingerprint})
+        self.final_path: Path | None = None
+        self.note: str | None = None
         self._closed = False
+        try:
+            self._fh = open(self.partial, "wb")  # noqa: SIM115 - closed in close()
+            self._writer = Writer(self._fh, chunk_size=chunk_size, compression=CompressionType.ZSTD)
+            self._writer.start(profile="privcam", library="privcam")
+            schema = self._writer.register_schema(SCHEMA_NAME, ENCODING, _SCHEMA_TEXT)
+            self._channel = self._writer.register_channel(TOPIC, ENCODING, schema)
+            self._writer.add_metadata("privcam.sensor", {"yaml": yaml.safe_dump(sensor_config, sort_keys=False)})
+            self._writer.add_metadata("privcam.recording", {
+                "table_format": str(TABLE_FORMAT), "scheme": scheme, "rotation": str(bool(rotation)).lower(),
+                "key_fingerprint": key_fingerprint})
+        except BaseException:
+            if getattr(self, "_fh", None) is not None:
+                self._fh.close()
+            self._out.discard()
+            self._closed = True
+            raise
 
     def write(self, frame: ProtectedFrame) -> None:
         if frame.meta.key_fingerprint != self.key_fingerprint:
@@ -117,22 +158,42 @@ class Recorder:
                                  sequence=frame.meta.frame_index & 0xFFFFFFFF)
         self.frames_written += 1
 
-    def close(self) -> None:
-        """Finish the MCAP summary and move the file into place. Idempotent."""
+    def close(self, ok: bool = True) -> Path | None:
+        """Finish the MCAP summary and place the file (see the class docstring). Idempotent.
+
+        ``ok`` is False after a failed or interrupted run: an existing recording at ``path`` is then
+        never replaced. Returns :attr:`final_path` (None when nothing was written and the run failed).
+        Raises PrivcamError when the file cannot be finalised (e.g. a full disk), naming the .partial
+        file that keeps the frames written so far.
+        """
         if self._closed:
-            return
+            return self.final_path
         self._closed = True
         try:
             self._writer.finish()
-        finally:
-            self._fh.close()
-        os.replace(self.partial, self.path)
+            self._fh.flush()
+        except Exception as err:  # noqa: BLE001 - a full disk, a closed file: report, keep the frames
+            with contextlib.suppress(OSError):
+                self._fh.close()
+            if self.frames_written == 0:
+                self._out.discard()
+                raise PrivcamError(f"{self.path}: cannot finalise the recording ({type(err).__name__}: {err}); "
+                                   "nothing was written") from None
+            self.final_path = self.partial
+            self.note = (f"{self.path} was not written: cannot finalise the recording ({type(err).__name__}: "
+                         f"{err}); the {self.frames_written} frames written are in {self.partial} (not finalised; "
+                         "privcam replay reads it)")
+            raise PrivcamError(self.note) from None
+        self._fh.close()
+        self.final_path = self._out.finish(ok, self.frames_written > 0)
+        self.note = self._out.note
+        return self.final_path
 
     def __enter__(self) -> Recorder:
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        self.close(ok=exc_type is None)
 
 
 @dataclass
@@ -155,38 +216,58 @@ class RecordingReader:
     """Read a recording's metadata and frames. Iterating never raises on damage; see :attr:`report`.
 
     The file is walked through a read-only memory map (pages are read as the walk reaches them), so
-    a recording is never read into memory as a whole. ``scan_metadata=False`` skips the metadata
-    pass (see :meth:`scan_header` for one that stops at the first chunk). Close it when done (or use
-    it as a context manager); frames it yielded stay valid.
+    a recording is never read into memory as a whole; only regular files are mapped (a pipe or a
+    device such as ``/dev/zero`` is refused without blocking). ``scan_metadata=False`` skips the
+    metadata pass (see :meth:`scan_header` for one that stops at the first chunk). Close it when done
+    (or use it as a context manager); frames it yielded stay valid.
     """
 
     def __init__(self, path: str | os.PathLike, scan_metadata: bool = True) -> None:
         self.path = Path(path)
         try:
-            with open(self.path, "rb") as fh:
-                if not stat.S_ISREG(os.fstat(fh.fileno()).st_mode):
-                    raise RecordingError(f"{self.path}: expected a regular file (a recording), got a device, "
-                                         "pipe or folder")
+            fh = open_regular(self.path, "a recording file")
+        except InputFileError as err:
+            if err.got == "no such file":
+                raise RecordingError(f"{self.path}: recording not found") from None
+            if err.got == "a folder":
+                raise RecordingError(f"{self.path}: expected a recording file, got a folder") from None
+            raise RecordingError(f"{self.path}: expected a regular file (a recording), got {err.got}") from None
+        try:
+            with fh:
                 self._data = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
-        except FileNotFoundError:
-            raise RecordingError(f"{self.path}: recording not found") from None
-        except IsADirectoryError:
-            raise RecordingError(f"{self.path}: expected a recording file, got a folder") from None
         except ValueError:  # an empty file cannot be mapped
             raise RecordingError(f"{self.path}: not an MCAP file (empty)") from None
         except OSError as err:
             raise RecordingError(f"{self.path}: cannot read recording: {err.strerror}") from None
-        if self._data[:len(MAGIC)] != MAGIC:
-            self._data.close()
-            raise RecordingError(f"{self.path}: not an MCAP file (bad magic bytes)")
         self.report = ReplayReport()
         self.metadata: dict[str, dict[str, str]] = {}
+        self.metadata_problems: list[str] = []
+        self._start_problem: str | None = None
+        head = self._data[:len(MAGIC)]
+        if head != MAGIC:
+            # One or two damaged bytes of an MCAP file: resume at the first intact record. Anything else
+            # (a different file, or nothing recognisable after it) is not a recording.
+            close_enough = len(head) == len(MAGIC) and sum(a == b for a, b in zip(head, MAGIC, strict=True)) >= 6
+            if not close_enough or self._next_record(len(MAGIC)) is None:
+                self._data.close()
+                raise RecordingError(f"{self.path}: not an MCAP file (bad magic bytes)")
+            self._start_problem = "damaged magic bytes at the start of the file"
+        n, tail = len(self._data), _FOOTER_BYTES + len(MAGIC)
+        #: The recorder finished the file: a footer record and the closing magic bytes are at its end.
+        self.finalised = n >= len(MAGIC) + tail and self._data[n - len(MAGIC):] == MAGIC and \
+            self._data[n - tail] == Opcode.FOOTER
         if scan_metadata:
             self._scan_metadata()
 
     @property
     def size_bytes(self) -> int:
         return len(self._data)
+
+    @property
+    def is_partial(self) -> bool:
+        """True for a ``.partial`` file: a recording that was never placed (interrupted, killed, or kept
+        beside an existing recording after a failed run)."""
+        return self.path.name.endswith(".partial")
 
     def close(self) -> None:
         self._data.close()
@@ -213,39 +294,62 @@ class RecordingReader:
             if pos + 9 + length > end:
                 return None
             if opcode == Opcode.STATISTICS:
-                return Statistics.read(ReadDataStream(io.BytesIO(data[pos + 9:pos + 9 + length]))).message_count
+                stats = self._parse(Statistics, data[pos + 9:pos + 9 + length])
+                return None if stats is None else stats.message_count
             pos += 9 + length
         return None
 
     def scan_header(self) -> None:
         """Read the metadata records, stopping at the first chunk once both privcam records are known
         (a full walk only when they are missing)."""
-        for opcode, body in self._records(collect_problems=False):
+        for opcode, body, pos in self._records(collect_problems=False):
             if opcode == Opcode.METADATA:
-                record = Metadata.read(ReadDataStream(io.BytesIO(body)))
-                self.metadata[record.name] = dict(record.metadata)
+                self._add_metadata(body, pos)
             elif opcode in (Opcode.CHUNK, Opcode.MESSAGE) and {"privcam.sensor", "privcam.recording"} <= set(
                     self.metadata):
                 break
 
     # -- metadata ---------------------------------------------------------------------------------
+    @staticmethod
+    def _parse(record_type: Any, body: bytes) -> Any:
+        """A record parsed from its body, or None when the body is damaged."""
+        try:
+            return record_type.read(ReadDataStream(io.BytesIO(body)))
+        except Exception:  # noqa: BLE001 - EndOfFile, struct.error, UnicodeDecodeError, ...
+            return None
+
+    def _add_metadata(self, body: bytes, pos: int) -> None:
+        record = self._parse(Metadata, body)
+        if record is None or not isinstance(record.metadata, dict):
+            self._metadata_problem(f"damaged metadata record at byte {pos} skipped")
+            return
+        self.metadata[record.name] = dict(record.metadata)
+
+    def _metadata_problem(self, text: str) -> None:
+        if text not in self.metadata_problems:
+            self.metadata_problems.append(text)
+
     def _scan_metadata(self) -> None:
-        for opcode, body in self._records(collect_problems=False):
+        for opcode, body, pos in self._records(collect_problems=False):
             if opcode == Opcode.METADATA:
-                record = Metadata.read(ReadDataStream(io.BytesIO(body)))
-                self.metadata[record.name] = dict(record.metadata)
+                self._add_metadata(body, pos)
             elif opcode == Opcode.STATISTICS:
-                stats = Statistics.read(ReadDataStream(io.BytesIO(body)))
-                self.report.expected_frames = stats.message_count
+                stats = self._parse(Statistics, body)
+                if stats is not None:
+                    self.report.expected_frames = stats.message_count
 
     @property
     def key_fingerprint(self) -> str | None:
         return self.metadata.get("privcam.recording", {}).get("key_fingerprint")
 
     @property
-    def table_format(self) -> int:
-        """The readout-table derivation the frames were protected with (1 when the recording predates it)."""
-        text = self.metadata.get("privcam.recording", {}).get("table_format", "1")
+    def table_format(self) -> int | None:
+        """The readout-table derivation the frames were protected with: 1 when the recording predates it,
+        None when the ``privcam.recording`` record is missing or damaged."""
+        record = self.metadata.get("privcam.recording")
+        if record is None:
+            return None
+        text = record.get("table_format", "1")
         return int(text) if text.isdigit() else -1
 
     @property
@@ -257,49 +361,83 @@ class RecordingReader:
         return self.metadata.get("privcam.recording", {}).get("rotation") == "true"
 
     def sensor_config(self) -> dict[str, Any] | None:
+        """The recorded sensor configuration, or None when it is missing or damaged (then noted in
+        :attr:`metadata_problems`)."""
         text = self.metadata.get("privcam.sensor", {}).get("yaml")
-        return None if text is None else yaml.safe_load(text)
+        if text is None:
+            return None
+        try:
+            data = load_yaml(text)
+        except yaml.YAMLError:
+            data = None
+        if not isinstance(data, dict):
+            self._metadata_problem("damaged privcam.sensor metadata (not a YAML mapping) skipped")
+            return None
+        return data
 
     # -- records ----------------------------------------------------------------------------------
-    def _records(self, collect_problems: bool = True) -> Iterator[tuple[int, bytes]]:
-        """Top-level (opcode, body) pairs, resynchronising on the next intact chunk after damage."""
-        data, pos, end = self._data, len(MAGIC), len(self._data)
+    def _records(self, collect_problems: bool = True) -> Iterator[tuple[int, bytes, int]]:
+        """Top-level (opcode, body, offset) triples, resynchronising on the next intact chunk or metadata
+        record after damage."""
+        data, end = self._data, len(self._data)
+        pos = len(MAGIC)
+        if self._start_problem is not None:
+            self._problem(collect_problems, self._start_problem)
+            pos = self._next_record(len(MAGIC)) or end
+        footer_at = end - len(MAGIC) - _FOOTER_BYTES
+        prev = None  # start of the last record yielded: a wrong length there is only noticed at the next one
         while pos < end:
             if pos + 9 > end:
                 self._problem(collect_problems, f"truncated at byte {pos} (incomplete record header)")
                 return
             opcode = data[pos]
             (length,) = struct.unpack_from("<Q", data, pos + 1)
-            if opcode not in Opcode._value2member_map_ or pos + 9 + length > end:
-                nxt = self._next_chunk(pos + 1)
+            misplaced_footer = opcode == Opcode.FOOTER and (pos != footer_at or data[end - len(MAGIC):] != MAGIC)
+            if opcode not in Opcode._value2member_map_ or pos + 9 + length > end or misplaced_footer:
+                nxt = self._next_record(pos + 1 if prev is None else prev + 1)
                 if nxt is None:
-                    known = opcode in Opcode._value2member_map_
+                    known = opcode in Opcode._value2member_map_ and not misplaced_footer
                     self._problem(collect_problems, f"truncated at byte {pos} (record of {length} bytes runs "
                                   "past the end)" if known else f"corrupted record at byte {pos}")
                     return
                 self._problem(collect_problems, f"corrupted record at byte {pos}; resumed at byte {nxt}")
                 pos = nxt
                 continue
-            yield opcode, data[pos + 9:pos + 9 + length]
+            yield opcode, data[pos + 9:pos + 9 + length], pos
+            prev = pos
             if opcode == Opcode.FOOTER:
                 return
             pos += 9 + length
 
-    def _next_chunk(self, start: int) -> int | None:
-        """Offset of the next chunk record whose body parses and whose CRC checks."""
+    def _next_record(self, start: int) -> int | None:
+        """Offset of the next chunk whose body parses and whose CRC checks, or of the next metadata record
+        whose body parses exactly, whichever comes first."""
         data = self._data
-        pos = data.find(bytes([Opcode.CHUNK]), start)
-        while pos != -1 and pos + 9 <= len(data):
-            (length,) = struct.unpack_from("<Q", data, pos + 1)
-            if 0 < length <= len(data) - pos - 9:
-                try:
-                    chunk = Chunk.read(ReadDataStream(io.BytesIO(data[pos + 9:pos + 9 + length])))
-                    breakup_chunk(chunk, validate_crc=True)
+        candidates = [p for p in (data.find(bytes([Opcode.CHUNK]), start), data.find(bytes([Opcode.METADATA]), start))
+                      if p != -1]
+        while candidates:
+            pos = min(candidates)
+            if pos + 9 <= len(data):
+                (length,) = struct.unpack_from("<Q", data, pos + 1)
+                if 0 < length <= len(data) - pos - 9 and self._intact(data[pos], data[pos + 9:pos + 9 + length]):
                     return pos
-                except Exception:  # noqa: BLE001 - any parse failure means "not a chunk here"
-                    pass
-            pos = data.find(bytes([Opcode.CHUNK]), pos + 1)
+            candidates = [p for p in (data.find(bytes([data[pos]]), pos + 1), *[c for c in candidates if c != pos])
+                          if p != -1]
         return None
+
+    def _intact(self, opcode: int, body: bytes) -> bool:
+        if opcode == Opcode.CHUNK:
+            try:
+                breakup_chunk(Chunk.read(ReadDataStream(io.BytesIO(body))), validate_crc=True)
+                return True
+            except Exception:  # noqa: BLE001 - any parse failure means "not a chunk here"
+                return False
+        stream = ReadDataStream(io.BytesIO(body))
+        try:
+            record = Metadata.read(stream)
+        except Exception:  # noqa: BLE001
+            return False
+        return stream.count == len(body) and record.name.startswith("privcam.")
 
     def _problem(self, collect: bool, text: str) -> None:
         if collect:
@@ -309,9 +447,12 @@ class RecordingReader:
         """Every intact frame in file order; damage is counted in :attr:`report`."""
         report = self.report
         report.frames_read, report.frames_lost, report.problems = 0, 0, []
+        if self.is_partial:
+            report.problems.append(f"{self.path.name} is a .partial file: the recording was not placed by the "
+                                   "recorder (interrupted, killed, or kept beside an existing recording)")
         bad_chunk_pending = False
         seen_indices: list[int] = []
-        for opcode, body in self._records():
+        for opcode, body, pos in self._records():
             if opcode == Opcode.CHUNK:
                 try:
                     chunk = Chunk.read(ReadDataStream(io.BytesIO(body)))
@@ -328,16 +469,30 @@ class RecordingReader:
                             seen_indices.append(frame.meta.frame_index)
                             yield frame
             elif opcode == Opcode.MESSAGE_INDEX and bad_chunk_pending:
-                try:
-                    index = MessageIndex.read(ReadDataStream(io.BytesIO(body)))
-                    report.frames_lost += len(index.records)
-                except Exception:  # noqa: BLE001
+                index = self._parse(MessageIndex, body)
+                if index is None:
                     report.lost_is_lower_bound = True
+                else:
+                    report.frames_lost += len(index.records)
             elif opcode == Opcode.MESSAGE:
-                frame = self._decode(Message.read(ReadDataStream(io.BytesIO(body)), len(body)).data)
+                try:
+                    message = Message.read(ReadDataStream(io.BytesIO(body)), len(body))
+                except Exception:  # noqa: BLE001
+                    report.problems.append(f"damaged message record at byte {pos} skipped")
+                    report.frames_lost += 1
+                    continue
+                frame = self._decode(message.data)
                 if frame is not None:
                     seen_indices.append(frame.meta.frame_index)
                     yield frame
+        if not self.finalised:
+            report.problems.append(f"not finalised (no footer or summary: the recorder was interrupted, killed or "
+                                   f"the file was cut): {report.frames_read} frames recovered, frames written after "
+                                   "the last intact record are lost")
+            report.lost_is_lower_bound = True
+        for text in self.metadata_problems:
+            if text not in report.problems:
+                report.problems.append(text)
         self._finish_count(seen_indices)
 
     def _decode(self, payload: bytes) -> ProtectedFrame | None:

@@ -4,6 +4,12 @@
     -> batcher -> keyed classifier -> sinks (predictions file, metrics, progress bar)
 
 The classifier stage only ever receives :class:`~sensor.frame.ProtectedFrame` objects.
+
+Hostile input: every output path is checked before any work (:func:`check_run_outputs`); an item that
+cannot be used (an unreadable raw file, a frame of another size or key) is skipped and reported in the
+summary's ``skipped`` / ``skipped_items`` instead of stopping the run; outputs are placed only when the
+run succeeded (:class:`sensor.atomic.StagedOutput`), so a failed or interrupted run never replaces an
+existing recording or prediction file.
 """
 
 from __future__ import annotations
@@ -18,12 +24,13 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from models.checkpoint import load_checkpoint
+from models.checkpoint import check_model_input, load_checkpoint, read_manifest
 from models.keyed import MODES
+from sensor.atomic import check_output_path
 from sensor.config import SensorConfig
-from sensor.configio import dataclass_from_dict, read_yaml
+from sensor.configio import check_range, dataclass_from_dict, read_yaml
 from sensor.errors import ConfigError, PrivcamError
-from sensor.frame import FrameFormat, ProtectedFrame
+from sensor.frame import FrameFormat, FrameMeta, ProtectedFrame
 from sensor.keys import Key, load_key_file
 from sensor.rawio import RawFrame
 from sensor.readout import SCHEMES
@@ -34,9 +41,9 @@ from ..resources import DEFAULT_CHECKPOINT, MONO_PROFILE, resolve
 from .classifier import KeyedClassifier
 from .engine import Batch, Map, Pipeline, RunResult
 from .inputs import input_shape
-from .recording import Recorder, RecordingReader, check_table_format
-from .sinks import PredictionWriter
-from .sources import open_source
+from .recording import Recorder, RecordingReader, check_table_format, stream_mismatch
+from .sinks import OUTPUT_SUFFIXES, PredictionWriter
+from .sources import SkipLog, open_source
 
 
 @dataclass(frozen=True)
@@ -47,11 +54,21 @@ class SourceSection:
     limit: int | None = 2000
     offset: int = 0
 
+    def __post_init__(self) -> None:
+        if self.split not in ("train", "test"):
+            raise ConfigError("source", "split", "train or test", self.split)
+        if self.limit is not None:
+            check_range("source", "limit", self.limit, 1)
+        check_range("source", "offset", self.offset, 0)
+
 
 @dataclass(frozen=True)
 class SensorSection:
     profile: str = MONO_PROFILE
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        check_range("sensor", "seed", self.seed, 0, 2**63 - 1)
 
 
 @dataclass(frozen=True)
@@ -85,11 +102,9 @@ class PipelineSection:
     queue_size: int = 8
 
     def __post_init__(self) -> None:
-        for name in ("batch_size", "queue_size"):
-            if getattr(self, name) < 1:
-                raise ConfigError("pipeline", name, ">= 1", getattr(self, name))
-        if self.batch_timeout_s <= 0:
-            raise ConfigError("pipeline", "batch_timeout_s", "> 0", self.batch_timeout_s)
+        check_range("pipeline", "batch_size", self.batch_size, 1, 1 << 16)
+        check_range("pipeline", "queue_size", self.queue_size, 1, 1 << 16)
+        check_range("pipeline", "batch_timeout_s", self.batch_timeout_s, 0, 3600, low_open=True)
 
 
 @dataclass(frozen=True)
@@ -98,7 +113,7 @@ class OutputSection:
     record: str | None = None
 
     def __post_init__(self) -> None:
-        if self.predictions and Path(self.predictions).suffix not in (".jsonl", ".csv", ".parquet"):
+        if self.predictions and Path(self.predictions).suffix not in OUTPUT_SUFFIXES:
             raise ConfigError("output", "predictions", "a .jsonl, .csv or .parquet (needs pyarrow) path",
                               self.predictions)
         if self.record and Path(self.record).suffix != ".mcap":
@@ -126,7 +141,9 @@ class RunConfig:
         sections = {}
         for name, section_cls in _SECTIONS.items():
             try:
-                sections[name] = dataclass_from_dict(section_cls, data.get(name) or {}, f"{source} [{name}]")
+                section = data.get(name)
+                sections[name] = dataclass_from_dict(section_cls, {} if section is None else section,
+                                                     f"{source} [{name}]")
             except ConfigError as err:
                 raise ConfigError(err.source, f"{name}.{err.field}".replace(f"{name}.{name}.", f"{name}."),
                                   err.expected, err.got) from None
@@ -155,13 +172,28 @@ def load_key(path: str | None) -> Key:
 
 
 # -- stages -----------------------------------------------------------------------------------------
-def capture_stage(sensor: Sensor, key: Key, scheme: str, rotation: bool):
-    """Stage function: (n, scene or raw frame, label) -> ProtectedFrame. The plain frame never leaves it."""
-    def capture(item: tuple[int, np.ndarray | RawFrame, int | None]) -> ProtectedFrame:
+def capture_stage(sensor: Sensor, key: Key, scheme: str, rotation: bool, shape: tuple[int, int] | None = None,
+                  skips: SkipLog | None = None):
+    """Stage function: (n, scene or raw frame, label) -> ProtectedFrame. The plain frame never leaves it.
+
+    With ``skips``, an item that cannot be captured (another size than ``shape``, a raw frame whose
+    CFA differs from the sensor's) is reported there and dropped instead of stopping the run.
+    """
+    def capture(item: tuple[int, np.ndarray | RawFrame, int | None]) -> ProtectedFrame | None:
         n, scene, label = item
         cfg = sensor.config
-        photons = (raw_to_photons(scene.data, scene.meta, cfg) if isinstance(scene, RawFrame)
-                   else render_photons(scene, cfg))
+        data = scene.data if isinstance(scene, RawFrame) else scene
+        try:
+            if shape is not None and tuple(data.shape[:2]) != tuple(shape):
+                raise PrivcamError(f"item {n}: expected a frame of {shape[1]}x{shape[0]} like the first, got "
+                                   f"{data.shape[1]}x{data.shape[0]}")
+            photons = (raw_to_photons(scene.data, scene.meta, cfg) if isinstance(scene, RawFrame)
+                       else render_photons(scene, cfg))
+        except PrivcamError as err:
+            if skips is None:
+                raise
+            skips.add(str(err))
+            return None
         return sensor.capture(photons, key, frame_index=n, scheme=scheme, rotation=rotation, label=label)
     return capture
 
@@ -181,7 +213,7 @@ def summarise(result: RunResult, sink: PredictionWriter, extra: dict[str, Any]) 
                "stages": stages, "interrupted": result.interrupted,
                "error": None if result.error is None else f"{type(result.error).__name__}: {result.error}"}
     if sink.path is not None:
-        summary["predictions"] = str(sink.path)
+        summary["predictions"] = None if sink.final_path is None else str(sink.final_path)
     return summary
 
 
@@ -192,42 +224,131 @@ def build_classifier(cfg: RunConfig, key: Key, fmt: FrameFormat) -> tuple[KeyedC
     if trained_scheme and representation[trained_scheme] != representation[fmt.scheme]:
         raise ConfigError("key", "scheme", f"a scheme whose network input matches the checkpoint's "
                           f"({trained_scheme})", fmt.scheme)
-    channels = input_shape(fmt.scheme, fmt.height, fmt.width)[0]
-    if manifest["arch"].get("in_channels") != channels:  # the manifest's scheme is not authenticated
-        raise ConfigError("model", "checkpoint", f"a model taking the {channels}-channel input of scheme "
-                          f"{fmt.scheme}", f"{cfg.model.checkpoint} ({manifest['arch'].get('in_channels')} channels)")
+    check_model_input(model, manifest, input_shape(fmt.scheme, fmt.height, fmt.width),
+                      f"the {fmt.scheme} scheme on {fmt.height}x{fmt.width} {fmt.cfa} frames", cfg.model.checkpoint)
     device = pick_device(cfg.model.device)
     return KeyedClassifier(model, key, fmt, mode=cfg.model.mode, device=device), manifest
 
 
+def check_run_outputs(cfg: RunConfig, record: str | None = None, inputs: tuple[str | None, ...] = ()) -> None:
+    """Every output of a run, checked before any work: writable, the right extension, distinct from each
+    other and from the inputs (key file, checkpoint, data, recordings)."""
+    ins = [p for p in (cfg.key.file, str(resolve(cfg.model.checkpoint)), cfg.source.data, *inputs) if p]
+    outs = []
+    if cfg.output.predictions:
+        outs.append(check_output_path(cfg.output.predictions, "output.predictions (--predictions)", OUTPUT_SUFFIXES,
+                                      inputs=ins))
+    if record:
+        outs.append(check_output_path(record, "output.record (--record/--out)", (".mcap",), inputs=ins))
+    if len(outs) == 2 and os.path.abspath(outs[0]) == os.path.abspath(outs[1]):
+        raise ConfigError("output", "record", "a path other than output.predictions", record)
+
+
+def _outcome(result: RunResult | None) -> bool:
+    return result is not None and result.error is None and not result.interrupted
+
+
+def _close_outputs(ok: bool, *outputs: Recorder | PredictionWriter | None) -> tuple[list[str], list[str]]:
+    """Close (and place) every output; returns (errors, notes) as text, raising nothing."""
+    errors, notes = [], []
+    for out in outputs:
+        if out is None:
+            continue
+        try:
+            out.close(ok=ok)
+        except PrivcamError as err:
+            errors.append(str(err))
+        except OSError as err:
+            errors.append(f"{getattr(out, 'path', '?')}: {type(err).__name__}: {err}")
+        if out.note and out.note not in errors:
+            notes.append(out.note)
+    return errors, notes
+
+
+def _error_text(result: RunResult | None, close_errors: list[str], skips: SkipLog) -> str | None:
+    if result is not None and result.error is not None:
+        return f"{type(result.error).__name__}: {result.error}"
+    if close_errors:
+        return "; ".join(close_errors)
+    if skips.count and result is not None and result.items_out == 0 and not result.interrupted:
+        return f"no item could be used ({skips.count} skipped; first: {skips.items[0]})"
+    return None
+
+
 def run_pipeline(cfg: RunConfig, progress: bool = True) -> dict[str, Any]:
     """Live run: dataset scenes through the keyed sensor into the keyed classifier."""
+    check_run_outputs(cfg, cfg.output.record)
     key = load_key(cfg.key.file)
     sensor_cfg = SensorConfig.from_yaml(resolve(cfg.sensor.profile))
-    items, total, (h, w) = open_source(cfg)
+    skips = SkipLog()
+    items, total, (h, w) = open_source(cfg, skips)
     fmt = FrameFormat.from_config(sensor_cfg, scheme=cfg.key.scheme, rotation=cfg.key.rotation, height=h, width=w)
     classifier, manifest = build_classifier(cfg, key, fmt)
     sensor = Sensor(sensor_cfg, seed=cfg.sensor.seed)
-    stages: list[Map | Batch] = [Map("sensor", capture_stage(sensor, key, cfg.key.scheme, cfg.key.rotation))]
-    on_close = []
-    recorder = None
-    if cfg.output.record:
-        recorder = Recorder(cfg.output.record, sensor_cfg.to_dict(), cfg.key.scheme, cfg.key.rotation, key.fingerprint)
-        stages.append(Map("recorder", record_stage(recorder)))
-        on_close.append(recorder.close)
-    stages += [Batch("batcher", cfg.pipeline.batch_size, cfg.pipeline.batch_timeout_s),
-               Map("model", classifier)]
-    sink = PredictionWriter(cfg.output.predictions, total, progress)
-    on_close.append(sink.close)
-    result = Pipeline(items, stages, sink, cfg.pipeline.queue_size,
-                      on_close=on_close).run()
+    stages: list[Map | Batch] = [Map("sensor", capture_stage(sensor, key, cfg.key.scheme, cfg.key.rotation,
+                                                             (h, w), skips))]
+    recorder = sink = result = None
+    try:
+        if cfg.output.record:
+            recorder = Recorder(cfg.output.record, sensor_cfg.to_dict(), cfg.key.scheme, cfg.key.rotation,
+                                key.fingerprint)
+            stages.append(Map("recorder", record_stage(recorder)))
+        stages += [Batch("batcher", cfg.pipeline.batch_size, cfg.pipeline.batch_timeout_s),
+                   Map("model", classifier)]
+        sink = PredictionWriter(cfg.output.predictions, total, progress)
+        result = Pipeline(items, stages, sink, cfg.pipeline.queue_size).run()
+    finally:
+        close_errors, notes = _close_outputs(_outcome(result), recorder, sink)
     extra = {"job": "run", "dataset": cfg.source.dataset, "split": cfg.source.split, "scheme": cfg.key.scheme,
              "rotation": cfg.key.rotation, "mode": cfg.model.mode, "device": str(classifier.device),
              "key_fingerprint": key.fingerprint, "checkpoint": cfg.model.checkpoint,
              "checkpoint_plain_accuracy": manifest.get("plain_test_accuracy")}
     if recorder is not None:
-        extra["recording"] = {"path": cfg.output.record, "frames_written": recorder.frames_written}
-    return summarise(result, sink, extra)
+        extra["recording"] = {"path": None if recorder.final_path is None else str(recorder.final_path),
+                              "frames_written": recorder.frames_written}
+    summary = summarise(result, sink, extra)
+    summary["error"] = _error_text(result, close_errors, skips)
+    return _with_skips(summary, skips, notes)
+
+
+def _with_skips(summary: dict[str, Any], skips: SkipLog, notes: list[str]) -> dict[str, Any]:
+    summary["skipped"] = skips.count
+    if skips.count:
+        summary["skipped_items"] = list(skips.items)
+    if notes:
+        summary["notes"] = notes
+    return summary
+
+
+def _replay_sensor(path: str, reader: RecordingReader, cfg: RunConfig, first: FrameMeta,
+                   problems: list[str]) -> SensorConfig:
+    """The recorded sensor configuration; when it is missing or damaged, the checkpoint's training sensor if
+    its bit depth and CFA match the frames (the network input needs the sensor's levels)."""
+    recorded = reader.sensor_config()
+    if recorded is not None:
+        try:
+            sensor_cfg = SensorConfig.from_dict(recorded, f"{path} [privcam.sensor]")
+        except ConfigError as err:
+            problems.append(f"damaged privcam.sensor metadata skipped: {err}")
+        else:
+            if (sensor_cfg.bit_depth, sensor_cfg.cfa) == (first.bit_depth, first.cfa):
+                return sensor_cfg
+            problems.append(f"privcam.sensor metadata ({sensor_cfg.bit_depth}-bit {sensor_cfg.cfa}) disagrees with "
+                            f"the frames ({first.bit_depth}-bit {first.cfa}); skipped as damaged")
+    else:
+        problems.append("privcam.sensor metadata missing or damaged")
+    trained = read_manifest(resolve(cfg.model.checkpoint)).get("sensor")
+    try:
+        fallback = SensorConfig.from_dict(trained, f"{cfg.model.checkpoint} [sensor]") if trained else None
+    except ConfigError:
+        fallback = None
+    if fallback is None or (fallback.bit_depth, fallback.cfa) != (first.bit_depth, first.cfa):
+        raise PrivcamError(f"{path}: the recording's sensor metadata is missing or damaged and the checkpoint's "
+                           f"sensor does not match its {first.bit_depth}-bit {first.cfa} frames; cannot normalise "
+                           "the frames without the sensor's black level")
+    problems.append(f"using the checkpoint's sensor profile {fallback.name!r} (same bit depth and CFA as the frames) "
+                    "for the black and white levels")
+    return fallback
 
 
 def make_recording_hint(path: str) -> str:
@@ -236,54 +357,106 @@ def make_recording_hint(path: str) -> str:
 
 
 def replay_recording(path: str, cfg: RunConfig, progress: bool = True) -> dict[str, Any]:
-    """Stream a recording through the keyed classifier. Damaged parts are skipped and reported."""
+    """Stream a recording through the keyed classifier. Damaged parts are skipped and reported, and so are
+    frames that do not belong to the stream (another key, size, scheme)."""
+    check_run_outputs(cfg, inputs=(path,))
     key = load_key(cfg.key.file)
     if not Path(path).exists():
         raise PrivcamError(f"{path}: recording not found ({make_recording_hint(path)})")
     reader = RecordingReader(path)
-    check_table_format(path, reader.table_format)
-    if reader.key_fingerprint != key.fingerprint:
-        raise PrivcamError(f"{path}: recorded with key {reader.key_fingerprint}, but {cfg.key.file} has fingerprint "
+    try:
+        return _replay(path, reader, key, cfg, progress)
+    finally:
+        reader.close()
+
+
+def _replay(path: str, reader: RecordingReader, key: Key, cfg: RunConfig, progress: bool) -> dict[str, Any]:
+    if reader.table_format is not None:  # None: the privcam.recording record is damaged (checked per frame)
+        check_table_format(path, reader.table_format)
+    recorded = reader.key_fingerprint
+    if recorded is not None and recorded != key.fingerprint:
+        raise PrivcamError(f"{path}: recorded with key {recorded}, but {cfg.key.file} has fingerprint "
                            f"{key.fingerprint}; refusing to replay with the wrong key")
-    sensor_dict = reader.sensor_config() or {}
-    sensor_cfg = SensorConfig.from_dict(sensor_dict, f"{path} [privcam.sensor]")
+    problems: list[str] = []
     frames = reader.frames()
     first = next(frames, None)
     if first is None:
         report = reader.report.to_dict()
-        return {"job": "replay", "recording": path, "frames": 0, "replay_report": report,
+        return {"job": "replay", "recording": path, "frames": 0, "replay_report": report, "skipped": 0,
                 "error": "no intact frame in the recording"}
+    if recorded is None:
+        if first.meta.key_fingerprint != key.fingerprint:
+            raise PrivcamError(f"{path}: recorded with key {first.meta.key_fingerprint}, but {cfg.key.file} has "
+                               f"fingerprint {key.fingerprint}; refusing to replay with the wrong key")
+        problems.append("privcam.recording metadata missing or damaged: the key is checked frame by frame")
     m = first.meta
+    sensor_cfg = _replay_sensor(path, reader, cfg, m, problems)
     fmt = FrameFormat.from_config(sensor_cfg, scheme=m.scheme, rotation=m.rotation, height=m.height, width=m.width)
     classifier, manifest = build_classifier(cfg, key, fmt)
+    skips = SkipLog()
 
     def all_frames() -> Iterator[ProtectedFrame]:
         yield first
-        yield from frames
+        for frame in frames:
+            why = stream_mismatch(m, frame.meta, key.fingerprint)
+            if why is None:
+                yield frame
+            else:
+                skips.add(why)
 
     total = reader.report.expected_frames
-    sink = PredictionWriter(cfg.output.predictions, total, progress)
     stages = [Batch("batcher", cfg.pipeline.batch_size, cfg.pipeline.batch_timeout_s), Map("model", classifier)]
-    result = Pipeline(all_frames(), stages, sink, cfg.pipeline.queue_size, on_close=[sink.close]).run()
+    sink = result = None
+    try:
+        sink = PredictionWriter(cfg.output.predictions, total, progress)
+        result = Pipeline(all_frames(), stages, sink, cfg.pipeline.queue_size).run()
+    finally:
+        close_errors, notes = _close_outputs(_outcome(result), sink)
+    report = reader.report.to_dict()
+    report["problems"] = problems + report["problems"] + [f"skipped {t}" for t in skips.items]
+    if skips.count > len(skips.items):
+        report["problems"].append(f"... {skips.count - len(skips.items)} more frames skipped")
     extra = {"job": "replay", "recording": path, "scheme": fmt.scheme, "rotation": fmt.rotation,
              "mode": cfg.model.mode, "device": str(classifier.device), "key_fingerprint": key.fingerprint,
-             "checkpoint": cfg.model.checkpoint, "replay_report": reader.report.to_dict()}
-    return summarise(result, sink, extra)
+             "checkpoint": cfg.model.checkpoint, "replay_report": report}
+    summary = summarise(result, sink, extra)
+    summary["error"] = _error_text(result, close_errors, skips)
+    return _with_skips(summary, skips, notes)
 
 
 def record_frames(cfg: RunConfig, out: str, progress: bool = True) -> dict[str, Any]:
     """Sensor and recorder only: capture the source's scenes as protected frames into ``out`` (.mcap)."""
+    check_run_outputs(replace_outputs(cfg), out)
     key = load_key(cfg.key.file)
     sensor_cfg = SensorConfig.from_yaml(resolve(cfg.sensor.profile))
-    items, total, _ = open_source(cfg)
+    skips = SkipLog()
+    items, total, shape = open_source(cfg, skips)
     sensor = Sensor(sensor_cfg, seed=cfg.sensor.seed)
-    recorder = Recorder(out, sensor_cfg.to_dict(), cfg.key.scheme, cfg.key.rotation, key.fingerprint)
     bar = tqdm(total=total, unit="frame", desc="recording", disable=not progress)
-    stages = [Map("sensor", capture_stage(sensor, key, cfg.key.scheme, cfg.key.rotation)),
-              Map("recorder", record_stage(recorder))]
-    result = Pipeline(items, stages, lambda _: bar.update(1), cfg.pipeline.queue_size,
-                      on_close=[recorder.close, bar.close]).run()
-    return {"job": "record", "recording": out, "frames": recorder.frames_written, "scheme": cfg.key.scheme,
-            "rotation": cfg.key.rotation, "key_fingerprint": key.fingerprint, "wall_s": round(result.wall_s, 3),
-            "stages": [s.to_dict() for s in result.stages], "interrupted": result.interrupted,
-            "error": None if result.error is None else f"{type(result.error).__name__}: {result.error}"}
+    recorder = result = None
+    try:
+        recorder = Recorder(out, sensor_cfg.to_dict(), cfg.key.scheme, cfg.key.rotation, key.fingerprint)
+        stages = [Map("sensor", capture_stage(sensor, key, cfg.key.scheme, cfg.key.rotation, shape, skips)),
+                  Map("recorder", record_stage(recorder))]
+        result = Pipeline(items, stages, lambda _: bar.update(1), cfg.pipeline.queue_size,
+                          on_close=[bar.close]).run()
+    finally:
+        bar.close()
+        close_errors, notes = _close_outputs(_outcome(result), recorder)
+    summary = {"job": "record",
+               "recording": None if recorder is None or recorder.final_path is None else str(recorder.final_path),
+               "frames": 0 if recorder is None else recorder.frames_written, "scheme": cfg.key.scheme,
+               "rotation": cfg.key.rotation, "key_fingerprint": key.fingerprint,
+               "wall_s": None if result is None else round(result.wall_s, 3),
+               "stages": [] if result is None else [s.to_dict() for s in result.stages],
+               "interrupted": result is not None and result.interrupted,
+               "error": _error_text(result, close_errors, skips)}
+    return _with_skips(summary, skips, notes)
+
+
+def replace_outputs(cfg: RunConfig, **changes: Any) -> RunConfig:
+    """``cfg`` with output fields changed (default: no predictions, no recording)."""
+    from dataclasses import replace
+
+    values = {"predictions": None, "record": None, **changes}
+    return replace(cfg, output=replace(cfg.output, **values))

@@ -1,8 +1,10 @@
 """The prediction sink: one writer for JSON lines, CSV and Parquet, used by every engine.
 
-Rows go to a temporary file beside ``path`` that is moved into place on :meth:`PredictionWriter.close`
-(what was written is kept after an error or Ctrl-C). The writer counts frames and accuracy, overall and
-per value of an optional leading identity column (``recording`` or ``camera`` for the Ray engines).
+Rows go to a unique ``<path>.<random>.partial`` beside ``path`` that :meth:`PredictionWriter.close` places
+(:class:`sensor.atomic.StagedOutput`): a run that succeeded replaces ``path``; after an error or Ctrl-C what
+was written is kept, in ``path`` when there was none, else in the .partial, never replacing an existing
+file. The writer counts frames and accuracy, overall and per value of an optional leading identity column
+(``recording`` or ``camera`` for the Ray engines).
 """
 
 from __future__ import annotations
@@ -14,8 +16,8 @@ from typing import Any
 
 from tqdm import tqdm
 
-from sensor.atomic import atomic_path
-from sensor.errors import ConfigError
+from sensor.atomic import StagedOutput
+from sensor.errors import ConfigError, PrivcamError
 
 PREDICTION_FIELDS = ("frame_index", "label", "pred", "confidence")
 OUTPUT_SUFFIXES = (".jsonl", ".csv", ".parquet")
@@ -42,6 +44,8 @@ class PredictionWriter:
         self.count = self.labelled = self.correct = 0
         self.per: dict[Any, list[int]] = {}  # lead value -> [frames, labelled, correct]
         self._fh, self._csv, self._parquet, self._rows, self._staged = None, None, None, [], None
+        self.final_path: Path | None = None
+        self.note: str | None = None
         if self.path is not None:
             if self.path.suffix == ".parquet":
                 try:
@@ -49,15 +53,19 @@ class PredictionWriter:
                 except ImportError:
                     raise ConfigError("output", "predictions", ".jsonl or .csv (.parquet needs pyarrow: "
                                       "pip install 'privcam[ray]')", str(path)) from None
-            self._staged = atomic_path(self.path)
-            tmp = self._staged.__enter__()
-            if self.path.suffix == ".parquet":
-                self._parquet = pq.ParquetWriter(tmp, self._arrow_schema())
-            else:
-                self._fh = open(tmp, "w", newline="")  # noqa: SIM115 - closed in close()
-                if self.path.suffix == ".csv":
-                    self._csv = csv.DictWriter(self._fh, fieldnames=self.fields)
-                    self._csv.writeheader()
+            self._staged = StagedOutput(self.path)
+            tmp = self._staged.path
+            try:
+                if self.path.suffix == ".parquet":
+                    self._parquet = pq.ParquetWriter(tmp, self._arrow_schema())
+                else:
+                    self._fh = open(tmp, "w", newline="")  # noqa: SIM115 - closed in close()
+                    if self.path.suffix == ".csv":
+                        self._csv = csv.DictWriter(self._fh, fieldnames=self.fields)
+                        self._csv.writeheader()
+            except BaseException:
+                self._staged.discard()
+                raise
         self._bar = tqdm(total=total, unit="frame", desc="frames", disable=not progress, smoothing=0.1)
 
     def _arrow_schema(self):
@@ -114,15 +122,31 @@ class PredictionWriter:
     def accuracy(self) -> float | None:
         return self.correct / self.labelled if self.labelled else None
 
-    def close(self) -> None:
-        """Flush and move the file into place. Idempotent."""
+    def close(self, ok: bool = True) -> Path | None:
+        """Flush and place the file (see the module docstring). Idempotent.
+
+        ``ok`` is False after a failed or interrupted run. Returns where the predictions are (None when
+        counting only, or when the run failed before writing any); :attr:`note` says why that is not
+        ``path``. Raises PrivcamError when the file cannot be flushed (e.g. a full disk).
+        """
         self._bar.close()
         if self._staged is None:
-            return
-        if self._parquet is not None:
-            self._flush_parquet()
-            self._parquet.close()
-        elif self._fh is not None:
-            self._fh.close()
+            return self.final_path
         staged, self._staged = self._staged, None
-        staged.__exit__(None, None, None)
+        try:
+            if self._parquet is not None:
+                self._flush_parquet()
+                self._parquet.close()
+            elif self._fh is not None:
+                self._fh.close()
+        except Exception as err:  # noqa: BLE001 - a full disk: keep what was written, say where
+            if self.count == 0:
+                staged.discard()
+                raise PrivcamError(f"{self.path}: cannot write predictions ({type(err).__name__}: {err})") from None
+            self.final_path = staged.path
+            self.note = (f"{self.path} was not written: cannot flush the predictions ({type(err).__name__}: {err}); "
+                         f"what was written is in {staged.path}")
+            raise PrivcamError(self.note) from None
+        self.final_path = staged.finish(ok, self.count > 0)
+        self.note = staged.note
+        return self.final_path
