@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import platform
 import time
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -28,6 +29,36 @@ from pipeline.bench.common import median_seconds, write_json
 from sensor.keys import Key
 
 CASES = [("compact", (1, 28, 28)), ("vgg16_bn", (3, 32, 32)), ("preresnet20", (3, 32, 32))]
+
+
+def peak_memory(fn: Callable[[], object], device: torch.device | str = "cpu") -> int:
+    """Peak bytes of tensors allocated and still alive during ``fn()`` (what it holds at its worst).
+
+    CUDA: ``torch.cuda.max_memory_allocated`` over the call (the caching allocator sees every
+    tensor, workspaces included). CPU: torch's profiler with ``profile_memory=True``; every
+    allocation (charged to the innermost op that made it, at that op's start) and every free is
+    replayed in time order and the running total's maximum is returned. Scratch memory that an op
+    allocates and frees inside itself without torch's allocator (oneDNN workspaces) is not seen.
+    """
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        fn()
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - base
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted((e.time_range.start, e.self_cpu_memory_usage) for e in prof.events()
+                    if e.self_cpu_memory_usage)
+    live = peak = 0
+    for _, change in events:
+        live += change
+        peak = max(peak, live)
+    return peak
 
 
 @torch.inference_mode()
