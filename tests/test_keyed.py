@@ -412,6 +412,36 @@ def test_rotation_with_per_channel_tables_and_residual_chain():
         assert_same_logits(got, model(x), "preresnet20 rotation (B, C, N)")
 
 
+def test_classifier_rotates_the_entry_order_with_the_readout():
+    """KeyedClassifier with rotation: frame n is read with its readout table and the entry layer
+    writes it in frame n's order; the logits equal the plain model on the unscrambled frames."""
+    from pipeline.stream.classifier import KeyedClassifier
+    from pipeline.stream.inputs import network_input
+    from sensor.frame import FrameFormat
+    from sensor.readout import readout_permutation
+
+    torch.manual_seed(0)
+    model = randomize_bn(build_model("compact", 1, 10), (1, 12, 16), seed=6)
+    fmt = FrameFormat(16, 1023, height=12, width=16, rotation=True)
+    clf = KeyedClassifier(model, KEY, fmt, device="cpu")
+    entry_name, entry = entry_layer(clf.model)
+    seen = {}
+    entry.register_forward_hook(lambda mod, args, out: seen.__setitem__("y", out.flatten(2)))
+    rng = np.random.default_rng(0)
+    plain = rng.integers(16, 1024, (3, 12, 16), dtype=np.uint16)
+    index = [3, 4, 40]
+    prot = np.stack([readout_permutation(KEY, "pixel", 12, 16, n).forward(f)
+                     for f, n in zip(plain, index, strict=True)])
+    with torch.inference_mode():
+        got = clf.logits_array(prot, index)
+        x = network_input(plain, fmt)
+        assert_same_logits(got, model(x), "classifier with rotation")
+        want = model.features[0](x).flatten(2)
+    for i, n in enumerate(index):
+        order = layer_frame_perm(KEY, entry_name, [n], 192)[0]
+        torch.testing.assert_close(seen["y"][i], want[i][:, order], atol=1e-5, rtol=1e-5)
+
+
 def test_fused_feature_maps_are_channels_last(plain_model):
     name, shape, model = plain_model
     twin = keyed(model, KEY, shape, perm_table(1, n=shape[1] * shape[2]))

@@ -72,7 +72,8 @@ class KeyedClassifier:
     @torch.inference_mode()
     def logits_array(self, data: np.ndarray, frame_indices: list[int] | np.ndarray) -> torch.Tensor:
         """The keyed inference path: protected frames (B, H, W) uint16 with their frame indices (used
-        only with rotation) -> (B, num_classes) float32 logits on the classifier's device."""
+        only with rotation: each frame's readout table and, in fused mode, the entry layer's output
+        order) -> (B, num_classes) float32 logits on the classifier's device."""
         x = network_input(data, self.fmt)
         if self.device.type == "cuda":
             x = x.pin_memory()
@@ -81,7 +82,8 @@ class KeyedClassifier:
             return self.model(x)
         seeds = [readout_seed(self._key, self.fmt.scheme, int(n)) for n in frame_indices]
         tables = plane_tables_torch(self.fmt.scheme, self.fmt.height, self.fmt.width, seeds, self.device)
-        return self.model(x, input_perm=tables)
+        # the frame counters also rotate the entry layer's output order (fused mode)
+        return self.model(x, input_perm=tables, frame_index=[int(n) for n in frame_indices])
 
     def __call__(self, frames: list[ProtectedFrame]) -> list[dict[str, Any]]:
         """Predictions, one dict per frame: frame index, label (or None), class, confidence."""
