@@ -54,6 +54,7 @@ from torch import Tensor, nn
 
 from sensor.keys import Key
 
+from .frontend import KeyedResize
 from .keyed_layers import (
     FrameOrders,
     KeyedAvgPool2d,
@@ -155,6 +156,7 @@ class _Ctx:
     n_pool: int = 0
     rotating: dict[str, int] = field(default_factory=dict)  # layer name -> slots of its per-frame order
     spatial: list[nn.Module] = field(default_factory=list)
+    frontend: bool = False  # a keyed front end reads the frames (the model's first layer does not)
 
 
 def _unsupported(name: str, module: nn.Module, why: str = "") -> NotImplementedError:
@@ -183,7 +185,7 @@ def _keyed_spatial(module: nn.Module, name: str, flow: _Flow, ctx: _Ctx,
     if isinstance(out_perm, str):
         out_perm = None if ctx.mode == "fast" else layer_perm(ctx.key, name, out_hw[0] * out_hw[1],
                                                               ctx.device)
-        if entry and ctx.mode == "fused":  # rotation: the entry's output order changes per frame
+        if entry and ctx.mode == "fused" and not ctx.frontend:  # rotation: per-frame entry order
             frame_out = name
             ctx.rotating[name] = out_hw[0] * out_hw[1]
     if isinstance(module, nn.Conv2d):
@@ -196,6 +198,8 @@ def _keyed_spatial(module: nn.Module, name: str, flow: _Flow, ctx: _Ctx,
                   frame_out=frame_out)
         ctx.n_pool += 1
     new.channels_last = ctx.mode == "fused"  # fast: the plain layers after the entry run as usual
+    if entry and ctx.frontend:
+        new.takes_input_perm = False  # the front end takes the frames' orders
     ctx.spatial.append(new)
     ctx.entry_done = True
     return new, _Flow(out_hw, out_channels, out_perm, frame=frame_out)
@@ -314,9 +318,11 @@ class KeyedNet(KeyedSequential):
 
     def __init__(self, children: OrderedDict, mode: str, input_shape: tuple[int, int, int],
                  input_perm_kind: str, key_fingerprint: str, n_conv: int, n_pool: int,
-                 output_perm: Tensor | None, frame_orders: FrameOrders | None = None) -> None:
+                 output_perm: Tensor | None, frame_orders: FrameOrders | None = None,
+                 model_hw: tuple[int, int] | None = None) -> None:
         super().__init__(children)
         self.mode, self.input_shape = mode, input_shape
+        self.model_hw = model_hw or input_shape[1:]
         self.input_perm_kind, self.key_fingerprint = input_perm_kind, key_fingerprint
         self.n_keyed_conv, self.n_keyed_pool = n_conv, n_pool
         self.frame_orders = frame_orders
@@ -346,6 +352,9 @@ class KeyedNet(KeyedSequential):
         c, h, w = self.input_shape
         head = (f"keyed net, mode={self.mode!r}, input {c}x{h}x{w} with a {self.input_perm_kind} "
                 f"input permutation, key fingerprint {self.key_fingerprint}: ")
+        if tuple(self.model_hw) != (h, w):
+            head += (f"a keyed front end resamples the protected frames to {self.model_hw[0]}x"
+                     f"{self.model_hw[1]} (INTER_AREA) in a key-derived order; ")
         if self.mode == "fused":
             return head + (f"fused: all {self.n_keyed_conv} convs and {self.n_keyed_pool} pools are "
                            f"keyed, each writing a key-derived slot order; no feature map is ever in "
@@ -356,7 +365,8 @@ class KeyedNet(KeyedSequential):
 
 
 def keyed(model: nn.Module, key: Key, input_shape: Sequence[int], input_perm: Tensor | np.ndarray,
-          mode: str = "fused", device: torch.device | str | None = None) -> KeyedNet:
+          mode: str = "fused", device: torch.device | str | None = None,
+          model_hw: Sequence[int] | None = None) -> KeyedNet:
     """Keyed twin of a plain model (VGG16-BN, PreResNet, CompactNet, or any nn.Sequential of
     Conv2d / MaxPool2d / AvgPool2d / PreActBlock / element-wise / global pooling / Flatten / Linear).
 
@@ -369,6 +379,11 @@ def keyed(model: nn.Module, key: Key, input_shape: Sequence[int], input_perm: Te
         mode: "fused" (every layer keyed) or "fast" (first layer keyed, then plain dense model).
         device: where the tables live (default: the model's parameters' device). The twin is
             moved there, which moves the shared parameters of ``model`` too.
+        model_hw: the model's input (h, w) when the frames are larger: a keyed front end
+            (:class:`models.frontend.KeyedResize`, INTER_AREA / binning, child ``frontend``) reads
+            the protected frames and writes the model input in a key-derived order (rotating
+            per frame with ``frame_index``), never in natural order; the plain twin is
+            :func:`models.frontend.area_resize` on the plain frames.
 
     Returns:
         :class:`KeyedNet` with ``state_dict().keys() == model.state_dict().keys()``.
@@ -397,6 +412,17 @@ def keyed(model: nn.Module, key: Key, input_shape: Sequence[int], input_perm: Te
     ctx = _Ctx(key, mode, device)
     flow = _Flow((h, w), c, perm)
     children: OrderedDict[str, nn.Module] = OrderedDict()
+    model_hw = (h, w) if model_hw is None else as_pair(tuple(model_hw), "model_hw")
+    if model_hw != (h, w):
+        if "frontend" in dict(model.named_children()):
+            raise ValueError("keyed: the model has a child called 'frontend', the front end's name")
+        t = model_hw[0] * model_hw[1]
+        out_perm = layer_perm(key, "frontend", t, device)
+        front = KeyedResize((h, w), model_hw, perm, out_perm, frame_out="frontend", device=device)
+        children["frontend"] = front
+        ctx.frontend, ctx.rotating["frontend"] = True, t
+        ctx.spatial.append(front)
+        flow = _Flow(model_hw, c, out_perm, frame="frontend")
     for child_name, child in model.named_children():
         children[child_name], flow = _convert(child, child_name, flow, ctx)
     if not ctx.entry_done:
@@ -408,6 +434,7 @@ def keyed(model: nn.Module, key: Key, input_shape: Sequence[int], input_perm: Te
     for layer in ctx.spatial:
         layer.frame_orders = orders
     net = KeyedNet(children, mode, (c, h, w), kind, key.fingerprint, ctx.n_conv, ctx.n_pool,
-                   flow.perm if flow.perm is not None and math.prod(flow.hw) > 1 else None, orders)
+                   flow.perm if flow.perm is not None and math.prod(flow.hw) > 1 else None, orders,
+                   model_hw)
     net.takes_input_perm = True
     return net.to(device)

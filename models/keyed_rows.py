@@ -42,8 +42,9 @@ __all__ = [
     "to_rows",
 ]
 
-#: Target size of the reused column buffer of one block (bytes).
-BLOCK_BYTES = 1 << 20
+#: Largest reused column buffer of one block (bytes); a block's buffer is also kept to at most
+#: half the input activation (beyond one frame's columns), so it never dominates the peak memory.
+BLOCK_BYTES = 4 << 20
 #: Fewest output rows per block (a GEMM needs enough rows to reuse the weight).
 MIN_BLOCK_ROWS = 256
 
@@ -111,6 +112,7 @@ class RowGather:
         self.frames = int(table.shape[0]) if self.per_frame else 0
         k = self.k
         rows = max(1, min_rows, block_bytes // max(1, k * row_bytes))
+        self.min_rows = max(1, min_rows)
         pad = table >= self.n_in
         safe = table.masked_fill(pad, 0)
         self.has_pad = bool(pad.any()) if has_pad is None else bool(has_pad)
@@ -118,7 +120,7 @@ class RowGather:
             offsets = torch.arange(self.frames, device=table.device).view(-1, 1, 1) * self.n_in
             self.index = (safe + offsets).reshape(-1)  # (B * T * K,) rows of the (B * N, C) input
             self.pad_mask = pad.reshape(-1, 1) if self.has_pad else None
-            self.rows = rows
+            self.rows = self._cap(rows, self.frames)
             return
         self.index = safe.reshape(-1).contiguous()  # (T * K,)
         # padding taps as flat positions in (T * K): one sync, when a shared table is prepared
@@ -129,7 +131,7 @@ class RowGather:
             self.pads = self.pad_flat
             return
         self.frames_per_block = 0  # ranges of output slots per block
-        self.rows = rows
+        self.rows = rows = self._cap(rows, 1)
         if self.pad_flat is not None:
             # padding rows of each block, local to the block, padded to one length with a
             # scratch row (rows * k) that the block's finish never reads
@@ -145,6 +147,10 @@ class RowGather:
             self.pads = torch.from_numpy(local).to(table.device)
         else:
             self.pads = None
+
+    def _cap(self, rows: int, frames: int) -> int:
+        """Block rows, at most half the input activation of ``frames`` frames (not below min_rows)."""
+        return max(1, min(rows, max(self.min_rows, frames * self.n_in // (2 * self.k))))
 
     @classmethod
     def for_frames(cls, positions: Tensor, in_perm: Tensor | None, n_in: int, frames: int, row_bytes: int,
@@ -178,7 +184,8 @@ class RowGather:
         self.has_pad = bool(has_pad)
         self.index = torch.gather(inv, 1, pos).reshape(-1)
         self.pad_mask = (pos >= n_in).reshape(-1, 1) if self.has_pad else None
-        self.rows = max(1, min_rows, block_bytes // max(1, k * row_bytes))
+        self.min_rows = max(1, min_rows)
+        self.rows = self._cap(max(1, min_rows, block_bytes // max(1, k * row_bytes)), frames)
         return self
 
     def _check(self, x: Tensor) -> None:
@@ -200,6 +207,15 @@ class RowGather:
         if self.pad_flat is not None:
             cols = cols.index_fill(1, self.pad_flat, fill)
         return cols.reshape(b * self.t, self.k * c)
+
+    def _frame_pads(self, frames: int) -> Tensor:
+        """Padding rows of a block of ``frames`` whole frames, flat in (frames * T * K), frame-major."""
+        cached = getattr(self, "_block_pads", None)
+        if cached is None or cached[0] != frames:
+            offsets = torch.arange(frames, device=self.pads.device).view(-1, 1) * (self.t * self.k)
+            cached = (frames, (self.pads.view(1, -1) + offsets).reshape(-1))
+            self._block_pads = cached
+        return cached[1]
 
     def _pad_fix(self, fill: float, dtype: torch.dtype) -> Callable[[Tensor, slice], None]:
         """Sets the padding rows of a block of a per-frame gather to ``fill``. A broadcast multiply
@@ -243,15 +259,17 @@ class RowGather:
                 finish(cols.view(n, k * c), out2[r0:r0 + n])
             return
         if self.frames_per_block:
-            fb = min(self.frames_per_block, b)
-            buf = x.new_empty(fb, t * k, c)
-            for b0 in range(0, b, fb):
-                nb = min(fb, b - b0)
-                cols = buf[:nb]
-                torch.index_select(x[b0:b0 + nb], 1, self.index, out=cols)
-                if self.pads is not None:
-                    cols.index_fill_(1, self.pads, fill)
-                finish(cols.view(nb * t, k * c), out[b0:b0 + nb].view(nb * t, width))
+            fb = min(b, max(1, min(self.frames_per_block, b * self.n_in // (2 * t * k))))
+            buf = x.new_empty(fb * t * k, c)
+            pads = self._frame_pads(fb) if self.pads is not None else None
+            outs = out.view(b * t, width).split(fb * t)
+            for src, dst in zip(x.split(fb), outs, strict=True):
+                nb = src.shape[0]
+                cols = buf if nb == fb else buf[:nb * t * k]
+                torch.index_select(src, 1, self.index, out=cols.view(nb, t * k, c))
+                if pads is not None:
+                    cols.index_fill_(0, pads if nb == fb else pads[:nb * self.pads.shape[0]], fill)
+                finish(cols.view(nb * t, k * c), dst)
             return
         rows = self.rows
         buf = x.new_empty(rows * k + 1, c)  # + a scratch row for the padded pad lists

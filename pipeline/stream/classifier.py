@@ -36,10 +36,14 @@ class KeyedClassifier:
         device: where the model and its tables run (default: CUDA when present, else CPU).
         check_fingerprint: refuse frames whose key fingerprint differs (turn off only to measure
             what a wrong key gives, as an attacker with another key would).
+        model_hw: the model's input (h, w) when it is smaller than the frames' network input: a
+            keyed front end resamples the protected frames (the model was trained on
+            ``network_input(plain frames, fmt, size=model_hw)``).
     """
 
     def __init__(self, model: nn.Module, key: Key, fmt: FrameFormat, mode: str = "fused",
-                 device: torch.device | str | None = None, check_fingerprint: bool = True) -> None:
+                 device: torch.device | str | None = None, check_fingerprint: bool = True,
+                 model_hw: tuple[int, int] | None = None) -> None:
         from models.keyed import keyed
 
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -49,7 +53,7 @@ class KeyedClassifier:
         static = readout_permutation(key, fmt.scheme, fmt.height, fmt.width).plane_tables()
         shape = input_shape(fmt.scheme, fmt.height, fmt.width)
         self.model = keyed(model.to(self.device).eval(), key, shape, torch.from_numpy(static), mode=mode,
-                           device=self.device)
+                           device=self.device, model_hw=model_hw)
 
     def check(self, frame: ProtectedFrame) -> None:
         """Refuse frames this classifier cannot read, naming the mismatch."""
@@ -80,8 +84,13 @@ class KeyedClassifier:
         x = x.to(self.device, non_blocking=True)
         if not self.fmt.rotation:
             return self.model(x)
-        seeds = [readout_seed(self._key, self.fmt.scheme, int(n)) for n in frame_indices]
-        tables = plane_tables_torch(self.fmt.scheme, self.fmt.height, self.fmt.width, seeds, self.device)
+        scheme, h, w = self.fmt.scheme, self.fmt.height, self.fmt.width
+        if self.device.type == "cpu":  # the numba tables: bit-identical, far faster on a CPU
+            tables = torch.from_numpy(np.stack([readout_permutation(self._key, scheme, h, w, int(n)).plane_tables()
+                                                for n in frame_indices]))
+        else:
+            seeds = [readout_seed(self._key, scheme, int(n)) for n in frame_indices]
+            tables = plane_tables_torch(scheme, h, w, seeds, self.device)
         # the frame counters also rotate the entry layer's output order (fused mode)
         return self.model(x, input_perm=tables, frame_index=[int(n) for n in frame_indices])
 
