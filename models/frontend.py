@@ -102,8 +102,11 @@ class AreaTable:
 
     Every input position ``p`` has a *main* contribution (output position ``main_pos[p]``, weight
     ``main_w[p]``); positions on a cell border of a non-integer factor also contribute to one to
-    three more cells: ``extra_p[e]`` -> ``extra_pos[e]`` with ``extra_w[e]``. ``uniform`` is the
-    common weight when all main weights are equal and there are no extras (integer binning).
+    three more cells: ``extra_p[e]`` -> ``extra_pos[e]`` with ``extra_w[e]``. For the keyed layer
+    the weights are split into one common weight ``uniform`` (the most frequent main weight) times
+    the plain sum of the main contributions, plus a short *sparse* list (``sparse_p`` ->
+    ``sparse_pos``, ``sparse_w``): the extras and, for positions whose main weight differs,
+    ``main_w - uniform``. Integer binning has an empty sparse list.
     """
 
     def __init__(self, in_hw: IntPair, out_hw: IntPair) -> None:
@@ -126,16 +129,13 @@ class AreaTable:
             first_o[uncovered] = 0
             axes.append((first_o, first_a, second_o, second_a))
         (y0, ay0, y1, ay1), (x0, ax0, x1, ax1) = axes
-        h, w = out_hw
+        w = out_hw[1]
         self.main_pos = (y0[:, None] * w + x0[None, :]).reshape(-1)
-        main_w = (ay0[:, None] * ax0[None, :]).reshape(-1)
-        self.main_w = main_w
+        self.main_w = (ay0[:, None] * ax0[None, :]).reshape(-1)
         extras_p, extras_pos, extras_w = [], [], []
-        ys = [(y0, ay0), (y1, ay1)]
-        xs = [(x0, ax0), (x1, ax1)]
         grid_p = np.arange(in_hw[0] * in_hw[1]).reshape(in_hw)
-        for iy, (oy, ay) in enumerate(ys):
-            for ix, (ox, ax) in enumerate(xs):
+        for iy, (oy, ay) in enumerate([(y0, ay0), (y1, ay1)]):
+            for ix, (ox, ax) in enumerate([(x0, ax0), (x1, ax1)]):
                 if iy == 0 and ix == 0:
                     continue
                 wgt = ay[:, None] * ax[None, :]
@@ -146,8 +146,12 @@ class AreaTable:
         self.extra_p = np.concatenate(extras_p).astype(np.int64)
         self.extra_pos = np.concatenate(extras_pos).astype(np.int64)
         self.extra_w = np.concatenate(extras_w)
-        self.uniform = (float(main_w[0]) if self.extra_p.size == 0 and np.all(main_w == main_w[0])
-                        else None)
+        values, counts = np.unique(self.main_w, return_counts=True)
+        self.uniform = float(values[np.argmax(counts)])
+        odd = np.flatnonzero(self.main_w != self.uniform)
+        self.sparse_p = np.concatenate([self.extra_p, odd]).astype(np.int64)
+        self.sparse_pos = np.concatenate([self.extra_pos, self.main_pos[odd]]).astype(np.int64)
+        self.sparse_w = np.concatenate([self.extra_w, self.main_w[odd] - self.uniform])
 
 
 def area_contributions(in_hw: Sequence[int], out_hw: Sequence[int]) -> AreaTable:
@@ -167,10 +171,10 @@ class KeyedResize(nn.Module):
             None = always ``out_perm``.
         device: where the tables live.
 
-    Buffers (non-persistent, the tables are the key): ``dest`` (C', N) output slot of each input
-    slot's main contribution, ``weight`` (C', N) its weight (absent for uniform binning), and the
-    extra contributions ``extra_src`` (C', E) / ``extra_dest`` (E,) / ``extra_w`` (E,); the
-    position-space tables for per-frame builds.
+    ``y[dest[s]] += x[s]`` over all input slots, times the common weight, plus the sparse
+    contributions ``y[sparse_dest[e]] += sparse_w[e] * x[sparse_src[e]]`` (:class:`AreaTable`).
+    Buffers (non-persistent, the tables are the key): ``dest`` (C', N), ``sparse_src`` (C', E),
+    ``sparse_dest`` (E,), and the position-space tables the per-frame builds start from.
 
     Shape:
         (B, C, H, W) slot grid or (B, C, N) -> (B, C, h, w) slot grid in the output order.
@@ -189,7 +193,8 @@ class KeyedResize(nn.Module):
         n, t = self.in_hw[0] * self.in_hw[1], self.out_hw[0] * self.out_hw[1]
         device = torch.device(device) if device is not None else torch.device("cpu")
         area = AreaTable(self.in_hw, self.out_hw)
-        self.uniform = area.uniform
+        self.weight = area.uniform
+        self.binning = area.sparse_p.size == 0
         self.frame_out = frame_out
         self.frame_orders = None
         in_perm = torch.as_tensor(in_perm)
@@ -199,43 +204,41 @@ class KeyedResize(nn.Module):
         if tuple(out_perm.shape) != (t,):
             raise ValueError(f"KeyedResize: out_perm: expected ({t},), got {tuple(out_perm.shape)}")
 
-        def buf(name: str, value: np.ndarray | Tensor | None, dtype: torch.dtype = torch.int64) -> None:
+        def buf(name: str, value: np.ndarray | Tensor, dtype: torch.dtype = torch.int64) -> None:
             if isinstance(value, np.ndarray):
                 value = torch.from_numpy(value)
-            self.register_buffer(name, None if value is None else value.to(device, dtype), persistent=False)
+            self.register_buffer(name, value.to(device, dtype), persistent=False)
 
         buf("out_perm", out_perm)
         buf("main_pos", area.main_pos)
-        buf("main_w", None if self.uniform else area.main_w, torch.float32)
-        buf("extra_p", area.extra_p)
-        buf("extra_pos", area.extra_pos)
-        buf("extra_w", area.extra_w, torch.float32)
+        buf("sparse_p", area.sparse_p)
+        buf("sparse_pos", area.sparse_pos)
+        buf("sparse_w", area.sparse_w, torch.get_default_dtype())
         buf("in_perm", in_perm)
-        dest, weight, extra_src, extra_dest = self._tables(in_perm.view(1, -1, n), out_perm.view(1, t))
+        dest, sparse_src, sparse_dest = self._tables(in_perm.view(1, -1, n), out_perm.view(1, t))
         buf("dest", dest[0])
-        buf("weight", None if weight is None else weight[0], torch.float32)
-        buf("extra_src", extra_src[0])
-        buf("extra_dest", extra_dest[0])
+        buf("sparse_src", sparse_src[0])
+        buf("sparse_dest", sparse_dest[0])
 
-    def _tables(self, in_perm: Tensor, out_perm: Tensor
-                ) -> tuple[Tensor, Tensor | None, Tensor, Tensor]:
+    def _tables(self, in_perm: Tensor, out_perm: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Slot tables for input orders (B', C', N) and output orders (B'', T): dest (B, C', N),
-        weight (B, C', N) or None, extra_src (B, C', E), extra_dest (B, E)."""
-        inv_out = invert_torch(out_perm)  # (B'', T)
+        sparse_src (B, C', E), sparse_dest (B, E) (B = max(B', B''))."""
         b = max(in_perm.shape[0], out_perm.shape[0])
-        c = in_perm.shape[1]
-        cell = self.main_pos[in_perm]  # (B', C', N) natural output cell of each input slot
-        inv_out3 = inv_out.unsqueeze(1).expand(b, c, -1)
-        dest = torch.gather(inv_out3, 2, cell.expand(b, c, -1))
-        weight = None if self.main_w is None else self.main_w[in_perm].expand(b, c, -1)
-        if self.extra_p.numel():
-            inv_in = invert_torch(in_perm)  # (B', C', N): slot of each position
-            extra_src = inv_in[..., self.extra_p].expand(b, c, -1)
-            extra_dest = inv_out[:, self.extra_pos].expand(b, -1)
+        c, n = in_perm.shape[1:]
+        inv_out = invert_torch(out_perm)  # (B'', T)
+        cell = self.main_pos.index_select(0, in_perm.reshape(-1)).view(in_perm.shape)
+        if inv_out.shape[0] == 1:
+            dest = inv_out[0].index_select(0, cell.reshape(-1)).view(cell.shape).expand(b, c, n)
         else:
-            extra_src = in_perm.new_zeros(b, c, 0)
-            extra_dest = in_perm.new_zeros(b, 0)
-        return dest, weight, extra_src, extra_dest
+            dest = torch.gather(inv_out.unsqueeze(1).expand(b, c, -1), 2, cell.expand(b, c, n))
+        if self.sparse_p.numel():
+            inv_in = invert_torch(in_perm)  # (B', C', N): slot of each position
+            sparse_src = inv_in.index_select(2, self.sparse_p).expand(b, c, -1)
+            sparse_dest = inv_out.index_select(1, self.sparse_pos).expand(b, -1)
+        else:
+            sparse_src = in_perm.new_zeros(b, c, 0)
+            sparse_dest = in_perm.new_zeros(b, 0)
+        return dest, sparse_src, sparse_dest
 
     def forward(self, x: Tensor, input_perm: Tensor | np.ndarray | None = None) -> Tensor:
         h, w = self.in_hw
@@ -249,35 +252,28 @@ class KeyedResize(nn.Module):
         orders = self.frame_orders.current() if self.frame_orders is not None else None
         frame_out = orders.get(self.frame_out) if orders and self.frame_out else None
         if input_perm is None and frame_out is None:
-            dest, weight = self.dest.unsqueeze(0), None if self.weight is None else self.weight.unsqueeze(0)
-            extra_src, extra_dest = self.extra_src.unsqueeze(0), self.extra_dest.unsqueeze(0)
+            tables = self.dest.unsqueeze(0), self.sparse_src.unsqueeze(0), self.sparse_dest.unsqueeze(0)
         else:
             perm = (check_frame_perm(input_perm, b, c, n, self.dest.device) if input_perm is not None
                     else self.in_perm.view(1, -1, n))
-            out_perm = frame_out if frame_out is not None else self.out_perm.view(1, t)
-            dest, weight, extra_src, extra_dest = self._tables(perm, out_perm)
-        return self._grid(self._scatter(x, dest, weight, extra_src, extra_dest))
+            tables = self._tables(perm, frame_out if frame_out is not None else self.out_perm.view(1, t))
+        return self._grid(self._scatter(x, *tables))
 
-    def _scatter(self, x: Tensor, dest: Tensor, weight: Tensor | None, extra_src: Tensor,
-               extra_dest: Tensor) -> Tensor:
+    def _scatter(self, x: Tensor, dest: Tensor, sparse_src: Tensor, sparse_dest: Tensor) -> Tensor:
         """Scatter-add (B, C, N) -> (B, C, T) with slot tables of leading dims (B' or 1, C' or 1)."""
         b, c, n = x.shape
-        t = self.out_hw[0] * self.out_hw[1]
-        y = x.new_zeros(b, c, t)
-        vals = x if weight is None else x * weight.to(x.dtype)
-        y.scatter_add_(2, dest.expand(b, c, n), vals)
-        if extra_dest.shape[-1]:
-            e = extra_dest.shape[-1]
-            src = torch.gather(x, 2, extra_src.expand(b, c, e)) * self.extra_w.to(x.dtype)
-            y.scatter_add_(2, extra_dest.unsqueeze(1).expand(b, c, e), src)
-        if self.uniform is not None:
-            y.mul_(self.uniform)
+        y = x.new_zeros(b, c, self.out_hw[0] * self.out_hw[1])
+        y.scatter_add_(2, dest.expand(b, c, n), x)
+        y.mul_(self.weight)
+        e = sparse_dest.shape[-1]
+        if e:
+            src = torch.gather(x, 2, sparse_src.expand(b, c, e)) * self.sparse_w.to(x.dtype)
+            y.scatter_add_(2, sparse_dest.unsqueeze(1).expand(b, c, e), src)
         return y
 
     def _grid(self, y: Tensor) -> Tensor:
         return y.view(y.shape[0], y.shape[1], *self.out_hw)
 
     def extra_repr(self) -> str:
-        kind = "binning" if self.uniform is not None else "area"
-        return (f"in_hw={self.in_hw}, out_hw={self.out_hw}, {kind}"
+        return (f"in_hw={self.in_hw}, out_hw={self.out_hw}, {'binning' if self.binning else 'area'}"
                 f"{f', frame_out={self.frame_out}' if self.frame_out else ''}")

@@ -157,6 +157,7 @@ class _Ctx:
     rotating: dict[str, int] = field(default_factory=dict)  # layer name -> slots of its per-frame order
     spatial: list[nn.Module] = field(default_factory=list)
     frontend: bool = False  # a keyed front end reads the frames (the model's first layer does not)
+    max_elems: int = 0  # largest feature map (C * H * W) read or written by a keyed layer
 
 
 def _unsupported(name: str, module: nn.Module, why: str = "") -> NotImplementedError:
@@ -201,6 +202,8 @@ def _keyed_spatial(module: nn.Module, name: str, flow: _Flow, ctx: _Ctx,
     if entry and ctx.frontend:
         new.takes_input_perm = False  # the front end takes the frames' orders
     ctx.spatial.append(new)
+    ctx.max_elems = max(ctx.max_elems, flow.channels * flow.hw[0] * flow.hw[1],
+                        out_channels * out_hw[0] * out_hw[1])
     ctx.entry_done = True
     return new, _Flow(out_hw, out_channels, out_perm, frame=frame_out)
 
@@ -433,6 +436,7 @@ def keyed(model: nn.Module, key: Key, input_shape: Sequence[int], input_perm: Te
     orders = FrameOrders(key, ctx.rotating) if ctx.rotating else None
     for layer in ctx.spatial:
         layer.frame_orders = orders
+        layer.net_frame_elems = ctx.max_elems  # row blocks stay below half the largest activation
     net = KeyedNet(children, mode, (c, h, w), kind, key.fingerprint, ctx.n_conv, ctx.n_pool,
                    flow.perm if flow.perm is not None and math.prod(flow.hw) > 1 else None, orders,
                    model_hw)

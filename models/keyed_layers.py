@@ -145,6 +145,7 @@ class _KeyedSpatial(nn.Module):
         self.channels_last = True
         self.frame_orders: FrameOrders | None = None
         self.block_bytes, self.min_block_rows = BLOCK_BYTES, MIN_BLOCK_ROWS  # see RowGather
+        self.net_frame_elems: int | None = None  # largest activation of the net per frame (keyed())
         self._gathers: dict[tuple, RowGather] = {}
 
     def _check_input(self, x: Tensor) -> Tensor:
@@ -189,17 +190,19 @@ class _KeyedSpatial(nn.Module):
         order (B, T) or None) of this call."""
         n_in = self.in_hw[0] * self.in_hw[1]
         row_bytes = x.shape[1] * x.element_size()
+        frame_bytes = None if self.net_frame_elems is None else self.net_frame_elems * x.element_size()
+        plan = (self.block_bytes, self.min_block_rows, frame_bytes)
         state = self._frame_state(x, input_perm)
         if state is None:
             table = self.table
             if not self.channels_last or (table.dim() == 3 and table.shape[0] > 1):
                 return None, table, None
-            key = (row_bytes, self.block_bytes, self.min_block_rows, table.device, table.data_ptr())
+            key = (row_bytes, plan, table.device, table.data_ptr())
             gather = self._gathers.get(key)
             if gather is None:
                 shared = table if table.dim() == 2 else table[0]
                 gather = RowGather(shared, n_in, row_bytes, self.block_bytes, self.has_pad,
-                                   self.min_block_rows)
+                                   self.min_block_rows, frame_bytes)
                 self._gathers = {key: gather}  # one static plan is kept (the latest input width)
             return gather, None, None
         positions, in_perm, frame_out = state
@@ -209,7 +212,7 @@ class _KeyedSpatial(nn.Module):
         if self.channels_last and (in_perm is None or in_perm.shape[1] == 1):
             gather = RowGather.for_frames(positions, None if in_perm is None else in_perm[:, 0], n_in,
                                           x.shape[0], row_bytes, self.block_bytes, self.has_pad,
-                                          self.min_block_rows)
+                                          self.min_block_rows, frame_bytes)
             return gather, None, frame_out
         return None, gather_table(positions, in_perm), frame_out
 
@@ -285,7 +288,8 @@ class KeyedConv2d(_KeyedSpatial):
         w = self.weight
         if needs_grad(w):
             return row_weight(w, self.groups)
-        key = (w.data_ptr(), w._version, w.dtype, w.device)
+        # an inference tensor has no version counter (and cannot change outside inference mode)
+        key = (w.data_ptr(), -1 if w.is_inference() else w._version, w.dtype, w.device)
         if self._weight_cache is None or self._weight_cache[0] != key:
             self._weight_cache = (key, row_weight(w.detach(), self.groups).contiguous())
         return self._weight_cache[1]

@@ -90,29 +90,34 @@ class RowGather:
             ``n_in`` = padding.
         n_in: input slots per frame.
         row_bytes: bytes of one input row (C * element size): decides the block size.
-        block_bytes: target size of the reused column buffer.
+        block_bytes: largest column buffer.
         has_pad: whether any tap is padding (it depends only on the geometry and the output
             positions, so a layer knows it from its static table); None: find out (a device sync).
-        min_rows: fewest output rows per block.
+        min_rows: fewest output rows per block (unless that buffer would exceed ``FLOOR_BYTES``).
+        frame_bytes: bytes per frame of the largest activation of the network the layer is in
+            (default: this layer's input), which bounds the buffer.
 
-    A shared table is gathered frame by frame (several whole frames per block when they fit, else
-    ranges of R output slots); padding taps are gathered from slot 0 and then overwritten with
-    ``index_fill_`` at precomputed rows. A per-frame table is flattened over the batch (slot +
-    b * n_in) and gathered in blocks of R output rows; its padding taps are overwritten through a
-    mask.
+    Block size: R output rows with R * K * row_bytes <= ``block_bytes`` and <= half of
+    ``frames * frame_bytes`` (so the buffer never dominates the peak memory of a forward), at least
+    ``min_rows`` unless that exceeds ``FLOOR_BYTES``.
+    A shared table is gathered frame by frame: several whole frames per block when a frame's
+    R >= T, else ranges of R output slots; padding taps are gathered from slot 0 and overwritten
+    with ``index_fill_`` at precomputed rows. A per-frame table is flattened over the batch
+    (slot + b * n_in) and gathered in blocks of R output rows; its padding taps are overwritten by
+    a broadcast multiply / add.
     """
 
+    FLOOR_BYTES = 32 << 10
+
     def __init__(self, table: Tensor, n_in: int, row_bytes: int, block_bytes: int = BLOCK_BYTES,
-                 has_pad: bool | None = None, min_rows: int = MIN_BLOCK_ROWS) -> None:
+                 has_pad: bool | None = None, min_rows: int = MIN_BLOCK_ROWS,
+                 frame_bytes: int | None = None) -> None:
         if table.dim() not in (2, 3):
             raise ValueError(f"RowGather: expected a table (T, K) or (B, T, K), got {tuple(table.shape)}")
-        self.n_in = int(n_in)
-        self.t, self.k = (int(v) for v in table.shape[-2:])
+        self._setup(int(n_in), *(int(v) for v in table.shape[-2:]), row_bytes, block_bytes, min_rows,
+                    frame_bytes)
         self.per_frame = table.dim() == 3
         self.frames = int(table.shape[0]) if self.per_frame else 0
-        k = self.k
-        rows = max(1, min_rows, block_bytes // max(1, k * row_bytes))
-        self.min_rows = max(1, min_rows)
         pad = table >= self.n_in
         safe = table.masked_fill(pad, 0)
         self.has_pad = bool(pad.any()) if has_pad is None else bool(has_pad)
@@ -120,42 +125,29 @@ class RowGather:
             offsets = torch.arange(self.frames, device=table.device).view(-1, 1, 1) * self.n_in
             self.index = (safe + offsets).reshape(-1)  # (B * T * K,) rows of the (B * N, C) input
             self.pad_mask = pad.reshape(-1, 1) if self.has_pad else None
-            self.rows = self._cap(rows, self.frames)
             return
         self.index = safe.reshape(-1).contiguous()  # (T * K,)
         # padding taps as flat positions in (T * K): one sync, when a shared table is prepared
-        self.pad_flat = pad.reshape(-1).nonzero().view(-1) if self.has_pad else None
-        if self.t <= rows:  # whole frames per block
-            self.frames_per_block = max(1, rows // self.t)
-            self.rows = self.t
-            self.pads = self.pad_flat
-            return
-        self.frames_per_block = 0  # ranges of output slots per block
-        self.rows = rows = self._cap(rows, 1)
-        if self.pad_flat is not None:
-            # padding rows of each block, local to the block, padded to one length with a
-            # scratch row (rows * k) that the block's finish never reads
-            flat = self.pad_flat.cpu().numpy()
-            block = flat // (rows * k)
-            n_blocks = -(-self.t // rows)
-            counts = np.bincount(block, minlength=n_blocks)
-            width = max(1, int(counts.max()))
-            local = np.full((n_blocks, width), rows * k, np.int64)
-            starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
-            for i in range(n_blocks):
-                local[i, :counts[i]] = flat[starts[i]:starts[i] + counts[i]] - i * rows * k
-            self.pads = torch.from_numpy(local).to(table.device)
-        else:
-            self.pads = None
+        self.pads = pad.reshape(-1).nonzero().view(-1) if self.has_pad else None
+        self._block_pads: dict[tuple[str, int], Tensor] = {}
 
-    def _cap(self, rows: int, frames: int) -> int:
-        """Block rows, at most half the input activation of ``frames`` frames (not below min_rows)."""
-        return max(1, min(rows, max(self.min_rows, frames * self.n_in // (2 * self.k))))
+    def _setup(self, n_in: int, t: int, k: int, row_bytes: int, block_bytes: int, min_rows: int,
+               frame_bytes: int | None) -> None:
+        self.n_in, self.t, self.k = n_in, t, k
+        self.per_row = max(1, k * row_bytes)
+        self.frame_bytes = n_in * row_bytes if frame_bytes is None else int(frame_bytes)
+        self.budget_rows = max(1, block_bytes // self.per_row)
+        self.floor_rows = max(1, min(min_rows, self.FLOOR_BYTES // self.per_row))
+
+    def block_rows(self, frames: int) -> int:
+        """Output rows per block for a call on ``frames`` frames."""
+        half = frames * self.frame_bytes // (2 * self.per_row)
+        return max(1, min(self.budget_rows, max(self.floor_rows, half)))
 
     @classmethod
     def for_frames(cls, positions: Tensor, in_perm: Tensor | None, n_in: int, frames: int, row_bytes: int,
-                   block_bytes: int = BLOCK_BYTES, has_pad: bool = True,
-                   min_rows: int = MIN_BLOCK_ROWS) -> RowGather:
+                   block_bytes: int = BLOCK_BYTES, has_pad: bool = True, min_rows: int = MIN_BLOCK_ROWS,
+                   frame_bytes: int | None = None) -> RowGather:
         """A per-frame row gather built straight from positions and input orders (rotation).
 
         Equivalent to ``RowGather(gather_table(positions, in_perm), ...)`` with the tables flattened
@@ -179,13 +171,11 @@ class RowGather:
         inv = torch.cat([inv, inv.new_zeros(inv.shape[0], 1)], dim=1) + offsets  # (B, N + 1)
         pos = positions.reshape(-1, t * k).expand(frames, t * k)
         self = cls.__new__(cls)
-        self.n_in, self.t, self.k = int(n_in), t, k
+        self._setup(int(n_in), t, k, row_bytes, block_bytes, min_rows, frame_bytes)
         self.per_frame, self.frames = True, frames
         self.has_pad = bool(has_pad)
         self.index = torch.gather(inv, 1, pos).reshape(-1)
         self.pad_mask = (pos >= n_in).reshape(-1, 1) if self.has_pad else None
-        self.min_rows = max(1, min_rows)
-        self.rows = self._cap(max(1, min_rows, block_bytes // max(1, k * row_bytes)), frames)
         return self
 
     def _check(self, x: Tensor) -> None:
@@ -204,18 +194,34 @@ class RowGather:
                 cols = cols.masked_fill(self.pad_mask, fill)
             return cols.view(b * self.t, self.k * c)
         cols = x.index_select(1, self.index)  # (B, T * K, C)
-        if self.pad_flat is not None:
-            cols = cols.index_fill(1, self.pad_flat, fill)
+        if self.pads is not None:
+            cols = cols.index_fill(1, self.pads, fill)
         return cols.reshape(b * self.t, self.k * c)
 
     def _frame_pads(self, frames: int) -> Tensor:
         """Padding rows of a block of ``frames`` whole frames, flat in (frames * T * K), frame-major."""
-        cached = getattr(self, "_block_pads", None)
-        if cached is None or cached[0] != frames:
+        key = ("frames", frames)
+        if key not in self._block_pads:
             offsets = torch.arange(frames, device=self.pads.device).view(-1, 1) * (self.t * self.k)
-            cached = (frames, (self.pads.view(1, -1) + offsets).reshape(-1))
-            self._block_pads = cached
-        return cached[1]
+            self._block_pads[key] = (self.pads.view(1, -1) + offsets).reshape(-1)
+        return self._block_pads[key]
+
+    def _slot_pads(self, rows: int) -> Tensor:
+        """(blocks, P) padding rows of each block of ``rows`` output slots, local to the block,
+        padded to one length with a scratch row (``rows * K``) that the block's finish never reads."""
+        key = ("slots", rows)
+        if key not in self._block_pads:
+            k = self.k
+            flat = self.pads.cpu().numpy()
+            block = flat // (rows * k)
+            n_blocks = -(-self.t // rows)
+            counts = np.bincount(block, minlength=n_blocks)
+            local = np.full((n_blocks, max(1, int(counts.max(initial=0)))), rows * k, np.int64)
+            starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+            for i in range(n_blocks):
+                local[i, :counts[i]] = flat[starts[i]:starts[i] + counts[i]] - i * rows * k
+            self._block_pads[key] = torch.from_numpy(local).to(self.pads.device)
+        return self._block_pads[key]
 
     def _pad_fix(self, fill: float, dtype: torch.dtype) -> Callable[[Tensor, slice], None]:
         """Sets the padding rows of a block of a per-frame gather to ``fill``. A broadcast multiply
@@ -243,10 +249,11 @@ class RowGather:
         b, _, c = x.shape
         k, t = self.k, self.t
         width = out.shape[-1]
+        rows = self.block_rows(b)
         if self.per_frame:
             src = x.reshape(b * self.n_in, c)
             total = b * t
-            rows = min(self.rows, total)
+            rows = min(rows, total)
             buf = x.new_empty(rows * k, c)
             out2 = out.view(total, width)
             fix = None if self.pad_mask is None else self._pad_fix(fill, x.dtype)
@@ -258,8 +265,8 @@ class RowGather:
                     fix(cols, slice(r0 * k, (r0 + n) * k))
                 finish(cols.view(n, k * c), out2[r0:r0 + n])
             return
-        if self.frames_per_block:
-            fb = min(b, max(1, min(self.frames_per_block, b * self.n_in // (2 * t * k))))
+        if t <= rows:  # whole frames per block
+            fb = min(b, rows // t)
             buf = x.new_empty(fb * t * k, c)
             pads = self._frame_pads(fb) if self.pads is not None else None
             outs = out.view(b * t, width).split(fb * t)
@@ -271,16 +278,16 @@ class RowGather:
                     cols.index_fill_(0, pads if nb == fb else pads[:nb * self.pads.shape[0]], fill)
                 finish(cols.view(nb * t, k * c), dst)
             return
-        rows = self.rows
         buf = x.new_empty(rows * k + 1, c)  # + a scratch row for the padded pad lists
+        pads = self._slot_pads(rows) if self.pads is not None else None
         for f in range(b):
             src = x[f]
             for i, t0 in enumerate(range(0, t, rows)):
                 n = min(rows, t - t0)
                 cols = buf[:n * k]
                 torch.index_select(src, 0, self.index[t0 * k:(t0 + n) * k], out=cols)
-                if self.pads is not None:
-                    buf.index_fill_(0, self.pads[i], fill)
+                if pads is not None:
+                    buf.index_fill_(0, pads[i], fill)
                 finish(cols.view(n, k * c), out[f, t0:t0 + n])
 
 

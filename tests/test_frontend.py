@@ -43,6 +43,7 @@ def test_binning_is_the_average_of_each_block():
     x = torch.rand(1, 4, 12, 18, generator=torch.Generator().manual_seed(1))
     torch.testing.assert_close(area_resize(x, (4, 6)), F.avg_pool2d(x, 3))
     assert area_contributions((12, 18), (4, 6)).uniform == pytest.approx(1 / 9)
+    assert area_contributions((12, 18), (4, 6)).sparse_p.size == 0
     with pytest.raises(ValueError, match="downscale"):
         area_resize(x, (13, 6))
 

@@ -205,9 +205,10 @@ def test_keyed_pool_equals_pool(pool):
 # channels-last row gathers: every block plan and the autograd path against the plain layers
 # ----------------------------------------------------------------------------------------------
 
-# (block_bytes, min_block_rows): the default plan, one output slot per block (ranges of slots,
-# padding lists padded with the scratch row), and 5-slot blocks (a ragged last block)
-BLOCK_PLANS = {"default": None, "one-slot": (1, 1), "five-slots": (1, 5), "frames": (1 << 30, 1)}
+# (block_bytes, min_block_rows): the default plan (whole frames per block in these small tests), one
+# output slot per block (ranges of slots, padding lists padded with the scratch row), 5-slot blocks
+# of the RowGather test (a ragged last block), and blocks capped at half the input activation
+BLOCK_PLANS = {"default": None, "one-slot": (1, 1), "five-slots": (400, 1), "half-activation": (1 << 30, 1)}
 
 
 def set_blocks(module: nn.Module, plan: tuple[int, int] | None) -> None:
@@ -227,8 +228,9 @@ def test_row_gather_equals_value_gather(plan, table_kind):
     x = torch.randn(b, c, n_in)
     want = gather_columns(x, table.unsqueeze(1) if table.dim() == 3 else table, -7.0)  # (B, C, K, T)
     want = want.permute(0, 3, 2, 1).reshape(b * t, k * c)  # rows (b, t), columns (tap, channel)
-    block_bytes, min_rows = BLOCK_PLANS[plan] or (1 << 20, 256)
+    block_bytes, min_rows = BLOCK_PLANS[plan] or (4 << 20, 256)
     gather = RowGather(table, n_in, c * 4, block_bytes, None, min_rows)
+    assert gather.block_rows(b) == {"default": 256, "one-slot": 1, "five-slots": 5, "half-activation": 7}[plan]
     rows = x.transpose(1, 2).contiguous()  # (B, N, C)
     torch.testing.assert_close(gather.columns(rows, -7.0), want, rtol=0, atol=0)
     out = torch.full((b, t, k * c), float("nan"))
