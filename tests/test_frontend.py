@@ -155,3 +155,38 @@ def test_front_end_order_is_independent_of_other_layer_names():
     assert twin.frame_orders.sizes == {"frontend": 1024}
     first = twin.features[0]
     assert first.frame_in == "frontend" and first.frame_out is None and not first.takes_input_perm
+
+
+def test_cuda_front_end_and_classifier_equal_plain():
+    """The keyed front end and the keyed classifier on CUDA (tables and per-frame builds on the device)."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    from pipeline.stream.classifier import KeyedClassifier
+    from pipeline.stream.inputs import network_input
+    from sensor.frame import FrameFormat
+    from sensor.readout import readout_permutation
+
+    old = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        cuda = torch.device("cuda")
+        in_hw, out_hw = (108, 192), (32, 32)
+        x = torch.rand(2, 4, *in_hw).to(cuda)
+        pi_in, pi_out = perm_table(20, 4, n=108 * 192).to(cuda), perm_table(21, n=1024).to(cuda)
+        layer = KeyedResize(in_hw, out_hw, pi_in, pi_out, device=cuda)
+        got = layer(protect(x, pi_in))
+        torch.testing.assert_close(got.flatten(2), area_resize(x, out_hw).flatten(2)[..., pi_out],
+                                   atol=1e-6, rtol=1e-5)
+        model = randomize_bn(build_model("compact", 1, 10), (1, 32, 32), seed=9)
+        fmt = FrameFormat(64, 1023, height=96, width=128, rotation=True)
+        clf = KeyedClassifier(model, KEY, fmt, device=cuda, model_hw=(32, 32))
+        plain = np.random.default_rng(2).integers(64, 1024, (3, 96, 128), dtype=np.uint16)
+        index = [4, 5, 6]
+        prot = np.stack([readout_permutation(KEY, "pixel", 96, 128, n).forward(f)
+                         for f, n in zip(plain, index, strict=True)])
+        with torch.inference_mode():
+            got = clf.logits_array(prot, index).cpu()
+            want = model.cpu()(network_input(plain, fmt, size=(32, 32)))
+        assert_same_logits(got, want, "cuda classifier with front end and rotation")
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = old

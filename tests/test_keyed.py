@@ -593,6 +593,46 @@ def test_dtype_conversion_keeps_parameters_shared():
         torch.testing.assert_close(twin(protect(x, pi)), model(x), atol=1e-12, rtol=1e-12)
 
 
+@pytest.fixture
+def exact_cuda():
+    """CUDA with full-precision float32 convolutions and matmuls (TF32 off), restored afterwards."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    old = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield torch.device("cuda")
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = old
+
+
+@pytest.mark.parametrize("mode", ["fused", "fast"])
+def test_cuda_models_equal_plain(plain_model, mode, exact_cuda):
+    """The same row gathers on CUDA (tables on the device): static, per-channel and rotating tables,
+    batch 1/3/17; fused peak memory at most 2x plain (torch.cuda.max_memory_allocated)."""
+    name, (c, h, w), model = plain_model
+    n = h * w
+    model = model.to(exact_cuda)
+    try:
+        shared = random_permutation_torch(KEY.seed("readout"), n).to(exact_cuda)
+        twin = keyed(model, KEY, (c, h, w), shared, mode=mode)
+        assert all(b.device.type == "cuda" for b in twin.buffers())
+        g = torch.Generator().manual_seed(2)
+        with torch.no_grad():
+            for batch in (1, 3, 17):
+                x = torch.randn(batch, c, h, w, generator=g).to(exact_cuda)
+                want = model(x)
+                assert_same_logits(twin(protect(x, shared)), want, f"cuda {name} {mode} B={batch}")
+                frames = perm_table(40 + batch, batch, n=n).to(exact_cuda)
+                got = twin(protect(x, frames.unsqueeze(1)), input_perm=frames, frame_index=range(batch))
+                assert_same_logits(got, want, f"cuda {name} {mode} B={batch} rotation")
+            x = torch.randn(16, c, h, w, generator=g).to(exact_cuda)
+            x_prot = protect(x, shared)
+            model(x), twin(x_prot)
+            plain, keyed_peak = peak_memory(lambda: model(x), exact_cuda), peak_memory(lambda: twin(x_prot), exact_cuda)
+            assert keyed_peak <= 2 * plain, f"cuda {name} {mode}: peak {keyed_peak} > 2 x {plain}"
+    finally:
+        model.cpu()
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_rotation_matches_plain():
     torch.manual_seed(0)
