@@ -104,11 +104,12 @@ class _KeyedSpatial(nn.Module):
     the readers of a rotating order); ``in_perm`` the static input order and ``positions_natural``
     the position table in natural output order (layers whose output order may change per frame).
 
-    Memory format: with ``channels_last`` (the default) a layer whose table is shared by all
-    channels reads its input as channels-last rows (:mod:`models.keyed_rows`; a channels-first input
-    is converted once) and returns a channels-last map; a per-channel table (an entry layer reading
-    CFA planes under their own orders) gathers single values instead. ``channels_last=False`` (the
-    fast mode's entry) returns a contiguous map, so the plain layers after it run as usual.
+    Memory format: a layer whose table is shared by all channels reads its input as channels-last
+    rows (:mod:`models.keyed_rows`; a channels-first input is converted once) and returns a
+    channels-last map; a per-channel table (an entry layer reading CFA planes under their own
+    orders) gathers single values instead. ``channels_last=False`` (the fast mode's entry) returns
+    a contiguous (channels-first) map, so the plain layers after it run as they do in the plain
+    model.
     """
 
     table: Tensor
@@ -195,7 +196,7 @@ class _KeyedSpatial(nn.Module):
         state = self._frame_state(x, input_perm)
         if state is None:
             table = self.table
-            if not self.channels_last or (table.dim() == 3 and table.shape[0] > 1):
+            if table.dim() == 3 and table.shape[0] > 1:
                 return None, table, None
             key = (row_bytes, plan, table.device, table.data_ptr())
             gather = self._gathers.get(key)
@@ -209,7 +210,7 @@ class _KeyedSpatial(nn.Module):
         if in_perm is not None:  # as (B', C', N)
             in_perm = in_perm.view(1, 1, -1) if in_perm.dim() == 1 else (
                 in_perm.unsqueeze(0) if in_perm.dim() == 2 else in_perm)
-        if self.channels_last and (in_perm is None or in_perm.shape[1] == 1):
+        if in_perm is None or in_perm.shape[1] == 1:
             gather = RowGather.for_frames(positions, None if in_perm is None else in_perm[:, 0], n_in,
                                           x.shape[0], row_bytes, self.block_bytes, self.has_pad,
                                           self.min_block_rows, frame_bytes)
@@ -218,6 +219,11 @@ class _KeyedSpatial(nn.Module):
 
     def _grid(self, y: Tensor) -> Tensor:
         return y.view(y.shape[0], y.shape[1], *self.out_hw)
+
+    def _out(self, y: Tensor) -> Tensor:
+        """(B, T, C) output rows -> output map in this layer's memory format."""
+        y = from_rows(y, self.out_hw)
+        return y if self.channels_last else y.contiguous()
 
     def _finish_elements(self, y: Tensor) -> Tensor:
         """(B, C, T) result of a value gather -> output map in this layer's memory format."""
@@ -299,16 +305,14 @@ class KeyedConv2d(_KeyedSpatial):
         x = self._check_input(x)
         gather, table, _ = self._plan(x, input_perm)
         if gather is not None:
-            y = rows_conv2d(to_rows(x), gather, self._weight_rows(), self.bias)
-            return from_rows(y, self.out_hw)
-        if self.channels_last and self.groups == 1:  # per-channel table: value gather, then rows
+            return self._out(rows_conv2d(to_rows(x), gather, self._weight_rows(), self.bias))
+        if self.groups == 1:  # per-channel table: value gather, then rows
             b, c = x.shape[:2]
             cols = gather_columns(self._flat(x), table, 0.0)  # (B, C, K, T)
             k, t = cols.shape[2:]
             w = self.weight.reshape(self.out_channels, c * k).t()
             y = torch.bmm(cols.reshape(b, c * k, t).transpose(1, 2), w.expand(b, -1, -1))
-            y = y if self.bias is None else y + self.bias
-            return from_rows(y, self.out_hw)
+            return self._out(y if self.bias is None else y + self.bias)
         return self._finish_elements(keyed_conv2d(self._flat(x), table, self.weight, self.bias,
                                                   self.groups))
 
@@ -358,7 +362,7 @@ class KeyedMaxPool2d(_KeyedSpatial):
         x = self._check_input(x)
         gather, table, _ = self._plan(x, input_perm)
         if gather is not None:
-            return from_rows(rows_pool2d(to_rows(x), gather, "max"), self.out_hw)
+            return self._out(rows_pool2d(to_rows(x), gather, "max"))
         return self._finish_elements(keyed_max_pool2d(self._flat(x), table))
 
     def extra_repr(self) -> str:
@@ -412,7 +416,7 @@ class KeyedAvgPool2d(_KeyedSpatial):
         else:
             divisor = self.divisor
         if gather is not None:
-            return from_rows(rows_pool2d(to_rows(x), gather, "avg", divisor), self.out_hw)
+            return self._out(rows_pool2d(to_rows(x), gather, "avg", divisor))
         if isinstance(divisor, Tensor) and divisor.dim() == 2:
             divisor = divisor.unsqueeze(1)  # (B, 1, T) against (B, C, T)
         return self._finish_elements(keyed_avg_pool2d(self._flat(x), table, divisor))
