@@ -47,6 +47,7 @@ from .keyed_rows import (
     to_rows,
 )
 from .plain import PreActBlock
+from .tables import invert_torch
 
 __all__ = [
     "FrameOrders",
@@ -140,9 +141,15 @@ class _KeyedSpatial(nn.Module):
         self.has_pad = bool((positions >= n_in).any())  # depends on geometry and output positions only
         self.register_buffer("positions", positions if entry or frame_in else None, persistent=False)
         self.register_buffer("in_perm", in_perm if frame_out else None, persistent=False)
-        self.register_buffer("positions_natural", position_table(
-            in_hw, out_hw, kernel_size, stride, padding, dilation, None, device) if frame_out else None,
-            persistent=False)
+        natural = position_table(in_hw, out_hw, kernel_size, stride, padding, dilation, None, device)
+        self.register_buffer("positions_natural", natural if frame_out else None, persistent=False)
+        # padding taps, as flat rows of the (T * K) columns: of the static output order (layers that
+        # may read a per-frame input order), and (q * K + j) in natural output order (per-frame outputs)
+        keep = (entry or frame_in) and self.has_pad
+        self.register_buffer("pad_rows", (positions >= n_in).view(-1).nonzero().view(1, -1) if keep else None,
+                             persistent=False)
+        self.register_buffer("pad_natural", (natural >= n_in).view(-1).nonzero().view(-1)
+                             if frame_out and self.has_pad else None, persistent=False)
         self.channels_last = True
         self.frame_orders: FrameOrders | None = None
         self.block_bytes, self.min_block_rows = BLOCK_BYTES, MIN_BLOCK_ROWS  # see RowGather
@@ -182,7 +189,8 @@ class _KeyedSpatial(nn.Module):
         if frame_out is None:
             positions = self.positions
         else:  # the rows of the natural-order position table, in each frame's output order
-            positions = self.positions_natural[frame_out]
+            t, k = self.positions_natural.shape
+            positions = self.positions_natural.index_select(0, frame_out.reshape(-1)).view(-1, t, k)
         return positions, (frame_in if frame_in is not None else self.in_perm), frame_out
 
     def _plan(self, x: Tensor, input_perm: Tensor | np.ndarray | None
@@ -211,9 +219,17 @@ class _KeyedSpatial(nn.Module):
             in_perm = in_perm.view(1, 1, -1) if in_perm.dim() == 1 else (
                 in_perm.unsqueeze(0) if in_perm.dim() == 2 else in_perm)
         if in_perm is None or in_perm.shape[1] == 1:
+            if not self.has_pad:
+                pad_rows = None
+            elif frame_out is None:
+                pad_rows = self.pad_rows
+            else:  # each frame's slot of every natural padding tap
+                k = self.table.shape[-1]
+                slot = invert_torch(frame_out).index_select(1, self.pad_natural // k)
+                pad_rows = slot * k + self.pad_natural % k
             gather = RowGather.for_frames(positions, None if in_perm is None else in_perm[:, 0], n_in,
                                           x.shape[0], row_bytes, self.block_bytes, self.has_pad,
-                                          self.min_block_rows, frame_bytes)
+                                          self.min_block_rows, frame_bytes, pad_rows)
             return gather, None, frame_out
         return None, gather_table(positions, in_perm), frame_out
 

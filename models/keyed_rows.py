@@ -125,6 +125,7 @@ class RowGather:
             offsets = torch.arange(self.frames, device=table.device).view(-1, 1, 1) * self.n_in
             self.index = (safe + offsets).reshape(-1)  # (B * T * K,) rows of the (B * N, C) input
             self.pad_mask = pad.reshape(-1, 1) if self.has_pad else None
+            self.frames_per_block, self.frame_pad_rows = 0, None
             return
         self.index = safe.reshape(-1).contiguous()  # (T * K,)
         # padding taps as flat positions in (T * K): one sync, when a shared table is prepared
@@ -147,11 +148,11 @@ class RowGather:
     @classmethod
     def for_frames(cls, positions: Tensor, in_perm: Tensor | None, n_in: int, frames: int, row_bytes: int,
                    block_bytes: int = BLOCK_BYTES, has_pad: bool = True, min_rows: int = MIN_BLOCK_ROWS,
-                   frame_bytes: int | None = None) -> RowGather:
+                   frame_bytes: int | None = None, pad_rows: Tensor | None = None) -> RowGather:
         """A per-frame row gather built straight from positions and input orders (rotation).
 
         Equivalent to ``RowGather(gather_table(positions, in_perm), ...)`` with the tables flattened
-        over the batch, in one gather: the inverse input orders, shifted by ``b * n_in`` and
+        over the batch, in one gather: the inverse input orders, shifted to the frame's rows and
         extended with a safe slot for padding, are read at the positions.
 
         Args:
@@ -160,22 +161,36 @@ class RowGather:
             in_perm: input order (slot -> position) (N,) or per frame (B', N), B' in {1, B}; None
                 = natural.
             frames: B.
+            pad_rows: the padding taps of each frame as flat rows of its (T * K) columns, (B', P)
+                with B' in {1, B} (every frame has the same number). With it, whole frames are
+                gathered per block and padding is set with ``index_fill_`` (as for shared tables);
+                without it, blocks of rows over the flattened batch and a broadcast multiply.
         """
         device = positions.device
         t, k = (int(v) for v in positions.shape[-2:])
-        if in_perm is None:
-            inv = torch.arange(n_in, device=device).view(1, -1)
-        else:
-            inv = invert_torch(in_perm.to(device).view(-1, n_in))
-        offsets = torch.arange(frames, device=device).view(-1, 1) * n_in
-        inv = torch.cat([inv, inv.new_zeros(inv.shape[0], 1)], dim=1) + offsets  # (B, N + 1)
-        pos = positions.reshape(-1, t * k).expand(frames, t * k)
         self = cls.__new__(cls)
         self._setup(int(n_in), t, k, row_bytes, block_bytes, min_rows, frame_bytes)
         self.per_frame, self.frames = True, frames
         self.has_pad = bool(has_pad)
+        rows = self.block_rows(frames)
+        aligned = t <= rows and (pad_rows is not None or not self.has_pad)
+        self.frames_per_block = min(frames, rows // t) if aligned else 0
+        if in_perm is None:
+            inv = torch.arange(n_in, device=device).view(1, -1)
+        else:
+            inv = invert_torch(in_perm.to(device).view(-1, n_in))
+        frame = torch.arange(frames, device=device).view(-1, 1)
+        if aligned:  # rows of each frame within its block of frames
+            frame = frame % self.frames_per_block
+        inv = torch.cat([inv, inv.new_zeros(inv.shape[0], 1)], dim=1) + frame * n_in  # (B, N + 1)
+        pos = positions.reshape(-1, t * k).expand(frames, t * k)
         self.index = torch.gather(inv, 1, pos).reshape(-1)
-        self.pad_mask = (pos >= n_in).reshape(-1, 1) if self.has_pad else None
+        self.pad_mask = None
+        self.frame_pad_rows = None
+        if aligned and self.has_pad:
+            self.frame_pad_rows = (pad_rows.expand(frames, -1) + frame * (t * k)).contiguous()
+        elif self.has_pad:
+            self.pad_mask = (pos >= n_in).reshape(-1, 1)
         return self
 
     def _check(self, x: Tensor) -> None:
@@ -189,9 +204,19 @@ class RowGather:
         self._check(x)
         b, _, c = x.shape
         if self.per_frame:
-            cols = x.reshape(b * self.n_in, c).index_select(0, self.index)
+            if self.frames_per_block:  # block-local rows: shift each frame to its own rows
+                fb, tk = self.frames_per_block, self.t * self.k
+                frame = torch.arange(b, device=x.device).view(-1, 1)
+                index = (self.index.view(b, tk) + (frame - frame % fb) * self.n_in).reshape(-1)
+            else:
+                index = self.index
+            cols = x.reshape(b * self.n_in, c).index_select(0, index)
             if self.pad_mask is not None:
                 cols = cols.masked_fill(self.pad_mask, fill)
+            if self.frame_pad_rows is not None:
+                frame = torch.arange(b, device=x.device).view(-1, 1)
+                rows = self.frame_pad_rows + (frame - frame % self.frames_per_block) * self.t * self.k
+                cols = cols.index_fill(0, rows.reshape(-1), fill)
             return cols.view(b * self.t, self.k * c)
         cols = x.index_select(1, self.index)  # (B, T * K, C)
         if self.pads is not None:
@@ -250,6 +275,20 @@ class RowGather:
         k, t = self.k, self.t
         width = out.shape[-1]
         rows = self.block_rows(b)
+        if self.per_frame and self.frames_per_block:  # whole frames per block, block-local rows
+            fb, tk = self.frames_per_block, t * k
+            buf = x.new_empty(fb * tk, c)
+            outs = out.view(b * t, width).split(fb * t)
+            for i, (src, dst) in enumerate(zip(x.split(fb), outs, strict=True)):
+                nb = src.shape[0]
+                b0 = i * fb
+                cols = buf if nb == fb else buf[:nb * tk]
+                torch.index_select(src.reshape(nb * self.n_in, c), 0, self.index[b0 * tk:(b0 + nb) * tk],
+                                   out=cols)
+                if self.frame_pad_rows is not None:
+                    cols.index_fill_(0, self.frame_pad_rows[b0:b0 + nb].view(-1), fill)
+                finish(cols.view(nb * t, k * c), dst)
+            return
         if self.per_frame:
             src = x.reshape(b * self.n_in, c)
             total = b * t
