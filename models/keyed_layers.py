@@ -141,8 +141,9 @@ class _KeyedSpatial(nn.Module):
         self.has_pad = bool((positions >= n_in).any())  # depends on geometry and output positions only
         self.register_buffer("positions", positions if entry or frame_in else None, persistent=False)
         self.register_buffer("in_perm", in_perm if frame_out else None, persistent=False)
-        natural = position_table(in_hw, out_hw, kernel_size, stride, padding, dilation, None, device)
-        self.register_buffer("positions_natural", natural if frame_out else None, persistent=False)
+        natural = (position_table(in_hw, out_hw, kernel_size, stride, padding, dilation, None, device)
+                   if frame_out else None)
+        self.register_buffer("positions_natural", natural, persistent=False)
         # padding taps, as flat rows of the (T * K) columns: of the static output order (layers that
         # may read a per-frame input order), and (q * K + j) in natural output order (per-frame outputs)
         keep = (entry or frame_in) and self.has_pad

@@ -20,7 +20,7 @@ Rows:
   channels-last, and oneDNN's channels-last kernels can be faster on a CPU; the ratios are against
   the plain model as it is usually run, channels-first). Per mode: images/s, time ratio,
   peak memory of one forward (bytes of live tensors, :func:`peak_memory`) and its ratio to plain;
-  the time to build all tables (``keyed()``).
+  the time to build all tables (``keyed()``, median of 3 builds after a warm-up build).
 * ``frontend``: a protected mono frame of 1920x1080 and 3000x4000 to the model's 32x32
   (INTER_AREA, non-integer factors): the plain front end on the plain frame
   (:func:`models.frontend.area_resize`), the keyed front end with its static table, and with a
@@ -121,10 +121,15 @@ def _protect(x: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
     return torch.gather(x.reshape(b, c, h * w), 2, idx.expand(b, c, h * w)).view(b, c, h, w)
 
 
-def _timed_build(fn: Callable[[], nn.Module]) -> tuple[nn.Module, float]:
-    t0 = time.perf_counter()
-    out = fn()
-    return out, time.perf_counter() - t0
+def _timed_build(fn: Callable[[], nn.Module], repeat: int = 3) -> tuple[nn.Module, float]:
+    """(the built module, median build time of ``repeat`` builds after a warm-up build)."""
+    fn()
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        out = fn()
+        times.append(time.perf_counter() - t0)
+    return out, statistics.median(times)
 
 
 def _model_row(name: str, shape: tuple[int, int, int], b: int, repeat: int, key: Key,
