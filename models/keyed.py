@@ -18,7 +18,9 @@ input and ``N_in`` (a sentinel pointing at an appended padding column) otherwise
 
 which equals the plain layer up to float reassociation. Tables may also be per input channel
 (C, T, K) (each channel its own input permutation, the "plane" readout), per frame
-(B, 1, T, K) or per frame and channel (B, C, T, K).
+(B, 1, T, K) or per frame and channel (B, C, T, K). Since a table shared by the channels moves
+whole C-vectors, the keyed layers keep maps channels-last and gather rows in blocks
+(:mod:`models.keyed_rows`): no (B, C*K, T) im2col of the whole map is ever made.
 
 :func:`keyed` turns a supported plain model (:mod:`models.plain`) into a keyed twin:
 
@@ -31,6 +33,11 @@ which equals the plain layer up to float reassociation. Tables may also be per i
 * ``mode="fast"``: only the first layer is keyed; it gathers the protected frame and writes its
   output in natural order (channels-last), after which the plain dense model runs. Faster (dense
   convs), but the feature maps after the first layer are NOT protected.
+
+Rotation (``KeyedNet.forward(x, input_perm, frame_index)``): the entry layer of a fused twin (or
+its keyed front end, ``model_hw``) writes frame ``n`` in the order seeded
+``key.seed("layer:<name>/frame", n)``; every layer that reads that order, or must match it across
+a residual add, builds per-frame tables for the call (:class:`models.keyed_layers.FrameOrders`).
 
 The twin shares the plain model's Parameter and BatchNorm buffer objects (fine-tuning the twin
 trains the plain model) and its ``state_dict`` has exactly the plain model's keys: gather tables
