@@ -265,6 +265,9 @@ def keyed_avg_pool2d(x: Tensor, table: Tensor, divisor: Tensor | int) -> Tensor:
 
 def layer_perm(key: Key, name: str, n: int, device: torch.device | str = "cpu") -> Tensor:
     """Output permutation (n,) of the layer called ``name``: seeded ``key.seed("layer:<name>")``."""
+    device = torch.device(device)
+    if device.type == "cpu":  # the numpy original (bit-identical, fewer per-op overheads on CPU)
+        return torch.from_numpy(random_permutation(key.seed(f"layer:{name}"), n))
     return random_permutation_torch(key.seed(f"layer:{name}"), n, device)
 
 
