@@ -18,7 +18,9 @@ input and ``N_in`` (a sentinel pointing at an appended padding column) otherwise
 
 which equals the plain layer up to float reassociation. Tables may also be per input channel
 (C, T, K) (each channel its own input permutation, the "plane" readout), per frame
-(B, 1, T, K) or per frame and channel (B, C, T, K).
+(B, 1, T, K) or per frame and channel (B, C, T, K). Since a table shared by the channels moves
+whole C-vectors, the keyed layers keep maps channels-last and gather rows in blocks
+(:mod:`models.keyed_rows`): no (B, C*K, T) im2col of the whole map is ever made.
 
 :func:`keyed` turns a supported plain model (:mod:`models.plain`) into a keyed twin:
 
@@ -29,8 +31,13 @@ which equals the plain layer up to float reassociation. Tables may also be per i
   Global average pooling is order-free; a Flatten of a larger map permutes the next Linear's
   columns (exact).
 * ``mode="fast"``: only the first layer is keyed; it gathers the protected frame and writes its
-  output in natural order, after which the plain dense model runs. Faster (dense convs), but the
-  feature maps after the first layer are NOT protected.
+  output in natural order (channels-last), after which the plain dense model runs. Faster (dense
+  convs), but the feature maps after the first layer are NOT protected.
+
+Rotation (``KeyedNet.forward(x, input_perm, frame_index)``): the entry layer of a fused twin (or
+its keyed front end, ``model_hw``) writes frame ``n`` in the order seeded
+``key.subkey("layer:<name>/frame", n)``; every layer that reads that order, or must match it across
+a residual add, builds per-frame tables for the call (:class:`models.keyed_layers.FrameOrders`).
 
 The twin shares the plain model's Parameter and BatchNorm buffer objects (fine-tuning the twin
 trains the plain model) and its ``state_dict`` has exactly the plain model's keys: gather tables
@@ -45,7 +52,7 @@ from __future__ import annotations
 import math
 from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal, get_args
 
 import numpy as np
@@ -54,7 +61,9 @@ from torch import Tensor, nn
 
 from sensor.keys import Key
 
+from .frontend import KeyedResize
 from .keyed_layers import (
+    FrameOrders,
     KeyedAvgPool2d,
     KeyedConv2d,
     KeyedLinear,
@@ -141,6 +150,7 @@ class _Flow:
     channels: int
     perm: Tensor | None  # (N,) or (C, N) slot table; None = natural order
     columns: Tensor | None = None  # after a Flatten of a permuted map: column table
+    frame: str | None = None  # with rotation the order is instead this rotating layer's per-frame order
 
 
 @dataclass
@@ -151,6 +161,10 @@ class _Ctx:
     entry_done: bool = False
     n_conv: int = 0
     n_pool: int = 0
+    rotating: dict[str, int] = field(default_factory=dict)  # layer name -> slots of its per-frame order
+    spatial: list[nn.Module] = field(default_factory=list)
+    frontend: bool = False  # a keyed front end reads the frames (the model's first layer does not)
+    max_elems: int = 0  # largest feature map (C * H * W) read or written by a keyed layer
 
 
 def _unsupported(name: str, module: nn.Module, why: str = "") -> NotImplementedError:
@@ -159,8 +173,11 @@ def _unsupported(name: str, module: nn.Module, why: str = "") -> NotImplementedE
 
 
 def _keyed_spatial(module: nn.Module, name: str, flow: _Flow, ctx: _Ctx,
-                   out_perm: Tensor | None | str = "fresh") -> tuple[nn.Module, _Flow]:
-    """Key one conv or pool. ``out_perm="fresh"`` derives a new order from the key (fused mode)."""
+                   out_perm: Tensor | None | str = "fresh", frame_out: str | None = None
+                   ) -> tuple[nn.Module, _Flow]:
+    """Key one conv or pool. ``out_perm="fresh"`` derives a new order from the key (fused mode);
+    the fused entry layer also gets a per-frame order for rotation. ``frame_out``: the rotating
+    order this layer must write instead of ``out_perm`` when called with frame indices."""
     entry = not ctx.entry_done
     if isinstance(flow.perm, Tensor) and flow.perm.dim() == 2 and not entry:
         raise _unsupported(name, module, "per-channel orders are only supported at the entry layer")
@@ -176,15 +193,28 @@ def _keyed_spatial(module: nn.Module, name: str, flow: _Flow, ctx: _Ctx,
     if isinstance(out_perm, str):
         out_perm = None if ctx.mode == "fast" else layer_perm(ctx.key, name, out_hw[0] * out_hw[1],
                                                               ctx.device)
+        if entry and ctx.mode == "fused" and not ctx.frontend:  # rotation: per-frame entry order
+            frame_out = name
+            ctx.rotating[name] = out_hw[0] * out_hw[1]
     if isinstance(module, nn.Conv2d):
-        new: nn.Module = KeyedConv2d(module, flow.hw, flow.perm, out_perm, entry, device=ctx.device)
+        new: nn.Module = KeyedConv2d(module, flow.hw, flow.perm, out_perm, entry, device=ctx.device,
+                                     frame_in=flow.frame, frame_out=frame_out)
         ctx.n_conv += 1
     else:
         cls = KeyedMaxPool2d if isinstance(module, nn.MaxPool2d) else KeyedAvgPool2d
-        new = cls(module, flow.hw, flow.perm, out_perm, entry, device=ctx.device)
+        new = cls(module, flow.hw, flow.perm, out_perm, entry, device=ctx.device, frame_in=flow.frame,
+                  frame_out=frame_out)
         ctx.n_pool += 1
+    # channels-last output in both modes: in fast mode the plain layers after the entry then run on
+    # a channels-last map (same values; oneDNN's channels-last kernels, as fast or faster on CPU)
+    new.channels_last = True
+    if entry and ctx.frontend:
+        new.takes_input_perm = False  # the front end takes the frames' orders
+    ctx.spatial.append(new)
+    ctx.max_elems = max(ctx.max_elems, flow.channels * flow.hw[0] * flow.hw[1],
+                        out_channels * out_hw[0] * out_hw[1])
     ctx.entry_done = True
-    return new, _Flow(out_hw, out_channels, out_perm)
+    return new, _Flow(out_hw, out_channels, out_perm, frame=frame_out)
 
 
 def _convert(module: nn.Module, name: str, flow: _Flow, ctx: _Ctx) -> tuple[nn.Module, _Flow]:
@@ -224,6 +254,9 @@ def _convert(module: nn.Module, name: str, flow: _Flow, ctx: _Ctx) -> tuple[nn.M
         if module.start_dim != 1 or module.end_dim != -1:
             raise _unsupported(name, module, "only Flatten(1, -1)")
         n = flow.hw[0] * flow.hw[1]
+        if flow.frame is not None and n > 1:
+            raise _unsupported(name, module, "a Flatten of the rotating entry layer's map (its order "
+                                             "changes per frame); put a keyed layer or a global pool first")
         if flow.perm is None or n == 1:
             return module, _Flow((1, 1), flow.channels * n, None)
         if flow.perm.dim() != 1:
@@ -246,7 +279,8 @@ def _convert_preact(block: PreActBlock, name: str, flow: _Flow, ctx: _Ctx) -> tu
     if block.downsample is None:
         if block.conv2.out_channels != flow.channels or block.stride != 1:
             raise _unsupported(name, block, "identity shortcut with a shape change")
-        conv2, out = _keyed_spatial(block.conv2, f"{name}.conv2", mid, ctx, out_perm=flow.perm)
+        conv2, out = _keyed_spatial(block.conv2, f"{name}.conv2", mid, ctx, out_perm=flow.perm,
+                                    frame_out=flow.frame)
         downsample = None
     else:
         conv2, out = _keyed_spatial(block.conv2, f"{name}.conv2", mid, ctx)
@@ -276,36 +310,63 @@ class KeyedNet(KeyedSequential):
     call-time table is always per frame. The output of the supported classifiers is logits,
     which are order-free; ``output_perm`` is the slot order of the output (None = natural).
 
+    ``frame_index`` (B,) (rotation, fused mode): the frame counters of the batch. The entry layer
+    then writes frame ``n`` in the order ``layer_frame_perm(key, name, [n], T)`` instead of its
+    static order, and every layer that reads or must match that order builds per-frame tables
+    for the call (:class:`models.keyed_layers.FrameOrders`). Without it the static orders are
+    used (still exact; but the entry's output order is then the same for every frame).
+
+    Memory format: in fused mode every feature map is channels-last (slot rows of C values), the
+    layout the keyed layers gather from without copies (:mod:`models.keyed_rows`).
+
     Attributes:
         mode: "fused" or "fast" (:meth:`describe` says what that means).
         input_shape: (C, H, W).
         input_perm_kind: "shared (N,)" or "per-channel (C, N)" for the static input table.
         key_fingerprint: public fingerprint of the key (never the key).
+        frame_orders: the rotating orders (None in fast mode); it holds the key, so the net
+            cannot be pickled whole (save the plain model's ``state_dict``).
     """
 
     def __init__(self, children: OrderedDict, mode: str, input_shape: tuple[int, int, int],
                  input_perm_kind: str, key_fingerprint: str, n_conv: int, n_pool: int,
-                 output_perm: Tensor | None) -> None:
+                 output_perm: Tensor | None, frame_orders: FrameOrders | None = None,
+                 model_hw: tuple[int, int] | None = None) -> None:
         super().__init__(children)
         self.mode, self.input_shape = mode, input_shape
+        self.model_hw = model_hw or input_shape[1:]
         self.input_perm_kind, self.key_fingerprint = input_perm_kind, key_fingerprint
         self.n_keyed_conv, self.n_keyed_pool = n_conv, n_pool
+        self.frame_orders = frame_orders
         self.register_buffer("output_perm", output_perm, persistent=False)
 
-    def forward(self, x: Tensor, input_perm: Tensor | np.ndarray | None = None) -> Tensor:
+    def forward(self, x: Tensor, input_perm: Tensor | np.ndarray | None = None,
+                frame_index: Sequence[int] | np.ndarray | Tensor | None = None) -> Tensor:
         c, h, w = self.input_shape
         if x.dim() == 3 and tuple(x.shape[1:]) == (c, h * w):
             x = x.reshape(x.shape[0], c, h, w)
         if x.dim() != 4 or tuple(x.shape[1:]) != (c, h, w):
             raise ValueError(f"KeyedNet: expected a protected input (B, {c}, {h}, {w}) or "
                              f"(B, {c}, {h * w}), got {tuple(x.shape)}")
-        return super().forward(x, input_perm)
+        if frame_index is None or self.frame_orders is None:
+            return super().forward(x, input_perm)
+        idx = [int(v) for v in (frame_index.tolist() if hasattr(frame_index, "tolist") else frame_index)]
+        if len(idx) != x.shape[0]:
+            raise ValueError(f"frame_index: expected {x.shape[0]} frame counters (one per frame), "
+                             f"got {len(idx)}")
+        device = self.output_perm.device if self.output_perm is not None else next(
+            b.device for b in self.buffers())
+        with self.frame_orders.active(self.frame_orders.build(idx, device)):
+            return super().forward(x, input_perm)
 
     def describe(self) -> str:
         """One paragraph: which mode is active and what it protects."""
         c, h, w = self.input_shape
         head = (f"keyed net, mode={self.mode!r}, input {c}x{h}x{w} with a {self.input_perm_kind} "
                 f"input permutation, key fingerprint {self.key_fingerprint}: ")
+        if tuple(self.model_hw) != (h, w):
+            head += (f"a keyed front end resamples the protected frames to {self.model_hw[0]}x"
+                     f"{self.model_hw[1]} (INTER_AREA) in a key-derived order; ")
         if self.mode == "fused":
             return head + (f"fused: all {self.n_keyed_conv} convs and {self.n_keyed_pool} pools are "
                            f"keyed, each writing a key-derived slot order; no feature map is ever in "
@@ -316,7 +377,8 @@ class KeyedNet(KeyedSequential):
 
 
 def keyed(model: nn.Module, key: Key, input_shape: Sequence[int], input_perm: Tensor | np.ndarray,
-          mode: str = "fused", device: torch.device | str | None = None) -> KeyedNet:
+          mode: str = "fused", device: torch.device | str | None = None,
+          model_hw: Sequence[int] | None = None) -> KeyedNet:
     """Keyed twin of a plain model (VGG16-BN, PreResNet, CompactNet, or any nn.Sequential of
     Conv2d / MaxPool2d / AvgPool2d / PreActBlock / element-wise / global pooling / Flatten / Linear).
 
@@ -329,6 +391,11 @@ def keyed(model: nn.Module, key: Key, input_shape: Sequence[int], input_perm: Te
         mode: "fused" (every layer keyed) or "fast" (first layer keyed, then plain dense model).
         device: where the tables live (default: the model's parameters' device). The twin is
             moved there, which moves the shared parameters of ``model`` too.
+        model_hw: the model's input (h, w) when the frames are larger: a keyed front end
+            (:class:`models.frontend.KeyedResize`, INTER_AREA / binning, child ``frontend``) reads
+            the protected frames and writes the model input in a key-derived order (rotating
+            per frame with ``frame_index``), never in natural order; the plain twin is
+            :func:`models.frontend.area_resize` on the plain frames.
 
     Returns:
         :class:`KeyedNet` with ``state_dict().keys() == model.state_dict().keys()``.
@@ -357,6 +424,17 @@ def keyed(model: nn.Module, key: Key, input_shape: Sequence[int], input_perm: Te
     ctx = _Ctx(key, mode, device)
     flow = _Flow((h, w), c, perm)
     children: OrderedDict[str, nn.Module] = OrderedDict()
+    model_hw = (h, w) if model_hw is None else as_pair(tuple(model_hw), "model_hw")
+    if model_hw != (h, w):
+        if "frontend" in dict(model.named_children()):
+            raise ValueError("keyed: the model has a child called 'frontend', the front end's name")
+        t = model_hw[0] * model_hw[1]
+        out_perm = layer_perm(key, "frontend", t, device)
+        front = KeyedResize((h, w), model_hw, perm, out_perm, frame_out="frontend", device=device)
+        children["frontend"] = front
+        ctx.frontend, ctx.rotating["frontend"] = True, t
+        ctx.spatial.append(front)
+        flow = _Flow(model_hw, c, out_perm, frame="frontend")
     for child_name, child in model.named_children():
         children[child_name], flow = _convert(child, child_name, flow, ctx)
     if not ctx.entry_done:
@@ -364,7 +442,12 @@ def keyed(model: nn.Module, key: Key, input_shape: Sequence[int], input_perm: Te
     if flow.columns is not None:
         raise ValueError("keyed: the model ends with a flattened permuted map (no Linear to absorb it)")
     kind = "shared (N,)" if perm.dim() == 1 else "per-channel (C, N)"
+    orders = FrameOrders(key, ctx.rotating) if ctx.rotating else None
+    for layer in ctx.spatial:
+        layer.frame_orders = orders
+        layer.net_frame_elems = ctx.max_elems  # row blocks stay below half the largest activation
     net = KeyedNet(children, mode, (c, h, w), kind, key.fingerprint, ctx.n_conv, ctx.n_pool,
-                   flow.perm if flow.perm is not None and math.prod(flow.hw) > 1 else None)
+                   flow.perm if flow.perm is not None and math.prod(flow.hw) > 1 else None, orders,
+                   model_hw)
     net.takes_input_perm = True
     return net.to(device)

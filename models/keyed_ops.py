@@ -16,8 +16,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from sensor.keys import Key
+from sensor.permutation import random_permutation
+from sensor.readout_tables import check_frame_index
 
-from .tables import invert_torch, random_permutation_torch
+from .tables import invert_torch, random_permutation_torch, to_device
 
 __all__ = [
     "IntPair",
@@ -32,6 +34,7 @@ __all__ = [
     "keyed_avg_pool2d",
     "keyed_conv2d",
     "keyed_max_pool2d",
+    "layer_frame_perm",
     "layer_perm",
     "pool_output_hw",
     "position_table",
@@ -101,7 +104,7 @@ def conv_padding(conv: nn.Conv2d) -> tuple[IntPair, IntPair]:
 
 
 def _out_positions(out_hw: IntPair, out_perm: Tensor | None, device: torch.device) -> tuple[Tensor, Tensor]:
-    """(qy, qx) of each output slot, each (T,) int64."""
+    """(qy, qx) of each output slot, each (T,) int64 (or (B, T) for per-frame orders (B, T))."""
     t = out_hw[0] * out_hw[1]
     q = torch.arange(t, device=device) if out_perm is None else out_perm.to(device)
     return q // out_hw[1], q % out_hw[1]
@@ -115,11 +118,13 @@ def position_table(in_hw: IntPair, out_hw: IntPair, kernel_size: IntPair, stride
     Args:
         in_hw, out_hw: input and output (H, W).
         kernel_size, stride, dilation: pairs; ``padding``: padding *before* each dimension.
-        out_perm: (T,) output slot -> output position table; None for natural order.
+        out_perm: (T,) output slot -> output position table, or (B, T) one per frame; None for
+            natural order.
         device: where to build (default: ``out_perm``'s device, else CPU).
 
     Returns:
-        (T, K) int64 with ``K = kh * kw`` taps in row-major order, values in [0, N_in].
+        (T, K) int64 with ``K = kh * kw`` taps in row-major order, values in [0, N_in]; (B, T, K)
+        for per-frame output orders.
     """
     if device is None:
         device = out_perm.device if out_perm is not None else torch.device("cpu")
@@ -127,8 +132,8 @@ def position_table(in_hw: IntPair, out_hw: IntPair, kernel_size: IntPair, stride
     qy, qx = _out_positions(out_hw, out_perm, torch.device(device))
     ky = torch.arange(kh, device=qy.device).repeat_interleave(kw) * dilation[0]
     kx = torch.arange(kw, device=qy.device).repeat(kh) * dilation[1]
-    uy = qy[:, None] * stride[0] - padding[0] + ky[None, :]
-    ux = qx[:, None] * stride[1] - padding[1] + kx[None, :]
+    uy = qy[..., None] * stride[0] - padding[0] + ky
+    ux = qx[..., None] * stride[1] - padding[1] + kx
     inside = (uy >= 0) & (uy < h) & (ux >= 0) & (ux < w)
     return torch.where(inside, uy * w + ux, torch.full_like(uy, h * w))
 
@@ -137,25 +142,40 @@ def gather_table(positions: Tensor, in_perm: Tensor | None = None) -> Tensor:
     """Slot gather table ``G = pi_in^-1[positions]``, the sentinel ``N_in`` kept.
 
     Args:
-        positions: (T, K) from :func:`position_table`.
+        positions: (T, K) from :func:`position_table`, or (B, T, K) for per-frame output orders.
         in_perm: None (natural input), or (..., N_in) slot -> position tables, e.g. (N,),
             (C, N), (B, 1, N) or (B, C, N).
 
     Returns:
-        (..., T, K) int64.
+        (..., T, K) int64 for (T, K) positions. For (B, T, K) positions always per frame,
+        (B, C', T, K): C' = 1 for no or an (N,) input order, else from a (C', N) or (B', C', N)
+        order (B' in {1, B}).
     """
+    per_frame = positions.dim() == 3
     if in_perm is None:
-        return positions
+        return positions.unsqueeze(1) if per_frame else positions
     n = in_perm.shape[-1]
     inv = invert_torch(in_perm.to(positions.device))
     inv = torch.cat([inv, inv.new_full((*inv.shape[:-1], 1), n)], dim=-1)
-    return inv[..., positions]
+    if not per_frame:
+        return inv[..., positions]
+    if inv.dim() == 1:
+        return inv[positions].unsqueeze(1)
+    b, t, k = positions.shape
+    inv = inv.unsqueeze(0) if inv.dim() == 2 else inv
+    if inv.dim() != 3 or inv.shape[0] not in (1, b):
+        raise ValueError(f"gather_table: input order {tuple(in_perm.shape)} does not fit per-frame "
+                         f"positions {tuple(positions.shape)}")
+    c = inv.shape[1]
+    idx = positions.reshape(b, 1, t * k).expand(b, c, t * k)
+    return torch.gather(inv.expand(b, c, n + 1), 2, idx).view(b, c, t, k)
 
 
 def avg_pool_divisor(in_hw: IntPair, out_hw: IntPair, kernel_size: IntPair, stride: IntPair,
                      padding: IntPair, count_include_pad: bool, out_perm: Tensor | None = None,
                      device: torch.device | str | None = None) -> Tensor:
-    """(T,) int64 divisor of each output slot, exactly as ``F.avg_pool2d`` computes it.
+    """(T,) int64 divisor of each output slot, exactly as ``F.avg_pool2d`` computes it ((B, T) for
+    per-frame output orders (B, T)).
 
     The window is clipped to the padded input; ``count_include_pad`` counts padding inside it,
     otherwise only input positions count.
@@ -246,6 +266,21 @@ def keyed_avg_pool2d(x: Tensor, table: Tensor, divisor: Tensor | int) -> Tensor:
 def layer_perm(key: Key, name: str, n: int, device: torch.device | str = "cpu") -> Tensor:
     """Output permutation (n,) of the layer called ``name``: seeded ``key.subkey("layer:<name>")``."""
     return random_permutation_torch(key.subkey(f"layer:{name}"), n, device)
+
+
+def layer_frame_perm(key: Key, name: str, frame_indices: Sequence[int], n: int,
+                     device: torch.device | str = "cpu") -> Tensor:
+    """Per-frame output permutations (B, n) of the layer called ``name`` (key rotation).
+
+    Frame ``i`` gets the permutation of ``key.subkey("layer:<name>/frame", frame_indices[i])``,
+    the same frame counter the rotated readout uses; independent of :func:`layer_perm`'s static
+    order (another HMAC label).
+    """
+    device = torch.device(device)
+    subkeys = [key.subkey(f"layer:{name}/frame", check_frame_index(int(f))) for f in frame_indices]
+    if not subkeys:
+        return torch.empty((0, n), dtype=torch.int64, device=device)
+    return to_device(np.stack([random_permutation(k, n) for k in subkeys]), device)
 
 
 # ----------------------------------------------------------------------------------------------

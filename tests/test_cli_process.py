@@ -27,7 +27,7 @@ from mcap.stream_reader import StreamReader
 
 from pipeline.stream.datasets import load_dataset
 from pipeline.stream.recording import RecordingReader
-from pipeline.stream.run import RunConfig, record_frames, replay_recording
+from pipeline.stream.run import RunConfig, record_frames
 from sensor.keys import Key, load_key_file, write_key_file
 
 REPO = Path(__file__).resolve().parents[1]
@@ -280,19 +280,21 @@ def interrupted_run(running, cwd: Path, key_file: Path, sig: int) -> tuple[int, 
 
 
 def assert_replayable(recording: Path, key_file: Path, tmp_path: Path) -> list[dict]:
-    """The recording is finalised (an intact MCAP summary, nothing lost) and replays; returns its predictions
-    (one frame per batch, as the interrupted runs classify, so they are comparable bit for bit)."""
+    """The recording is finalised (an intact MCAP summary, nothing lost) and ``privcam replay`` replays it;
+    returns its predictions (one frame per batch, as the interrupted runs classify, and in a process like
+    theirs, with the same thread count: CPU GEMMs reassociate sums by thread count and batch shape, so
+    bit-for-bit equality is the claim for the same command on the same machine)."""
     reader = RecordingReader(recording)
     frames = list(reader.frames())
     assert reader.summary_message_count() == len(frames) > 0, "finalised: the summary counts every frame"
     assert reader.report.frames_lost == 0 and reader.report.problems == []
     assert [f.meta.frame_index for f in frames] == list(range(len(frames)))
-    cfg = RunConfig.from_dict({"key": {"file": str(key_file)}, "model": {"device": "cpu"},
-                               "pipeline": {"batch_size": 1},
-                               "output": {"predictions": str(tmp_path / "replayed.jsonl")}}, "test")
-    summary = replay_recording(str(recording), cfg, progress=False)
-    assert summary["error"] is None and summary["frames"] == len(frames)
-    return jsonl(tmp_path / "replayed.jsonl")
+    out = tmp_path / "replayed.jsonl"
+    proc = privcam(tmp_path, "replay", str(recording), "--key", str(key_file), "--batch-size", "1",
+                   "--predictions", str(out), "--json", "--quiet", *CPU)
+    summary = summary_of(proc)
+    assert proc.returncode == 0 and summary["error"] is None and summary["frames"] == len(frames), proc.stderr
+    return jsonl(out)
 
 
 def test_ctrl_c_during_run_keeps_what_was_done(running, tmp_path, key_file):

@@ -12,15 +12,19 @@ from torch import nn
 
 from models.keyed import KeyedNet, keyed
 from models.keyed_layers import KeyedAvgPool2d, KeyedConv2d, KeyedMaxPool2d
-from models.keyed_ops import avg_pool_divisor, gather_table, position_table
+from models.keyed_ops import avg_pool_divisor, gather_columns, gather_table, layer_frame_perm, position_table
+from models.keyed_rows import RowGather
 from models.plain import CompactNet, build_model
 from models.tables import random_permutation_torch
+from pipeline.bench.model import peak_memory
 from sensor.keys import Key
+from tests import reference
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 TOL = 1e-4
-KEY = Key(bytes(range(32)))
+SECRET = bytes(range(32))
+KEY = Key(SECRET)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -197,6 +201,103 @@ def test_keyed_pool_equals_pool(pool):
         torch.testing.assert_close(got.flatten(2), y.flatten(2)[..., pi_out], atol=1e-6, rtol=1e-6)
 
 
+# ----------------------------------------------------------------------------------------------
+# channels-last row gathers: every block plan and the autograd path against the plain layers
+# ----------------------------------------------------------------------------------------------
+
+# (block_bytes, min_block_rows): the default plan (whole frames per block in these small tests), one
+# output slot per block (ranges of slots, padding lists padded with the scratch row), 5-slot blocks
+# of the RowGather test (a ragged last block), and blocks capped at half the input activation
+BLOCK_PLANS = {"default": None, "one-slot": (1, 1), "five-slots": (400, 1), "half-activation": (1 << 30, 1)}
+
+
+def set_blocks(module: nn.Module, plan: tuple[int, int] | None) -> None:
+    for m in module.modules():
+        if plan is not None and hasattr(m, "min_block_rows"):
+            m.block_bytes, m.min_block_rows = plan
+
+
+@pytest.mark.parametrize("table_kind", ["shared", "per-frame"])
+@pytest.mark.parametrize("plan", list(BLOCK_PLANS))
+def test_row_gather_equals_value_gather(plan, table_kind):
+    """RowGather (blocked, and all columns at once) reads what gather_columns reads."""
+    torch.manual_seed(0)
+    b, c, n_in, t, k = 3, 5, 20, 11, 4
+    table = torch.randint(0, n_in + 1, (b, t, k) if table_kind == "per-frame" else (t, k))
+    table[..., 0, 1] = n_in  # at least one padding tap
+    x = torch.randn(b, c, n_in)
+    want = gather_columns(x, table.unsqueeze(1) if table.dim() == 3 else table, -7.0)  # (B, C, K, T)
+    want = want.permute(0, 3, 2, 1).reshape(b * t, k * c)  # rows (b, t), columns (tap, channel)
+    block_bytes, min_rows = BLOCK_PLANS[plan] or (4 << 20, 256)
+    gather = RowGather(table, n_in, c * 4, block_bytes, None, min_rows)
+    assert gather.block_rows(b) == {"default": 256, "one-slot": 1, "five-slots": 5, "half-activation": 7}[plan]
+    rows = x.transpose(1, 2).contiguous()  # (B, N, C)
+    torch.testing.assert_close(gather.columns(rows, -7.0), want, rtol=0, atol=0)
+    out = torch.full((b, t, k * c), float("nan"))
+
+    def finish(cols, dst):
+        dst.copy_(cols)
+
+    gather.run(rows, -7.0, finish, out)
+    torch.testing.assert_close(out.view(b * t, k * c), want, rtol=0, atol=0)
+
+
+ROW_LAYERS = [
+    nn.Conv2d(6, 5, 3, padding=1),
+    nn.Conv2d(6, 5, 3, stride=2, padding=1, bias=False),
+    nn.Conv2d(6, 4, (2, 3), stride=(1, 2), padding=(1, 0), dilation=(2, 1)),
+    nn.Conv2d(6, 4, 3, padding=1, groups=2),
+    nn.Conv2d(6, 5, 1, stride=2),
+    nn.MaxPool2d(2),
+    nn.MaxPool2d(3, stride=2, padding=1, ceil_mode=True),
+    nn.AvgPool2d(3, stride=2, padding=1, count_include_pad=False),
+    nn.AvgPool2d(2, ceil_mode=True),
+]
+
+
+@pytest.mark.parametrize("plan", list(BLOCK_PLANS))
+@pytest.mark.parametrize("layer", ROW_LAYERS, ids=repr)
+def test_row_paths_equal_plain_layer(layer, plan):
+    """Each keyed layer on channels-last rows == its plain twin: static tables (every block plan),
+    per-frame tables (entry), inference and autograd paths; outputs stay channels-last."""
+    torch.manual_seed(1)
+    in_hw = (9, 7)
+    x = torch.randn(3, 6, *in_hw)
+    want = layer(x)
+    t = want.shape[2] * want.shape[3]
+    pi_in, pi_out = perm_table(70, n=63), perm_table(71, n=t)
+    cls = {nn.Conv2d: KeyedConv2d, nn.MaxPool2d: KeyedMaxPool2d, nn.AvgPool2d: KeyedAvgPool2d}[type(layer)]
+    twin = cls(layer, in_hw, pi_in, pi_out, entry=True)
+    set_blocks(twin, BLOCK_PLANS[plan])
+    frames = perm_table(72, 3, n=63)
+    want_slots = want.flatten(2)[..., pi_out]
+    for grad in (False, True):
+        with torch.set_grad_enabled(grad):
+            x_cl = protect(x, pi_in).contiguous(memory_format=torch.channels_last).requires_grad_(grad)
+            got = twin(x_cl)
+            assert got.is_contiguous(memory_format=torch.channels_last)
+            torch.testing.assert_close(got.flatten(2), want_slots, atol=1e-5, rtol=1e-5)
+            got = twin(protect(x, frames.unsqueeze(1)), frames)  # per-frame tables, NCHW input
+            torch.testing.assert_close(got.flatten(2), want_slots, atol=1e-5, rtol=1e-5)
+            if grad and isinstance(layer, nn.Conv2d):
+                got.square().sum().backward()
+                assert layer.weight.grad is not None and layer.weight.grad.abs().sum() > 0
+                layer.zero_grad()
+
+
+def test_row_weight_cache_follows_the_parameter():
+    torch.manual_seed(2)
+    conv = nn.Conv2d(3, 4, 3, padding=1)
+    x = torch.randn(2, 3, 6, 6)
+    pi = perm_table(1, n=36)
+    twin = KeyedConv2d(conv, (6, 6), pi, pi)
+    with torch.no_grad():
+        twin(protect(x, pi))
+        conv.weight.mul_(-2.0)  # an in-place update (an optimizer step) bumps the version
+        got = twin(protect(x, pi))
+    torch.testing.assert_close(got.flatten(2), conv(x).flatten(2)[..., pi], atol=1e-5, rtol=1e-5)
+
+
 def test_entry_layer_per_frame_tables():
     torch.manual_seed(0)
     conv = nn.Conv2d(3, 4, 3, padding=1)
@@ -252,6 +353,133 @@ def test_keyed_model_equals_plain_model(plain_model, mode):
             frames_c = perm_table(50 + batch, batch, c, n=n)
             got = twin_plane(protect(x, frames_c), input_perm=frames_c)
             assert_same_logits(got, want, f"{name} {mode} B={batch} rotation (B, C, N)")
+
+
+def entry_layer(twin: nn.Module) -> tuple[str, nn.Module]:
+    return next((n, m) for n, m in twin.named_modules() if getattr(m, "entry", False))
+
+
+def test_rotation_rotates_the_entry_order(plain_model):
+    """With frame indices, the entry layer writes frame n in the order seeded
+    HMAC(key, "layer:<name>/frame" || n) (recomputed here with hmac), every layer that reads or must
+    match that order follows it, and the logits stay the plain model's."""
+    name, (c, h, w), model = plain_model
+    n = h * w
+    twin = keyed(model, KEY, (c, h, w), random_permutation_torch(KEY.subkey("readout"), n))
+    entry_name, entry = entry_layer(twin)
+    assert entry.frame_out == entry_name and twin.frame_orders.sizes == {entry_name: entry.out_perm.numel()}
+    seen = {}
+    entry.register_forward_hook(lambda mod, args, out: seen.__setitem__("y", out.detach().flatten(2)))
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(4, c, h, w, generator=g)
+    frames = perm_table(80, 4, n=n)
+    index = [5, 6, 2**40 + 3, 6]  # the same counter twice: same order
+    first = model[0] if not isinstance(model[0], nn.Sequential) else model[0][0]
+    with torch.no_grad():
+        want = model(x)
+        plain_entry = first(x).flatten(2)
+        got = twin(protect(x, frames.unsqueeze(1)), input_perm=frames, frame_index=index)
+        assert_same_logits(got, want, f"{name} rotation with frame orders")
+        t = plain_entry.shape[-1]
+        for i, f in enumerate(index):
+            order = random_permutation_torch(reference.subkey(SECRET, f"layer:{entry_name}/frame", f), t)
+            assert torch.equal(layer_frame_perm(KEY, entry_name, [f], t)[0], order)
+            torch.testing.assert_close(seen["y"][i], plain_entry[i][:, order], atol=1e-5, rtol=1e-5)
+        orders = layer_frame_perm(KEY, entry_name, index, t)
+        assert not torch.equal(orders[0], orders[1]) and torch.equal(orders[1], orders[3])
+        assert not any(torch.equal(o, entry.out_perm) for o in orders)  # never the static order
+        # the static orders (pinned in tests/data/kat_v1.json) are used without frame indices
+        twin(protect(x, frames.unsqueeze(1)), input_perm=frames)
+        torch.testing.assert_close(seen["y"], plain_entry[..., entry.out_perm], atol=1e-5, rtol=1e-5)
+        # a static readout with rotating layer orders is exact too
+        static = random_permutation_torch(KEY.subkey("readout"), n)
+        assert_same_logits(twin(protect(x, static), frame_index=index), want, f"{name} static readout")
+    with pytest.raises(ValueError, match="frame_index"):
+        twin(protect(x, static), frame_index=[1, 2])
+
+
+def test_rotation_with_per_channel_tables_and_residual_chain():
+    """PreResNet: the identity shortcuts of layer1 carry the entry's rotating order, so their second
+    convs write it and layer2's first block reads it; CFA-plane (per-channel) frame tables."""
+    torch.manual_seed(0)
+    shape = (4, 16, 16)
+    model = randomize_bn(build_model("preresnet20", 4, 10), shape, seed=5)
+    twin = keyed(model, KEY, shape, perm_table(90, 4, n=256))
+    assert twin.layer1[2].conv2.frame_out == "conv1" and twin.layer2[0].downsample[0].frame_in == "conv1"
+    assert twin.layer2[0].conv2.frame_out is None
+    x = torch.randn(3, *shape)
+    frames = perm_table(91, 3, 4, n=256)
+    with torch.no_grad():
+        got = twin(protect(x, frames), input_perm=frames, frame_index=[0, 1, 2])
+        assert_same_logits(got, model(x), "preresnet20 rotation (B, C, N)")
+
+
+def test_classifier_rotates_the_entry_order_with_the_readout():
+    """KeyedClassifier with rotation: frame n is read with its readout table and the entry layer
+    writes it in frame n's order; the logits equal the plain model on the unscrambled frames."""
+    from pipeline.stream.classifier import KeyedClassifier
+    from pipeline.stream.inputs import network_input
+    from sensor.frame import FrameFormat
+    from sensor.readout import readout_permutation
+
+    torch.manual_seed(0)
+    model = randomize_bn(build_model("compact", 1, 10), (1, 12, 16), seed=6)
+    fmt = FrameFormat(16, 1023, height=12, width=16, rotation=True)
+    clf = KeyedClassifier(model, KEY, fmt, device="cpu")
+    entry_name, entry = entry_layer(clf.model)
+    seen = {}
+    entry.register_forward_hook(lambda mod, args, out: seen.__setitem__("y", out.flatten(2)))
+    rng = np.random.default_rng(0)
+    plain = rng.integers(16, 1024, (3, 12, 16), dtype=np.uint16)
+    index = [3, 4, 40]
+    prot = np.stack([readout_permutation(KEY, "pixel", 12, 16, n).forward(f)
+                     for f, n in zip(plain, index, strict=True)])
+    with torch.inference_mode():
+        got = clf.logits_array(prot, index)
+        x = network_input(plain, fmt)
+        assert_same_logits(got, model(x), "classifier with rotation")
+        want = model.features[0](x).flatten(2)
+    for i, n in enumerate(index):
+        order = layer_frame_perm(KEY, entry_name, [n], 192)[0]
+        torch.testing.assert_close(seen["y"][i], want[i][:, order], atol=1e-5, rtol=1e-5)
+
+
+def test_fused_feature_maps_are_channels_last(plain_model):
+    name, shape, model = plain_model
+    twin = keyed(model, KEY, shape, perm_table(1, n=shape[1] * shape[2]))
+    layouts = []
+    for m in twin.modules():
+        if isinstance(m, (KeyedConv2d, KeyedMaxPool2d, nn.BatchNorm2d)):
+            m.register_forward_hook(lambda mod, args, out: layouts.append(
+                out.is_contiguous(memory_format=torch.channels_last)))
+    with torch.no_grad():
+        twin(torch.randn(2, *shape))
+    assert layouts and all(layouts), f"{name}: a feature map is not channels-last"
+
+
+@pytest.mark.parametrize("name", list(MODEL_SPECS))
+def test_fused_peak_memory_is_at_most_twice_plain(name):
+    """No activation-sized im2col: the peak of live tensors during a fused forward (torch's profiler
+    with profile_memory, allocations and frees in time order) is at most 2x the plain forward's."""
+    shape = MODEL_SPECS[name]
+    torch.manual_seed(0)
+    model = build_model(name, shape[0], 10).eval()
+    pi = perm_table(2, n=shape[1] * shape[2])
+    twin = keyed(model, KEY, shape, pi)
+    x = torch.randn(16, *shape)
+    x_prot = protect(x, pi)
+    frames = perm_table(3, 16, n=shape[1] * shape[2])
+    x_rot = protect(x, frames.unsqueeze(1))
+    with torch.inference_mode():
+        model(x), twin(x_prot)  # warm: the twin prepares its row weights and gather plans once
+        plain = peak_memory(lambda: model(x))
+        fused = peak_memory(lambda: twin(x_prot))
+        rotating = peak_memory(lambda: twin(x_rot, input_perm=frames, frame_index=range(16)))
+    print(f"{name}: peak plain {plain / 2**20:.2f} MiB, fused {fused / 2**20:.2f} MiB, "
+          f"fused with rotation {rotating / 2**20:.2f} MiB")
+    assert plain > x.numel() * 4  # the measurement sees the activations
+    assert fused <= 2 * plain, f"{name}: fused peak {fused} > 2 x plain {plain}"
+    assert rotating <= 2 * plain, f"{name}: rotating peak {rotating} > 2 x plain {plain}"
 
 
 def test_fused_mode_never_uses_natural_order(plain_model):
@@ -363,6 +591,46 @@ def test_dtype_conversion_keeps_parameters_shared():
     x = torch.randn(5, 1, 16, 16, dtype=torch.float64)
     with torch.no_grad():
         torch.testing.assert_close(twin(protect(x, pi)), model(x), atol=1e-12, rtol=1e-12)
+
+
+@pytest.fixture
+def exact_cuda():
+    """CUDA with full-precision float32 convolutions and matmuls (TF32 off), restored afterwards."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    old = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield torch.device("cuda")
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = old
+
+
+@pytest.mark.parametrize("mode", ["fused", "fast"])
+def test_cuda_models_equal_plain(plain_model, mode, exact_cuda):
+    """The same row gathers on CUDA (tables on the device): static, per-channel and rotating tables,
+    batch 1/3/17; fused peak memory at most 2x plain (torch.cuda.max_memory_allocated)."""
+    name, (c, h, w), model = plain_model
+    n = h * w
+    model = model.to(exact_cuda)
+    try:
+        shared = random_permutation_torch(KEY.subkey("readout"), n).to(exact_cuda)
+        twin = keyed(model, KEY, (c, h, w), shared, mode=mode)
+        assert all(b.device.type == "cuda" for b in twin.buffers())
+        g = torch.Generator().manual_seed(2)
+        with torch.no_grad():
+            for batch in (1, 3, 17):
+                x = torch.randn(batch, c, h, w, generator=g).to(exact_cuda)
+                want = model(x)
+                assert_same_logits(twin(protect(x, shared)), want, f"cuda {name} {mode} B={batch}")
+                frames = perm_table(40 + batch, batch, n=n).to(exact_cuda)
+                got = twin(protect(x, frames.unsqueeze(1)), input_perm=frames, frame_index=range(batch))
+                assert_same_logits(got, want, f"cuda {name} {mode} B={batch} rotation")
+            x = torch.randn(16, c, h, w, generator=g).to(exact_cuda)
+            x_prot = protect(x, shared)
+            model(x), twin(x_prot)
+            plain, keyed_peak = peak_memory(lambda: model(x), exact_cuda), peak_memory(lambda: twin(x_prot), exact_cuda)
+            assert keyed_peak <= 2 * plain, f"cuda {name} {mode}: peak {keyed_peak} > 2 x {plain}"
+    finally:
+        model.cpu()
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

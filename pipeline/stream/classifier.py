@@ -36,10 +36,14 @@ class KeyedClassifier:
         device: where the model and its tables run (default: CUDA when present, else CPU).
         check_fingerprint: refuse frames whose key fingerprint differs (turn off only to measure
             what a wrong key gives, as an attacker with another key would).
+        model_hw: the model's input (h, w) when it is smaller than the frames' network input: a
+            keyed front end resamples the protected frames (the model was trained on
+            ``network_input(plain frames, fmt, size=model_hw)``).
     """
 
     def __init__(self, model: nn.Module, key: Key, fmt: FrameFormat, mode: str = "fused",
-                 device: torch.device | str | None = None, check_fingerprint: bool = True) -> None:
+                 device: torch.device | str | None = None, check_fingerprint: bool = True,
+                 model_hw: tuple[int, int] | None = None) -> None:
         from models.keyed import keyed
 
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -49,7 +53,7 @@ class KeyedClassifier:
         static = readout_permutation(key, fmt.scheme, fmt.height, fmt.width).plane_tables()
         shape = input_shape(fmt.scheme, fmt.height, fmt.width)
         self.model = keyed(model.to(self.device).eval(), key, shape, torch.from_numpy(static), mode=mode,
-                           device=self.device)
+                           device=self.device, model_hw=model_hw)
 
     def check(self, frame: ProtectedFrame) -> None:
         """Refuse frames this classifier cannot read, naming the mismatch."""
@@ -72,7 +76,8 @@ class KeyedClassifier:
     @torch.inference_mode()
     def logits_array(self, data: np.ndarray, frame_indices: list[int] | np.ndarray) -> torch.Tensor:
         """The keyed inference path: protected frames (B, H, W) uint16 with their frame indices (used
-        only with rotation) -> (B, num_classes) float32 logits on the classifier's device."""
+        only with rotation: each frame's readout table and, in fused mode, the entry layer's output
+        order) -> (B, num_classes) float32 logits on the classifier's device."""
         x = network_input(data, self.fmt)
         if self.device.type == "cuda":
             x = x.pin_memory()
@@ -81,7 +86,8 @@ class KeyedClassifier:
             return self.model(x)
         subkeys = [readout_subkey(self._key, self.fmt.scheme, int(n)) for n in frame_indices]
         tables = plane_tables_torch(self.fmt.scheme, self.fmt.height, self.fmt.width, subkeys, self.device)
-        return self.model(x, input_perm=tables)
+        # the frame counters also rotate the entry layer's output order (fused mode)
+        return self.model(x, input_perm=tables, frame_index=[int(n) for n in frame_indices])
 
     def __call__(self, frames: list[ProtectedFrame]) -> list[dict[str, Any]]:
         """Predictions, one dict per frame: frame index, label (or None), class, confidence."""
