@@ -150,7 +150,7 @@ def test_classifier_reads_sensor_sized_frames_through_the_front_end():
 
 
 def test_front_end_order_is_independent_of_other_layer_names():
-    pi = random_permutation_torch(1, 64 * 64)
+    pi = random_permutation_torch(KEY.subkey("test/readout"), 64 * 64)
     twin = keyed(build_model("compact", 1, 3), KEY, (1, 64, 64), pi, model_hw=(32, 32))
     assert twin.frame_orders.sizes == {"frontend": 1024}
     first = twin.features[0]
