@@ -99,6 +99,7 @@ def write_key_file(path: str | os.PathLike, key: Key | None = None) -> Key:
             fh.flush()
             os.fsync(fh.fileno())
         os.chmod(path, 0o600)
+        _fsync_dir(path.parent)  # the new directory entry too: a crash must not lose the key
     except BaseException as err:  # a full disk or Ctrl-C: leave no empty or partial key file behind
         path.unlink(missing_ok=True)
         if isinstance(err, OSError):
@@ -106,6 +107,20 @@ def write_key_file(path: str | os.PathLike, key: Key | None = None) -> Key:
                                "nothing was left behind") from None
         raise
     return key
+
+
+def _fsync_dir(folder: Path) -> None:
+    """fsync a folder so a file just created in it survives a crash (where the OS allows it)."""
+    try:
+        fd = os.open(folder or Path("."), os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # some filesystems refuse fsync on a directory
+        pass
+    finally:
+        os.close(fd)
 
 
 def load_key_file(path: str | os.PathLike, allow_insecure_mode: bool = False) -> Key:
