@@ -13,24 +13,29 @@ from __future__ import annotations
 
 import os
 import secrets
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
 from .errors import OutputPathError
 
 
-def _create_temp(target: Path) -> Path:
-    """Create an empty temporary file next to ``target`` with the same suffix (mode 0o666 & ~umask)."""
+def _create_unique(target: Path, name: Callable[[str], str], token_bytes: int, what: str) -> Path:
+    """Create an empty file ``name(random hex)`` beside ``target``, never an existing one (mode 0o666 & ~umask)."""
     for _ in range(100):
-        tmp = target.with_name(f".{target.name}.{secrets.token_hex(6)}.tmp{target.suffix}")
+        tmp = target.with_name(name(secrets.token_hex(token_bytes)))
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
         except FileExistsError:
             continue
         os.close(fd)
         return tmp
-    raise FileExistsError(f"{target}: could not create a unique temporary file")  # pragma: no cover
+    raise FileExistsError(f"{target}: could not create a unique {what}")  # pragma: no cover
+
+
+def _create_temp(target: Path) -> Path:
+    """Create an empty temporary file next to ``target`` with the same suffix."""
+    return _create_unique(target, lambda token: f".{target.name}.{token}.tmp{target.suffix}", 6, "temporary file")
 
 
 def _fsync(path: Path) -> None:
@@ -73,15 +78,7 @@ def create_partial(target: str | os.PathLike) -> Path:
     """Create an empty, unique ``<target>.<random>.partial`` beside ``target`` (parent folders created)."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    for _ in range(100):
-        tmp = target.with_name(f"{target.name}.{secrets.token_hex(4)}.partial")
-        try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-        except FileExistsError:
-            continue
-        os.close(fd)
-        return tmp
-    raise FileExistsError(f"{target}: could not create a unique .partial file")  # pragma: no cover
+    return _create_unique(target, lambda token: f"{target.name}.{token}.partial", 4, ".partial file")
 
 
 class StagedOutput:
