@@ -19,6 +19,7 @@ from models.checkpoint import save_checkpoint
 from models.plain import build_model
 from pipeline.cli.main import main
 from pipeline.resources import MONO_PROFILE, resolve
+from pipeline.stream.run import RunConfig
 from sensor.config import SensorConfig
 from sensor.keys import write_key_file
 
@@ -29,6 +30,18 @@ def write_idx(path: Path, array: np.ndarray) -> None:
     header = bytes([0, 0, 0x08, array.ndim]) + b"".join(int(n).to_bytes(4, "big") for n in array.shape)
     with gzip.open(path, "wb") as fh:
         fh.write(header + array.astype(np.uint8).tobytes())
+
+
+def world_config(world: Path, limit: int, **sections) -> RunConfig:
+    """A run config over a test world (IDX dataset, m.pt, cam.key); ``sections`` override fields."""
+    data = {"source": {"dataset": "mnist", "data": str(world), "limit": limit},
+            "sensor": {"profile": "configs/sensors/mono10.yaml", "seed": 3},
+            "key": {"file": str(world / "cam.key"), "scheme": "pixel"},
+            "model": {"checkpoint": str(world / "m.pt"), "device": "cpu"},
+            "pipeline": {"batch_size": 8, "batch_timeout_s": 30.0}}
+    for name, values in sections.items():
+        data.setdefault(name, {}).update(values)
+    return RunConfig.from_dict(data, "test")
 
 
 def make_world(root: Path) -> Path:

@@ -30,7 +30,7 @@ from sensor.errors import KeyFileError, PrivcamError
 from sensor.frame import FrameMeta, ProtectedFrame
 from sensor.keys import load_key_file, write_key_file
 from sensor.rawio import RawMeta, write_raw
-from tests.hostile_world import N, make_world, model_args, source_args, top_level_records
+from tests.hostile_world import N, make_world, model_args, source_args, top_level_records, world_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -40,15 +40,8 @@ def world(tmp_path_factory, one_thread):
     return make_world(tmp_path_factory.mktemp("hostile_out"))
 
 
-def config(world: Path, **sections) -> RunConfig:
-    data = {"source": {"dataset": "mnist", "data": str(world), "limit": N},
-            "sensor": {"profile": "configs/sensors/mono10.yaml", "seed": 3},
-            "key": {"file": str(world / "cam.key"), "scheme": "pixel"},
-            "model": {"checkpoint": str(world / "m.pt"), "device": "cpu"},
-            "pipeline": {"batch_size": 8, "batch_timeout_s": 30.0}}
-    for name, values in sections.items():
-        data.setdefault(name, {}).update(values)
-    return RunConfig.from_dict(data, "test")
+def config(world, **sections) -> RunConfig:
+    return world_config(world, N, **sections)
 
 
 def partials(folder: Path) -> list[Path]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gzip
 import json
 import shutil
 
@@ -25,15 +24,10 @@ from sensor.keys import load_key_file, write_key_file
 from sensor.scene import render_photons
 from sensor.sensor import Sensor
 from tests.fitted import fitted_model
+from tests.hostile_world import world_config, write_idx
 
 N_FRAMES = 40
 MONO, COLOUR = str(resolve(MONO_PROFILE)), str(resolve(COLOUR_PROFILE))
-
-
-def write_idx(path, array: np.ndarray) -> None:
-    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(int(n).to_bytes(4, "big") for n in array.shape)
-    with gzip.open(path, "wb") as fh:
-        fh.write(header + array.astype(np.uint8).tobytes())
 
 
 @pytest.fixture(scope="module")
@@ -57,14 +51,7 @@ def world(tmp_path_factory):
 
 
 def config(world, **sections) -> RunConfig:
-    data = {"source": {"dataset": "mnist", "data": str(world), "limit": N_FRAMES},
-            "sensor": {"profile": "configs/sensors/mono10.yaml", "seed": 3},
-            "key": {"file": str(world / "cam.key"), "scheme": "pixel"},
-            "model": {"checkpoint": str(world / "m.pt"), "device": "cpu"},
-            "pipeline": {"batch_size": 8, "batch_timeout_s": 30.0}}
-    for name, values in sections.items():
-        data.setdefault(name, {}).update(values)
-    return RunConfig.from_dict(data, "test")
+    return world_config(world, N_FRAMES, **sections)
 
 
 @pytest.mark.parametrize("scheme, rotation, checkpoint, profile",
