@@ -53,7 +53,13 @@ class FrameFormat:
 
 @dataclass(frozen=True)
 class FrameMeta:
-    """Public metadata of one protected frame."""
+    """Public metadata of one protected frame.
+
+    ``session``: the capture session's public nonce (32 hex digits; "" for frames made directly under a
+    master key); frame ``n``'s orders derive from (key, session, n). ``mac``: HMAC-SHA256 over this
+    header and the pixels under the session's MAC subkey (:mod:`sensor.frameauth`), 64 hex digits.
+    ``label`` is None unless a recording was explicitly made for evaluation (``--store-labels``).
+    """
 
     frame_index: int
     scheme: Scheme
@@ -65,6 +71,8 @@ class FrameMeta:
     width: int
     capture_time_ns: int = 0
     label: int | None = None
+    session: str = ""
+    mac: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -80,7 +88,7 @@ class FrameMeta:
         if not isinstance(data, dict):
             raise PrivcamError(f"frame metadata: expected a mapping, got {type(data).__name__}")
         known = set(cls.__dataclass_fields__)
-        missing = [k for k in known if k not in data and k not in ("capture_time_ns", "label")]
+        missing = [k for k in known if k not in data and k not in ("capture_time_ns", "label", "session", "mac")]
         if missing:
             raise PrivcamError(f"frame metadata: missing fields {sorted(missing)}")
         values = {k: v for k, v in data.items() if k in known}
@@ -96,6 +104,10 @@ class FrameMeta:
         for name in ("scheme", "key_fingerprint", "cfa"):
             if not isinstance(values[name], str):
                 raise PrivcamError(f"frame metadata: {name}: expected a string, got {values[name]!r}")
+        for name, digits in (("session", 32), ("mac", 64)):
+            value = values.get(name, "")
+            if not isinstance(value, str) or (value and (len(value) != digits or value.strip("0123456789abcdef"))):
+                raise PrivcamError(f"frame metadata: {name}: expected \"\" or {digits} hex digits, got {value!r:.80}")
         if not isinstance(values["rotation"], bool):
             raise PrivcamError(f"frame metadata: rotation: expected true or false, got {values['rotation']!r}")
         return cls(**values)

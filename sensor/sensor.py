@@ -21,7 +21,9 @@ import numpy as np
 from .adc import electron_mean_nb, expose_nb, expose_ref
 from .cfa import colour_index_map
 from .config import SensorConfig
+from .errors import PrivcamError
 from .frame import FrameMeta, ProtectedFrame
+from .frameauth import sign_frame
 from .keys import Key
 from .noise import check_seed
 from .readout import ReadoutPermutation, Scheme, readout_permutation
@@ -113,35 +115,51 @@ class Sensor:
         """The keyed readout order of one frame; the static one (frame_index None) is built once."""
         if frame_index is not None:
             return readout_permutation(key, scheme, height, width, frame_index)
-        cache_key = (key.fingerprint, scheme, height, width)
+        cache_key = (key.fingerprint, key.session, scheme, height, width)
         if cache_key not in self._readouts:
             self._readouts[cache_key] = readout_permutation(key, scheme, height, width)
         return self._readouts[cache_key]
 
-    def capture(self, photons: np.ndarray, key: Key, frame_index: int = 0, scheme: Scheme = "pixel",
+    def capture(self, photons: np.ndarray, key: Key, frame_index: int | None = None, scheme: Scheme = "pixel",
                 rotation: bool = False, label: int | None = None,
                 capture_time_ns: int | None = None) -> ProtectedFrame:
-        """Expose, then read the frame out in the key's order: what a protected camera emits.
+        """Expose, then read the frame out in the key's order and tag it: what a protected camera emits.
 
         Args:
             photons: (H, W) mean photons per pixel.
-            key: the secret key (only its fingerprint is attached to the frame).
+            key: the session key (:meth:`sensor.keys.Key.for_session`); a master key is accepted for
+                static readout only. Only its public fingerprint and session nonce reach the frame.
             frame_index: frame counter n: the noise seed and, with ``rotation``, the readout order.
+                Required with rotation (default 0 otherwise).
             scheme: one of :data:`sensor.readout.SCHEMES`: "pixel", "quad" (2x2 CFA cells move whole)
                 or "plane" (each CFA plane alone).
-            rotation: a fresh permutation per frame (key, n) instead of one static permutation.
+            rotation: a fresh permutation per frame (session key, n) instead of one static permutation.
 
         Returns:
-            ProtectedFrame with (H, W) uint16 data in keyed slot order.
+            ProtectedFrame with (H, W) uint16 data in keyed slot order and its MAC
+            (:mod:`sensor.frameauth`).
         """
+        if rotation:
+            check_unique_rotation(key, frame_index)
+        frame_index = 0 if frame_index is None else frame_index
         plain = self.expose(photons, frame_index)
         h, w = plain.shape
         order = self.readout(key, scheme, h, w, frame_index if rotation else None)
         meta = FrameMeta(frame_index=int(frame_index), scheme=scheme, rotation=bool(rotation),
                          key_fingerprint=key.fingerprint, bit_depth=self.config.bit_depth, cfa=self.config.cfa,
                          height=h, width=w, capture_time_ns=time.time_ns() if capture_time_ns is None
-                         else int(capture_time_ns), label=None if label is None else int(label))
-        return ProtectedFrame(order.forward(plain, out=plain), meta)
+                         else int(capture_time_ns), label=None if label is None else int(label),
+                         session=key.session)
+        return sign_frame(key, ProtectedFrame(order.forward(plain, out=plain), meta))
+
+
+def check_unique_rotation(key: Key, frame_index: int | None) -> None:
+    """Refuse rotation whose frame orders could repeat: it needs a session key and an explicit index."""
+    if key.session_nonce is None:
+        raise PrivcamError("rotation: frame orders must come from a session key (key.for_session("
+                           "sensor.keys.new_session_nonce())), or frame n of every run would share one order")
+    if frame_index is None:
+        raise PrivcamError("rotation: expected an explicit frame_index, unique within the session")
 
 
 def _check_photons(photons: np.ndarray) -> np.ndarray:

@@ -10,7 +10,10 @@ Definitions (``sensor/keys.py``, ``sensor/permutation.py``, ``sensor/readout_tab
 
 * subkey = HMAC-SHA256(secret, purpose || (0x00 || int64 little-endian counter)...);
   fingerprint = first 16 hex digits of SHA-256("privcam/fingerprint/v1" || secret);
-  passphrase key = scrypt(passphrase, salt "privcam/passphrase/v1", n=2**14, r=8, p=1, 32 bytes).
+  passphrase key = scrypt(passphrase, the key's own random salt, n=2**17, r=8, p=1, 32 bytes);
+  session secret = HMAC-SHA256(master secret, "privcam/session/v1" || 16-byte nonce);
+  frame MAC = HMAC-SHA256(subkey(session secret, "frame-mac"), sorted compact JSON header without
+  "mac" || pixels as little-endian uint16).
 * keystream(subkey, stream): AES-256(subkey) of the counter blocks ``stream (8 bytes big-endian) ||
   i (8 bytes big-endian)``, i = 0, 1, ...; read as little-endian uint32 words.
 * row permutations: row r reads words ``r * (cols - 1 + 4) ...``; Fisher-Yates from i = cols-1
@@ -43,8 +46,20 @@ def fingerprint(secret: bytes) -> str:
     return hashlib.sha256(b"privcam/fingerprint/v1" + secret).hexdigest()[:16]
 
 
-def passphrase_secret(passphrase: str) -> bytes:
-    return hashlib.scrypt(passphrase.encode(), salt=b"privcam/passphrase/v1", n=2**14, r=8, p=1, dklen=32)
+def passphrase_secret(passphrase: str, salt: bytes) -> bytes:
+    return hashlib.scrypt(passphrase.encode(), salt=salt, n=2**17, r=8, p=1, maxmem=256 << 20, dklen=32)
+
+
+def session_secret(master: bytes, nonce: bytes) -> bytes:
+    return hmac.new(master, b"privcam/session/v1" + nonce, hashlib.sha256).digest()
+
+
+def frame_mac(session: bytes, header: dict, pixels: np.ndarray) -> str:
+    import json
+
+    fields = {k: v for k, v in header.items() if k != "mac"}
+    body = json.dumps(fields, sort_keys=True, separators=(",", ":")).encode() + pixels.astype("<u2").tobytes()
+    return hmac.new(subkey(session, "frame-mac"), body, hashlib.sha256).hexdigest()
 
 
 def readout_subkey(secret: bytes, scheme: str, frame_index: int | None = None) -> bytes:

@@ -38,6 +38,7 @@ from sensor.frame import FrameFormat
 from sensor.keys import Key, load_key_file, write_key_file
 from sensor.readout import SCHEMES, TABLE_FORMAT, readout_permutation, readout_subkey
 from sensor.readout_tables import frame_table
+from sensor.sensor import Sensor
 from tests import reference
 
 FORMAT_VERSION = 2  # 2: AES-256-CTR + Fisher-Yates tables (sensor.readout.TABLE_FORMAT)
@@ -52,6 +53,8 @@ REGENERATE = "bump the format version and regenerate with tests/data/make_kat.py
 TEST_KEY_SENTENCE = b"privcam public known-answer test key v1 - never a real key"
 TEST_KEY_HEX = "7fd535ea68d4255143b428ec96cd019dc0964cca1ea9ed27bf78de079e03b573"  # sha256(TEST_KEY_SENTENCE)
 TEST_PASSPHRASE = "privcam known-answer passphrase v1"
+TEST_SALT = bytes.fromhex("00112233445566778899aabbccddeeff")  # public test salt
+TEST_NONCE = bytes.fromhex("0f1e2d3c4b5a69788796a5b4c3d2e1f0")  # public test session nonce
 KEY = Key(bytes.fromhex(TEST_KEY_HEX))
 
 FRAME_HW = (8, 12)  # small frame of the readout and block tables
@@ -115,11 +118,27 @@ def compute_subkeys() -> dict[str, dict[str, Any]]:
 
 def compute_passphrase(tmp_dir: Path) -> dict[str, str]:
     """The passphrase KDF's 32 bytes, read back from a key file (the public way to see a key's bytes)."""
-    key = Key.from_passphrase(TEST_PASSPHRASE)
+    key = Key.from_passphrase(TEST_PASSPHRASE, TEST_SALT)
     path = tmp_dir / "passphrase.key"
     write_key_file(path, key)
     return {"passphrase": TEST_PASSPHRASE, "key_hex": path.read_text().strip(), "fingerprint": key.fingerprint,
             "subkey readout/pixel": key.subkey("readout/pixel").hex()}
+
+
+def compute_session(tmp_dir: Path) -> dict[str, Any]:
+    """A session key of the test key: its bytes read back from a session key file, a few of its subkeys,
+    a rotated readout table and the MAC of a fixed frame under it."""
+    session = KEY.for_session(TEST_NONCE)
+    path = tmp_dir / "session.key"
+    write_key_file(path, session)
+    h, w = FRAME_HW
+    frame = Sensor(SensorConfig.from_yaml(REPO / "configs" / "sensors" / "mono10.yaml"), seed=3).capture(
+        np.full((h, w), 500.0), session, frame_index=5, scheme="pixel", rotation=True, capture_time_ns=1)
+    return {"nonce": TEST_NONCE.hex(), "key_file": path.read_text(),
+            "subkey readout/pixel/frame 5": session.subkey("readout/pixel/frame", 5).hex(),
+            "subkey frame-mac": session.subkey("frame-mac").hex(),
+            f"pixel {h}x{w} frame 5": summary(readout_permutation(session, "pixel", h, w, 5).table()),
+            "frame 5 header": frame.meta.to_dict(), "frame 5 pixels": summary(frame.data)}
 
 
 def compute_readout_subkeys() -> dict[str, str]:
@@ -184,6 +203,7 @@ SECTIONS = {
     "fingerprint": lambda tmp: compute_fingerprint(),
     "subkeys": lambda tmp: compute_subkeys(),
     "passphrase": compute_passphrase,
+    "session": compute_session,
     "readout_subkeys": lambda tmp: compute_readout_subkeys(),
     "readout_tables": lambda tmp: compute_readout_tables(),
     "block_subkeys": lambda tmp: compute_block_subkeys(),
@@ -253,9 +273,16 @@ def test_the_pinned_derivations_are_the_documented_ones(kat):
     for purpose, counters in derivation_labels():
         entry = kat["subkeys"][label_name(purpose, counters)]
         assert entry["subkey"] == reference.subkey(secret, purpose, *counters).hex(), (purpose, counters)
-    assert kat["passphrase"]["key_hex"] == reference.passphrase_secret(TEST_PASSPHRASE).hex()
-    assert kat["passphrase"]["fingerprint"] == reference.fingerprint(reference.passphrase_secret(TEST_PASSPHRASE))
+    assert kat["passphrase"]["key_hex"] == reference.passphrase_secret(TEST_PASSPHRASE, TEST_SALT).hex()
+    passphrase_secret = reference.passphrase_secret(TEST_PASSPHRASE, TEST_SALT)
+    assert kat["passphrase"]["fingerprint"] == reference.fingerprint(passphrase_secret)
+    session = reference.session_secret(secret, TEST_NONCE)
+    assert f"secret {session.hex()}" in kat["session"]["key_file"].splitlines()
+    assert kat["session"]["subkey frame-mac"] == reference.subkey(session, "frame-mac").hex()
     h, w = FRAME_HW
+    assert kat["session"][f"pixel {h}x{w} frame 5"] == summary(reference.readout_table(session, "pixel", h, w, 5))
+    header = kat["session"]["frame 5 header"]
+    assert header["session"] == TEST_NONCE.hex() and header["key_fingerprint"] == kat["fingerprint"]
     for scheme in SCHEMES:
         for n in (None, *FRAME_INDICES):
             name = f"{scheme} {h}x{w} {frame_name(n)}"

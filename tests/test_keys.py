@@ -86,10 +86,14 @@ def test_subkeys_are_independent_and_deterministic():
 
 
 def test_passphrase_kdf_is_stable(tmp_path):
-    a, b = Key.from_passphrase("correct horse"), Key.from_passphrase("correct horse")
-    assert a == b and a != Key.from_passphrase("correct horse!")
-    assert a == Key(reference.passphrase_secret("correct horse"))  # scrypt with the documented parameters
+    salt = bytes(range(16))
+    a, b = Key.from_passphrase("correct horse", salt), Key.from_passphrase("correct horse", salt)
+    assert a == b and a != Key.from_passphrase("correct horse!", salt)
+    assert a != Key.from_passphrase("correct horse", bytes(16))  # a per-key salt: same passphrase, other key
+    assert a == Key(reference.passphrase_secret("correct horse", salt))  # scrypt with the documented parameters
     write_key_file(tmp_path / "p.key", a)
-    assert (tmp_path / "p.key").read_text().strip() == reference.passphrase_secret("correct horse").hex()
-    with pytest.raises(KeyFileError):
-        Key.from_passphrase("")
+    assert (tmp_path / "p.key").read_text().strip() == reference.passphrase_secret("correct horse", salt).hex()
+    with pytest.raises(KeyFileError, match="passphrase"):
+        Key.from_passphrase("", salt)
+    with pytest.raises(KeyFileError, match="salt"):
+        Key.from_passphrase("correct horse", b"short")

@@ -90,7 +90,25 @@ def test_live_run_equals_plain_model_and_replay_is_bit_exact(world, tmp_path, sc
                         output={"predictions": str(replay_preds)})
     replayed = replay_recording(str(rec), cfg_replay, progress=False)
     assert replayed["frames"] == N_FRAMES and replayed["replay_report"]["frames_lost"] == 0
-    assert replay_preds.read_text() == preds.read_text(), "replay must give the same predictions bit for bit"
+    replay_rows = [json.loads(line) for line in replay_preds.read_text().splitlines()]
+    assert all(row.pop("label") is None for row in replay_rows), "labels are not recorded by default"
+    assert replay_rows == [{k: v for k, v in row.items() if k != "label"} for row in live], \
+        "replay must give the same predictions bit for bit"
+
+
+def test_labels_are_recorded_only_when_asked_for(world, tmp_path):
+    """--store-labels (evaluation only) puts labels in the authenticated headers: replay then matches the
+    live run byte for byte, labels included."""
+    rec, preds, replay_preds = tmp_path / "l.mcap", tmp_path / "l.jsonl", tmp_path / "r.jsonl"
+    cfg = config(world, output={"record": str(rec), "predictions": str(preds), "store_labels": True})
+    assert run_pipeline(cfg, progress=False)["error"] is None
+    with RecordingReader(rec) as reader:
+        assert reader.metadata["privcam.recording"]["labels"] == "true"
+        assert [f.meta.label for f in reader.frames()] == load_dataset("mnist", "test", world).labels.tolist()
+    replay_recording(str(rec), config(world, output={"predictions": str(replay_preds)}), progress=False)
+    assert replay_preds.read_text() == preds.read_text()
+    with pytest.raises(ConfigError, match="store_labels"):
+        config(world, output={"store_labels": "yes"})
 
 
 def test_model_stage_only_sees_protected_frames(world):
@@ -200,7 +218,7 @@ def test_classifier_refuses_frames_of_another_format(world):
     key = load_key_file(world / "cam.key")
     clf = KeyedClassifier(model, key, FrameFormat(16, 1023, height=28, width=28), device="cpu")
     sensor = Sensor(SensorConfig.from_yaml("configs/sensors/mono10.yaml"))
-    frame = sensor.capture(np.full((28, 28), 100.0), key, 0, scheme="pixel", rotation=True)
+    frame = sensor.capture(np.full((28, 28), 100.0), key.for_session(bytes(16)), 0, scheme="pixel", rotation=True)
     with pytest.raises(PrivcamError, match="rotation"):
         clf([frame])
     other = sensor.capture(np.full((28, 28), 100.0), load_key_file(world / "other.key"), 0, scheme="pixel")

@@ -145,9 +145,10 @@ def test_expose_rejects_bad_photons():
 
 
 def test_capture_emits_a_keyed_readout_with_public_metadata():
+    from sensor.frameauth import verify_frame
     from sensor.keys import Key
 
-    key = Key(bytes(range(32)))
+    key = Key(bytes(range(32))).for_session(bytes(range(16)))
     cfg = SensorConfig()
     sensor = Sensor(cfg, seed=4)
     photons = np.random.default_rng(1).uniform(0, 8000, (32, 48))
@@ -158,7 +159,8 @@ def test_capture_emits_a_keyed_readout_with_public_metadata():
             meta = frame.meta
             assert (meta.frame_index, meta.scheme, meta.rotation, meta.label) == (9, scheme, rotation, 3)
             assert (meta.bit_depth, meta.cfa, meta.height, meta.width) == (12, "RGGB", 32, 48)
-            assert meta.key_fingerprint == key.fingerprint
+            assert meta.key_fingerprint == key.fingerprint and meta.session == bytes(range(16)).hex()
+            assert verify_frame(key, frame) and len(meta.mac) == 64
             assert not np.array_equal(frame.data, plain)
             order = sensor.readout(key, scheme, 32, 48, 9 if rotation else None)
             assert np.array_equal(order.inverse(frame.data), plain)
@@ -168,3 +170,21 @@ def test_capture_emits_a_keyed_readout_with_public_metadata():
     order = sensor.readout(key, "pixel", 32, 48)
     assert np.array_equal(order.inverse(static_a), sensor.expose(photons, 1))
     assert np.array_equal(order.inverse(static_b), sensor.expose(photons, 2)), "static key: one order for all"
+
+
+def test_rotation_needs_a_session_key_and_an_explicit_frame_index():
+    """Frame n's order must never repeat across runs: a master key, or a missing index, is refused."""
+    from sensor.errors import PrivcamError
+    from sensor.keys import Key, new_session_nonce
+
+    master = Key(bytes(range(32)))
+    sensor = Sensor(SensorConfig(), seed=4)
+    photons = np.full((8, 12), 300.0)
+    with pytest.raises(PrivcamError, match="session key"):
+        sensor.capture(photons, master, frame_index=3, rotation=True)
+    with pytest.raises(PrivcamError, match="explicit frame_index"):
+        sensor.capture(photons, master.for_session(new_session_nonce()), rotation=True)
+    a = sensor.capture(photons, master.for_session(bytes(16)), frame_index=3, rotation=True)
+    b = sensor.capture(photons, master.for_session(bytes(15) + b"\x01"), frame_index=3, rotation=True)
+    assert not np.array_equal(a.data, b.data), "frame 3 of two sessions must be read out in different orders"
+    assert master.for_session(bytes(16)).subkey("readout/pixel/frame", 3) != master.subkey("readout/pixel/frame", 3)

@@ -130,12 +130,20 @@ def cmd_ptc(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_keygen(args: argparse.Namespace) -> dict[str, Any]:
-    from sensor.keys import write_key_file
+    from sensor.keys import load_key_file, parse_nonce, write_key_file
 
+    if (args.session_of is None) != (args.nonce is None):
+        raise PrivcamError("--session-of and --nonce go together: the master key file and the recording's session "
+                         "nonce (32 hex digits; privcam replay --json shows it as \"session\")")
     if not Path(args.out).exists():  # an existing file is refused by write_key_file itself
         check_outputs([(args.out, "--out", None)])
-    key = write_key_file(args.out)
-    return {"key_file": str(args.out), "fingerprint": key.fingerprint, "mode": "0600"}
+    if args.session_of is None:
+        key = write_key_file(args.out)
+        return {"key_file": str(args.out), "fingerprint": key.fingerprint, "mode": "0600"}
+    master = load_key_file(args.session_of)
+    key = write_key_file(args.out, master.for_session(parse_nonce(args.nonce, "--nonce")))
+    return {"key_file": str(args.out), "fingerprint": key.fingerprint, "session": key.session, "mode": "0600",
+            "opens": f"the frames of session {key.session} only"}
 
 
 def cmd_demo(args: argparse.Namespace) -> dict[str, Any]:
@@ -169,6 +177,11 @@ def load_run_config(args: argparse.Namespace):
             sets.append(f"{dotted}={value}")
     if getattr(args, "rotation", False):
         sets.append("key.rotation=true")
+    if getattr(args, "store_labels", False):
+        sets.append("output.store_labels=true")
+        print("privcam: warning: --store-labels writes each frame's class label into the recording; labelled "
+              "protected frames are the training data of the learning attacks (use for evaluation only)",
+              file=sys.stderr)
     return RunConfig.from_dict(apply_overrides(data, sets), str(path))
 
 
@@ -190,6 +203,12 @@ def add_run_options(p: argparse.ArgumentParser, model: bool = True, source: bool
         p.add_argument("--predictions", help="write predictions here (.jsonl or .csv)")
         p.add_argument("--batch-size", type=int_range(1, 1 << 16), dest="batch_size", help="frames per model batch")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def add_label_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--store-labels", dest="store_labels", action="store_true",
+                   help="write each frame's class label into the recording (evaluation only: labelled protected "
+                        "frames are exactly what the learning attacks train on; off by default)")
 
 
 def add_ray_options(p: argparse.ArgumentParser) -> None:
@@ -436,18 +455,25 @@ def build_parser() -> argparse.ArgumentParser:
                    help="flat-field side in pixels, 16-4096 (default 256)")
     p.add_argument("--seed", type=SEED, default=0)
 
-    p = add("keygen", cmd_keygen, "Create a 256-bit key file (hex, mode 0600). Refuses to overwrite.")
+    p = add("keygen", cmd_keygen, "Create a 256-bit key file (hex, mode 0600), or with --session-of a session key "
+            "file that opens one session's frames and nothing else (give it to a classifier host instead of the "
+            "master key). Refuses to overwrite.")
     p.add_argument("--out", required=True, help="key file to create")
+    p.add_argument("--session-of", dest="session_of", metavar="MASTER",
+                   help="master key file to derive a session key from (with --nonce)")
+    p.add_argument("--nonce", help="the session's public nonce, 32 hex digits (a recording's \"session\")")
 
     p = add("run", cmd_run, "Run the pipeline: dataset scenes -> sensor with keyed readout -> keyed classifier.")
     add_run_options(p)
     p.add_argument("--record", help="also record the protected frames to this .mcap file")
+    add_label_option(p)
     add_ray_options(p)
     p.add_argument("--cameras", type=WORKERS, default=2, help="with --ray: simulated cameras (Ray actors)")
 
     p = add("record", cmd_record, "Capture protected frames into an MCAP recording (no model).")
     add_run_options(p, model=False)
     p.add_argument("--out", required=True, help="recording to write (.mcap)")
+    add_label_option(p)
 
     p = add("replay", cmd_replay,
             "Stream a recording through the keyed classifier. The key's fingerprint must match the recording's; "

@@ -39,6 +39,7 @@ from ..stream.run import (
     RunConfig,
     capture_stage,
     load_key,
+    open_session,
 )
 from ..stream.sinks import PredictionWriter
 from ..stream.sources import scene_items
@@ -107,11 +108,13 @@ class CameraActor:
         """Load sensor profile, key (from its path) and the shard's scenes; returns the key fingerprint."""
         c = self.cfg
         self.sensor_cfg = SensorConfig.from_yaml(resolve(c.sensor.profile))
-        key = load_key(c.key.file)
-        self.fingerprint = key.fingerprint
+        key = open_session(c.key.file)  # each camera is a capture session of its own
+        self.fingerprint, self.session = key.fingerprint, key.session
         self.data = load_dataset(c.source.dataset, c.source.split, c.source.data).subset(self.end - self.first,
                                                                                           self.first)
-        self.capture = capture_stage(Sensor(self.sensor_cfg, seed=c.sensor.seed), key, c.key.scheme, c.key.rotation)
+        self.labels: dict[int, int | None] | None = None if c.output.store_labels else {}
+        self.capture = capture_stage(Sensor(self.sensor_cfg, seed=c.sensor.seed), key, c.key.scheme, c.key.rotation,
+                                     labels=self.labels)
         return self.fingerprint
 
     def stop(self) -> None:
@@ -126,7 +129,8 @@ class CameraActor:
         recorder = None
         if c.output.record:
             recorder = Recorder(camera_recording_path(c.output.record, self.camera), self.sensor_cfg.to_dict(),
-                                c.key.scheme, c.key.rotation, self.fingerprint)
+                                c.key.scheme, c.key.rotation, self.fingerprint, session=self.session,
+                                store_labels=c.output.store_labels)
         stopped, ok = False, False
         try:
             self._capture_all(fmt, recorder)
@@ -161,7 +165,10 @@ class CameraActor:
             self._put(fmt, batch)
 
     def _put(self, fmt: dict[str, Any], frames: list[ProtectedFrame]) -> None:
-        item = (self.camera, fmt, [ray.put(frames)])  # the reference travels through the queue, not the pixels
+        # the reference travels through the queue, not the pixels; labels (kept out of the frames unless
+        # stored) travel beside them for the run's accuracy
+        labels = [f.meta.label if self.labels is None else self.labels.pop(f.meta.frame_index, None) for f in frames]
+        item = (self.camera, fmt, [ray.put(frames)], labels)
         t0 = time.perf_counter()
         while True:
             try:
@@ -202,10 +209,12 @@ class ModelWorker:
             stats.wait_in_s += time.perf_counter() - t0
             if item is None:
                 return stats.to_dict()
-            camera, fmt, (ref,) = item
+            camera, fmt, (ref,), labels = item
             frames = ray.get(ref)
             t0 = time.perf_counter()
             preds = self.predictor.classify(FrameFormat(**fmt), frames)
+            for pred, label in zip(preds, labels, strict=True):
+                pred["label"] = label
             stats.busy_s += time.perf_counter() - t0
             stats.items_in += len(frames)
             t0 = time.perf_counter()

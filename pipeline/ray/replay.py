@@ -32,6 +32,7 @@ from ..stream.run import (
     build_classifier,
     load_key,
     pick_device,
+    session_key,
 )
 from ..stream.sinks import PREDICTION_FIELDS, PredictionWriter
 from .cluster import DataContextFor, ensure_ray, error_text, ray_info, share_cpus
@@ -72,7 +73,7 @@ class KeyedBatchPredictor:
         self._cfg = RunConfig(key=KeySection(file=key_file), model=ModelSection(checkpoint, mode, device))
         self._key = load_key(key_file)
         self.device = str(pick_device(device))
-        self._classifiers: dict[FrameFormat, KeyedClassifier | PrivcamError] = {}
+        self._classifiers: dict[tuple[FrameFormat, str], KeyedClassifier | PrivcamError] = {}
 
     @property
     def fingerprint(self) -> str:
@@ -82,22 +83,27 @@ class KeyedBatchPredictor:
         if self.threads and torch.get_num_threads() != self.threads:
             torch.set_num_threads(self.threads)
 
-    def classifier(self, fmt: FrameFormat) -> KeyedClassifier:
-        """The keyed classifier for ``fmt`` (built once); raises the build error again on later calls."""
-        if fmt not in self._classifiers:
+    def classifier(self, fmt: FrameFormat, session: str = "") -> KeyedClassifier:
+        """The keyed classifier for ``fmt`` frames of ``session`` (built once, under that session's key);
+        raises the build error again on later calls."""
+        if (fmt, session) not in self._classifiers:
             try:
-                self._classifiers[fmt] = build_classifier(self._cfg, self._key, fmt)[0]
+                key = session_key(f"session {session}", self._key, session)
+                self._classifiers[(fmt, session)] = build_classifier(self._cfg, key, fmt)[0]
             except PrivcamError as err:
-                self._classifiers[fmt] = err
+                self._classifiers[(fmt, session)] = err
             self._pin_threads()
-        found = self._classifiers[fmt]
+        found = self._classifiers[(fmt, session)]
         if isinstance(found, PrivcamError):
             raise found
         return found
 
     def classify(self, fmt: FrameFormat, frames: list[ProtectedFrame]) -> list[dict[str, Any]]:
         """Protected frames (each (H, W) uint16) -> one prediction dict per frame (the local model stage)."""
-        classifier = self.classifier(fmt)
+        sessions = sorted({f.meta.session for f in frames})
+        if len(sessions) > 1:
+            raise PrivcamError(f"one batch holds frames of {len(sessions)} sessions ({', '.join(sessions)})")
+        classifier = self.classifier(fmt, sessions[0] if sessions else "")
         self._pin_threads()
         return classifier(frames)
 

@@ -30,7 +30,8 @@ class KeyedClassifier:
 
     Args:
         model: plain model (``models.plain``), trained on :func:`network_input` of plain frames.
-        key: the secret key; the readout and every layer order derive from it.
+        key: the session key of the frames' session (:meth:`sensor.keys.Key.for_session`; a master key
+            only for frames made directly under it); the readout and every layer order derive from it.
         fmt: frame format (scheme, rotation, size, levels).
         mode: "fused" (every feature map permuted) or "fast" (only the first layer keyed).
         device: where the model and its tables run (default: CUDA when present, else CPU).
@@ -47,7 +48,7 @@ class KeyedClassifier:
         from models.keyed import keyed
 
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.fmt, self.mode, self.fingerprint = fmt, mode, key.fingerprint
+        self.fmt, self.mode, self.fingerprint, self.session = fmt, mode, key.fingerprint, key.session
         self._key = key
         self.check_fingerprint = check_fingerprint
         static = readout_permutation(key, fmt.scheme, fmt.height, fmt.width).plane_tables()
@@ -65,6 +66,9 @@ class KeyedClassifier:
             raise PrivcamError(
                 f"frame {m.frame_index}: scheme/rotation/size {m.scheme}/{m.rotation}/{m.height}x{m.width} "
                 f"differ from the classifier's {f.scheme}/{f.rotation}/{f.height}x{f.width}")
+        if self.check_fingerprint and m.session != self.session:
+            raise PrivcamError(f"frame {m.frame_index}: from session {m.session or '(none)'}, but the classifier "
+                               f"holds the key of session {self.session or '(none)'}")
 
     @torch.inference_mode()
     def logits(self, frames: list[ProtectedFrame]) -> torch.Tensor:

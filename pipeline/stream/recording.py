@@ -122,8 +122,10 @@ class Recorder:
     """
 
     def __init__(self, path: str | os.PathLike, sensor_config: dict[str, Any], scheme: str, rotation: bool,
-                 key_fingerprint: str, chunk_size: int = 256 << 10) -> None:
+                 key_fingerprint: str, chunk_size: int = 256 << 10, session: str = "",
+                 store_labels: bool = False) -> None:
         self.path = Path(path)
+        self.session, self.store_labels = session, store_labels
         self._out = StagedOutput(self.path)
         self.partial = self._out.path
         self.key_fingerprint = key_fingerprint
@@ -140,7 +142,8 @@ class Recorder:
             self._writer.add_metadata("privcam.sensor", {"yaml": yaml.safe_dump(sensor_config, sort_keys=False)})
             self._writer.add_metadata("privcam.recording", {
                 "table_format": str(TABLE_FORMAT), "scheme": scheme, "rotation": str(bool(rotation)).lower(),
-                "key_fingerprint": key_fingerprint})
+                "key_fingerprint": key_fingerprint, "session": session,
+                "labels": str(bool(store_labels)).lower()})
         except BaseException:
             if getattr(self, "_fh", None) is not None:
                 self._fh.close()
@@ -153,6 +156,12 @@ class Recorder:
             raise PrivcamError(f"frame {frame.meta.frame_index}: key fingerprint "
                                f"{frame.meta.key_fingerprint} differs from the recording's "
                                f"{self.key_fingerprint}")
+        if frame.meta.session != self.session:
+            raise PrivcamError(f"frame {frame.meta.frame_index}: from session {frame.meta.session or '(none)'}, not "
+                               f"the recording's session {self.session or '(none)'}")
+        if frame.meta.label is not None and not self.store_labels:
+            raise PrivcamError(f"frame {frame.meta.frame_index}: carries a class label, and labels are recorded only "
+                               "when asked for (--store-labels, evaluation only)")
         t = frame.meta.capture_time_ns
         self._writer.add_message(self._channel, log_time=t, publish_time=t, data=encode_frame(frame),
                                  sequence=frame.meta.frame_index & 0xFFFFFFFF)
@@ -351,6 +360,13 @@ class RecordingReader:
             return None
         text = record.get("table_format", "1")
         return int(text) if text.isdigit() else -1
+
+    @property
+    def session(self) -> str | None:
+        """The recording's public session nonce (32 hex digits; "" when made under a master key directly),
+        None when the ``privcam.recording`` record is missing or damaged."""
+        record = self.metadata.get("privcam.recording")
+        return None if record is None else record.get("session", "")
 
     @property
     def scheme(self) -> str | None:

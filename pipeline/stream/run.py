@@ -29,9 +29,9 @@ from models.keyed import MODES
 from sensor.atomic import check_output_path
 from sensor.config import SensorConfig
 from sensor.configio import check_range, dataclass_from_dict, read_yaml
-from sensor.errors import ConfigError, PrivcamError
+from sensor.errors import ConfigError, KeyFileError, PrivcamError
 from sensor.frame import FrameFormat, FrameMeta, ProtectedFrame
-from sensor.keys import Key, load_key_file
+from sensor.keys import Key, load_key_file, new_session_nonce, parse_nonce
 from sensor.rawio import RawFrame
 from sensor.readout import SCHEMES
 from sensor.scene import raw_to_photons, render_photons
@@ -111,8 +111,11 @@ class PipelineSection:
 class OutputSection:
     predictions: str | None = None
     record: str | None = None
+    store_labels: bool = False
 
     def __post_init__(self) -> None:
+        if not isinstance(self.store_labels, bool):
+            raise ConfigError("output", "store_labels", "true or false", self.store_labels)
         if self.predictions and Path(self.predictions).suffix not in OUTPUT_SUFFIXES:
             raise ConfigError("output", "predictions", "a .jsonl, .csv or .parquet (needs pyarrow) path",
                               self.predictions)
@@ -171,13 +174,29 @@ def load_key(path: str | None) -> Key:
     return load_key_file(path)
 
 
+def open_session(path: str | None) -> Key:
+    """The master key in ``path`` and a fresh session under it: the session key of a new random nonce.
+
+    Live capture (run, record, each camera) always starts a new session, so frame ``n``'s orders never
+    repeat across runs. A session key file is refused here: it may only open its recorded session.
+    """
+    key = load_key(path)
+    if key.session_nonce is not None:
+        raise ConfigError("key", "file", "a master key for live capture (a session key file only opens the "
+                          f"recording of session {key.session})", str(path))
+    return key.for_session(new_session_nonce())
+
+
 # -- stages -----------------------------------------------------------------------------------------
 def capture_stage(sensor: Sensor, key: Key, scheme: str, rotation: bool, shape: tuple[int, int] | None = None,
-                  skips: SkipLog | None = None):
+                  skips: SkipLog | None = None, labels: dict[int, int | None] | None = None):
     """Stage function: (n, scene or raw frame, label) -> ProtectedFrame. The plain frame never leaves it.
 
     With ``skips``, an item that cannot be captured (another size than ``shape``, a raw frame whose
     CFA differs from the sensor's) is reported there and dropped instead of stopping the run.
+    With ``labels``, class labels stay out of the protected frames: frame n's label is put in
+    ``labels[n]`` for the run's own accuracy (see :func:`labelled_sink`); without it they travel in the
+    frame's (authenticated) header, for recordings made with ``--store-labels``.
     """
     def capture(item: tuple[int, np.ndarray | RawFrame, int | None]) -> ProtectedFrame | None:
         n, scene, label = item
@@ -194,8 +213,20 @@ def capture_stage(sensor: Sensor, key: Key, scheme: str, rotation: bool, shape: 
                 raise
             skips.add(str(err))
             return None
+        if labels is not None:
+            labels[n], label = label, None
         return sensor.capture(photons, key, frame_index=n, scheme=scheme, rotation=rotation, label=label)
     return capture
+
+
+def labelled_sink(sink: Any, labels: dict[int, int | None]):
+    """The sink with each prediction's label taken from ``labels`` (filled by the capture stage)."""
+    def write(rows: list[dict[str, Any]]) -> None:
+        for row in rows:
+            if row["label"] is None:
+                row["label"] = labels.pop(row["frame_index"], None)
+        sink(rows)
+    return write
 
 
 def record_stage(recorder: Recorder):
@@ -278,30 +309,32 @@ def _error_text(result: RunResult | None, close_errors: list[str], skips: SkipLo
 def run_pipeline(cfg: RunConfig, progress: bool = True) -> dict[str, Any]:
     """Live run: dataset scenes through the keyed sensor into the keyed classifier."""
     check_run_outputs(cfg, cfg.output.record)
-    key = load_key(cfg.key.file)
+    key = open_session(cfg.key.file)
     sensor_cfg = SensorConfig.from_yaml(resolve(cfg.sensor.profile))
     skips = SkipLog()
     items, total, (h, w) = open_source(cfg, skips)
     fmt = FrameFormat.from_config(sensor_cfg, scheme=cfg.key.scheme, rotation=cfg.key.rotation, height=h, width=w)
     classifier, manifest = build_classifier(cfg, key, fmt)
     sensor = Sensor(sensor_cfg, seed=cfg.sensor.seed)
+    labels: dict[int, int | None] | None = None if cfg.output.store_labels else {}
     stages: list[Map | Batch] = [Map("sensor", capture_stage(sensor, key, cfg.key.scheme, cfg.key.rotation,
-                                                             (h, w), skips))]
+                                                             (h, w), skips, labels))]
     recorder = sink = result = None
     try:
         if cfg.output.record:
             recorder = Recorder(cfg.output.record, sensor_cfg.to_dict(), cfg.key.scheme, cfg.key.rotation,
-                                key.fingerprint)
+                                key.fingerprint, session=key.session, store_labels=cfg.output.store_labels)
             stages.append(Map("recorder", record_stage(recorder)))
         stages += [Batch("batcher", cfg.pipeline.batch_size, cfg.pipeline.batch_timeout_s),
                    Map("model", classifier)]
         sink = PredictionWriter(cfg.output.predictions, total, progress)
-        result = Pipeline(items, stages, sink, cfg.pipeline.queue_size).run()
+        result = Pipeline(items, stages, sink if labels is None else labelled_sink(sink, labels),
+                          cfg.pipeline.queue_size).run()
     finally:
         close_errors, notes = _close_outputs(_outcome(result), recorder, sink)
     extra = {"job": "run", "dataset": cfg.source.dataset, "split": cfg.source.split, "scheme": cfg.key.scheme,
              "rotation": cfg.key.rotation, "mode": cfg.model.mode, "device": str(classifier.device),
-             "key_fingerprint": key.fingerprint, "checkpoint": cfg.model.checkpoint,
+             "key_fingerprint": key.fingerprint, "session": key.session, "checkpoint": cfg.model.checkpoint,
              "checkpoint_plain_accuracy": manifest.get("plain_test_accuracy")}
     if recorder is not None:
         extra["recording"] = {"path": None if recorder.final_path is None else str(recorder.final_path),
@@ -351,6 +384,17 @@ def _replay_sensor(path: str, reader: RecordingReader, cfg: RunConfig, first: Fr
     return fallback
 
 
+def session_key(where: str, key: Key, session: str) -> Key:
+    """The key of one session's frames (``where``: the recording or source, for messages): derived from a
+    master key, or the session key itself when it is that session's (any other is refused, naming both)."""
+    if not session:
+        return key
+    try:
+        return key.for_session(parse_nonce(session, f"{where}: session"))
+    except KeyFileError as err:
+        raise PrivcamError(f"{where}: {err}") from None
+
+
 def make_recording_hint(path: str) -> str:
     """What to run when a recording is not there (every "not here" error names the command)."""
     return f"make one with privcam record --key KEY --out {path}, or privcam run --key KEY --record {path}"
@@ -390,6 +434,7 @@ def _replay(path: str, reader: RecordingReader, key: Key, cfg: RunConfig, progre
                                f"fingerprint {key.fingerprint}; refusing to replay with the wrong key")
         problems.append("privcam.recording metadata missing or damaged: the key is checked frame by frame")
     m = first.meta
+    key = session_key(path, key, reader.session if reader.session is not None else m.session)
     sensor_cfg = _replay_sensor(path, reader, cfg, m, problems)
     fmt = FrameFormat.from_config(sensor_cfg, scheme=m.scheme, rotation=m.rotation, height=m.height, width=m.width)
     classifier, manifest = build_classifier(cfg, key, fmt)
@@ -427,7 +472,7 @@ def _replay(path: str, reader: RecordingReader, key: Key, cfg: RunConfig, progre
 def record_frames(cfg: RunConfig, out: str, progress: bool = True) -> dict[str, Any]:
     """Sensor and recorder only: capture the source's scenes as protected frames into ``out`` (.mcap)."""
     check_run_outputs(replace_outputs(cfg), out)
-    key = load_key(cfg.key.file)
+    key = open_session(cfg.key.file)
     sensor_cfg = SensorConfig.from_yaml(resolve(cfg.sensor.profile))
     skips = SkipLog()
     items, total, shape = open_source(cfg, skips)
@@ -435,8 +480,11 @@ def record_frames(cfg: RunConfig, out: str, progress: bool = True) -> dict[str, 
     bar = tqdm(total=total, unit="frame", desc="recording", disable=not progress)
     recorder = result = None
     try:
-        recorder = Recorder(out, sensor_cfg.to_dict(), cfg.key.scheme, cfg.key.rotation, key.fingerprint)
-        stages = [Map("sensor", capture_stage(sensor, key, cfg.key.scheme, cfg.key.rotation, shape, skips)),
+        store = cfg.output.store_labels
+        recorder = Recorder(out, sensor_cfg.to_dict(), cfg.key.scheme, cfg.key.rotation, key.fingerprint,
+                            session=key.session, store_labels=store)
+        stages = [Map("sensor", capture_stage(sensor, key, cfg.key.scheme, cfg.key.rotation, shape, skips,
+                                              None if store else {})),
                   Map("recorder", record_stage(recorder))]
         result = Pipeline(items, stages, lambda _: bar.update(1), cfg.pipeline.queue_size,
                           on_close=[bar.close]).run()
@@ -446,7 +494,8 @@ def record_frames(cfg: RunConfig, out: str, progress: bool = True) -> dict[str, 
     summary = {"job": "record",
                "recording": None if recorder is None or recorder.final_path is None else str(recorder.final_path),
                "frames": 0 if recorder is None else recorder.frames_written, "scheme": cfg.key.scheme,
-               "rotation": cfg.key.rotation, "key_fingerprint": key.fingerprint,
+               "rotation": cfg.key.rotation, "key_fingerprint": key.fingerprint, "session": key.session,
+               "labels_stored": cfg.output.store_labels,
                "wall_s": None if result is None else round(result.wall_s, 3),
                "stages": [] if result is None else [s.to_dict() for s in result.stages],
                "interrupted": result is not None and result.interrupted,
