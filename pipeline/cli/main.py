@@ -91,9 +91,9 @@ def cmd_capture(args: argparse.Namespace) -> dict[str, Any]:
     photons = render_photons(data, config) if kind == "scene" else raw_to_photons(data, meta, config)
     sensor = Sensor(config, seed=args.seed)
     if args.key:
-        from sensor.keys import load_key_file
+        from ..stream.run import open_session
 
-        key = load_key_file(args.key)
+        key = open_session(args.key)  # a capture is a session of its own: a fresh public nonce
         frame = sensor.capture(photons, key, frame_index=args.frame_index, scheme=args.scheme,
                                rotation=args.rotation).data
     else:
@@ -109,7 +109,8 @@ def cmd_capture(args: argparse.Namespace) -> dict[str, Any]:
         "protected": bool(args.key),
     }
     if args.key:
-        summary.update(scheme=args.scheme, rotation=args.rotation, key_fingerprint=key.fingerprint)
+        summary.update(scheme=args.scheme, rotation=args.rotation, key_fingerprint=key.fingerprint,
+                       session=key.session)
     if args.preview:
         preview = raw_to_srgb(frame, config)
         write_png(Path(args.preview), preview)
@@ -439,8 +440,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=SEED, default=0, help="temporal noise seed (default 0)")
     p.add_argument("--frame-index", type=FRAME_INDEX, default=0, help="frame counter n (default 0)")
     p.add_argument("--exposure-s", type=float_range(0, 3600), help="override the profile's exposure time (s)")
-    p.add_argument("--key", help="read the frame out in this key's order: the protected frame a keyed camera "
-                   "emits (the preview then shows what anyone without the key sees)")
+    p.add_argument("--key", help="master key file: read the frame out in the order of a fresh capture session "
+                   "under this key (its public nonce is reported as \"session\"): the protected frame a keyed "
+                   "camera emits (the preview then shows what anyone without the key sees)")
     p.add_argument("--scheme", default="pixel", choices=SCHEMES, help="readout scheme with --key (default pixel)")
     p.add_argument("--rotation", action="store_true",
                    help="with --key: the order of frame --frame-index instead of the static order")
