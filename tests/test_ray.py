@@ -78,13 +78,14 @@ def world(tmp_path_factory) -> Path:
                   progress=False)
     reader = RecordingReader(recs / "b.mcap")
     with Recorder(root / "c_full.mcap", reader.sensor_config(), "pixel", True, reader.key_fingerprint,
-                  chunk_size=8000) as rec:
+                  chunk_size=8000, session=reader.session) as rec:
         for frame in reader.frames():
             rec.write(frame)
     data = (root / "c_full.mcap").read_bytes()
     (recs / "c.mcap").write_bytes(data[: len(data) * 2 // 3])
     reader = RecordingReader(recs / "a.mcap")
-    with Recorder(recs / "d.mcap", reader.sensor_config(), "pixel", False, reader.key_fingerprint) as rec:
+    with Recorder(recs / "d.mcap", reader.sensor_config(), "pixel", False, reader.key_fingerprint,
+                  session=reader.session) as rec:
         for frame in list(reader.frames())[:20]:
             if frame.meta.frame_index == 13:  # a frame of another size: skipped and reported by the replay
                 frame = ProtectedFrame(frame.data[:14, :14].copy(), replace(frame.meta, height=14, width=14))
