@@ -32,6 +32,9 @@ class Item:
     def header(self) -> dict:
         return json.loads(self.data)
 
+    def with_data(self, data: bytes) -> Item:
+        return replace(self, data=data)
+
     def with_header(self, **changes) -> Item:
         return replace(self, data=json.dumps({**self.header, **changes}, separators=(",", ":")).encode())
 
