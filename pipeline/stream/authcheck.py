@@ -50,8 +50,10 @@ def session_key(where: str, key: Key, session: str) -> Key:
 
 @dataclass
 class AuthReport:
-    """What the authentication of a replay found. Lists hold frame indices in file order (at most
-    :data:`MAX_LISTED` each; ``counts`` are exact); ``details`` says more about the first few."""
+    """What the authentication of a replay found. ``verified``: frames whose MAC checked under the
+    recording's session key (each copy of a duplicate counts). Lists hold frame indices as the frames'
+    headers state them, in file order (at most :data:`MAX_LISTED` each; ``counts`` are exact); ``details``
+    says more about the first few."""
 
     verified: int = 0
     lists: dict[str, list[int]] = field(default_factory=lambda: {kind: [] for kind in KINDS})

@@ -424,6 +424,7 @@ def _replay(path: str, reader: RecordingReader, key: Key, cfg: RunConfig, progre
         report = reader.report.to_dict()
         return {"job": "replay", "recording": path, "frames": 0, "replay_report": report, "skipped": 0,
                 "error": "no intact frame in the recording"}
+    # the recording's session; with its metadata record damaged, the first frame's (a wrong guess fails every MAC)
     auth = FrameAuthenticator(key, reader.session if reader.session is not None else first.meta.session, path)
     frames = auth.filter(itertools.chain([first], read))
     first = next(frames, None)
