@@ -13,6 +13,7 @@ from pipeline.stream.recording import (
     RecordingError,
     RecordingReader,
     check_recording_format,
+    decode_image,
     encode_frame,
     encode_image,
     image_encoding,
@@ -233,3 +234,31 @@ def test_recorder_refuses_labels_unless_asked(tmp_path):
     with Recorder(tmp_path / "r.mcap", {}, "quad", True, FP) as rec, \
             pytest.raises(PrivcamError, match="frame 3: carries a class label.*--store-labels"):
         rec.write(make_frame(3))
+
+
+def test_image_bytes_are_protobufs_own_and_damage_is_a_clear_error():
+    frame = make_frame(2)
+    want = RawImage(frame_id="privcam", width=24, height=16, encoding="bayer_rggb16", step=48,
+                    data=frame.data.astype("<u2").tobytes())
+    want.timestamp.nanos = 10_002
+    payload = encode_image(frame)
+    assert payload == want.SerializeToString(), "the direct data field writes protobuf's bytes"
+    assert np.array_equal(decode_image(frame.meta, payload).data, frame.data)
+    rng = np.random.default_rng(0)
+    damaged = [payload[:cut] for cut in (0, 1, 5, 20, len(payload) - 1)]
+    for _ in range(200):
+        bad = bytearray(payload)
+        for at in rng.integers(0, 40, 3):  # the small fields and the data field's tag and length
+            bad[at] = rng.integers(0, 256)
+        damaged.append(bytes(bad))
+    outcomes = set()
+    for bad in damaged:
+        try:
+            back = decode_image(frame.meta, bad)
+        except PrivcamError as err:
+            outcomes.add("error")
+            assert str(err).startswith("frame 2: ")
+        else:
+            outcomes.add("frame")
+            assert back.data.shape == (16, 24)
+    assert "error" in outcomes

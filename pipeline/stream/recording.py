@@ -147,13 +147,73 @@ def encode_header(meta: FrameMeta) -> bytes:
     return json.dumps(meta.to_dict(), separators=(",", ":")).encode()
 
 
+_DATA_FIELD = RawImage.DESCRIPTOR.fields_by_name["data"].number
+_FRAME_ID_FIELD = RawImage(frame_id=FRAME_ID).SerializeToString()  # field 7, after data (6) in field order
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value > 0x7F:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def _read_varint(buf: bytes, pos: int) -> tuple[int, int]:
+    value, shift = 0, 0
+    while shift < 64:
+        if pos >= len(buf):
+            raise DecodeError("truncated varint")
+        byte = buf[pos]
+        value |= (byte & 0x7F) << shift
+        pos += 1
+        if byte < 0x80:
+            return value, pos
+        shift += 7
+    raise DecodeError("varint longer than 10 bytes")
+
+
 def encode_image(frame: ProtectedFrame) -> bytes:
-    """The ``/privcam/frames`` message: a serialized foxglove.RawImage of the (H, W) uint16 slot-order pixels."""
+    """The ``/privcam/frames`` message: a serialized foxglove.RawImage of the (H, W) uint16 slot-order pixels.
+
+    The small fields go through protobuf; ``data`` is written as its field (tag, length, bytes) directly:
+    the same bytes protobuf writes (fields in number order), without its copies of a large frame."""
     m = frame.meta
-    image = RawImage(frame_id=FRAME_ID, width=m.width, height=m.height, encoding=image_encoding(m.cfa),
-                     step=2 * m.width, data=frame.data.astype("<u2", copy=False).tobytes())
+    image = RawImage(width=m.width, height=m.height, encoding=image_encoding(m.cfa), step=2 * m.width)
     image.timestamp.seconds, image.timestamp.nanos = divmod(m.capture_time_ns, 1_000_000_000)
-    return image.SerializeToString()
+    data = frame.data.astype("<u2", copy=False).tobytes()
+    return b"".join((image.SerializeToString(), _varint(_DATA_FIELD << 3 | 2), _varint(len(data)), data,
+                     _FRAME_ID_FIELD))
+
+
+def parse_image(payload: bytes) -> tuple[Any, memoryview]:
+    """A RawImage message as (RawImage without ``data``, the ``data`` bytes as a view, not a copy).
+
+    Walks the protobuf wire format (the last ``data`` field wins, as in protobuf); raises DecodeError."""
+    view, pos, rest, data = memoryview(payload), 0, [], memoryview(b"")
+    while pos < len(payload):
+        start = pos
+        key, pos = _read_varint(payload, pos)
+        wire = key & 7
+        if wire == 0:
+            _, pos = _read_varint(payload, pos)
+        elif wire == 2:
+            length, pos = _read_varint(payload, pos)
+            if pos + length > len(payload):
+                raise DecodeError(f"field {key >> 3} of {length} bytes runs past the message")
+            pos += length
+            if key >> 3 == _DATA_FIELD:
+                data = view[pos - length:pos]
+                continue
+        elif wire in (1, 5):
+            pos += 8 if wire == 1 else 4
+        else:
+            raise DecodeError(f"wire type {wire} is not in a RawImage")
+        rest.append(view[start:pos])
+    if pos != len(payload):
+        raise DecodeError("last field runs past the message")
+    return RawImage.FromString(b"".join(rest)), data
 
 
 def decode_header(payload: bytes) -> FrameMeta:
@@ -172,15 +232,15 @@ def decode_image(meta: FrameMeta, payload: bytes) -> ProtectedFrame:
         raise PrivcamError(f"frame {meta.frame_index}: a recording format 1 message (uint32 length + JSON + "
                            f"pixels), not a foxglove.RawImage; this privcam reads recording format {RECORDING_FORMAT}")
     try:
-        image = RawImage.FromString(payload)
+        image, pixels = parse_image(payload)
     except (DecodeError, ValueError, RuntimeError) as err:
         raise PrivcamError(f"frame {meta.frame_index}: damaged foxglove.RawImage message ({err})") from None
     want = (meta.width, meta.height, 2 * meta.width, IMAGE_ENCODINGS.get(meta.cfa), 2 * meta.height * meta.width)
-    got = (image.width, image.height, image.step, image.encoding, len(image.data))
+    got = (image.width, image.height, image.step, image.encoding, len(pixels))
     if got != want:
         raise PrivcamError(f"frame {meta.frame_index}: image (width, height, step, encoding, bytes) {got!r:.200} "
                            f"disagrees with its header's {want!r}")
-    data = np.frombuffer(image.data, "<u2").reshape(meta.height, meta.width).astype(np.uint16)
+    data = np.frombuffer(pixels, "<u2").reshape(meta.height, meta.width).astype(np.uint16)
     return ProtectedFrame(data, meta)
 
 
