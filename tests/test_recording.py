@@ -205,6 +205,7 @@ def test_a_format_1_recording_is_refused_naming_both_versions(tmp_path, metadata
     with pytest.raises(RecordingError, match=r"old.mcap: recording format 1 .*this privcam reads recording format 2"):
         check_recording_format(path, reader.recording_format)
     assert list(reader.frames()) == [] and reader.report.frames_lost == 1
+    assert any("a recording format 1 message" in p for p in reader.report.problems)
 
 
 def test_an_image_or_header_without_its_partner_is_a_lost_frame(recording, tmp_path):

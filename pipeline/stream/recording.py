@@ -500,14 +500,22 @@ class RecordingReader:
         if channel is not None:
             self.channels[channel.id] = (channel.topic, channel.message_encoding)
 
+    def _channel_id(self, topic: str, default: int) -> int:
+        """The id of ``topic``'s format-2 channel: from the channel records seen (-1 when they name none), the
+        Recorder's fixed id when no channel record survived."""
+        if not self.channels:
+            return default
+        return next((i for i, (t, enc) in self.channels.items() if t == topic and enc != V1_ENCODING), -1)
+
     @property
     def image_channel(self) -> int:
-        """Id of the ``/privcam/frames`` channel (the Recorder's fixed id when no channel record says)."""
-        return next((i for i, (topic, _) in self.channels.items() if topic == TOPIC), IMAGE_CHANNEL_ID)
+        """Id of the ``/privcam/frames`` channel."""
+        return self._channel_id(TOPIC, IMAGE_CHANNEL_ID)
 
     @property
     def header_channel(self) -> int:
-        return next((i for i, (topic, _) in self.channels.items() if topic == HEADER_TOPIC), HEADER_CHANNEL_ID)
+        """Id of the ``/privcam/frame_header`` channel."""
+        return self._channel_id(HEADER_TOPIC, HEADER_CHANNEL_ID)
 
     def scan_header(self) -> None:
         """Read the metadata records, stopping at the first chunk once both privcam records are known
@@ -744,8 +752,13 @@ class RecordingReader:
             self._lost_since_header = False
             return None
         if channel != self.image_channel:
-            topic = self.channels.get(channel, (f"channel {channel}", ""))[0]
-            self._problem(True, f"message on unknown channel {topic!r:.60} skipped")
+            topic, encoding = self.channels.get(channel, (f"channel {channel}", ""))
+            if encoding == V1_ENCODING:
+                self.report.problems.append(f"frame skipped: a recording format 1 message (this privcam reads "
+                                            f"format {RECORDING_FORMAT})")
+                self.report.frames_lost += 1
+            else:
+                self.report.problems.append(f"message on unknown channel {topic!r:.60} skipped")
             return None
         pending, self._pending = self._pending, None
         if pending is None or pending[:2] != (message.sequence, message.log_time):
