@@ -3,9 +3,11 @@
 
 Errors are one line on stderr: exit status 2 for a bad input (a PrivcamError, a bad option), 1 for a
 failure of the machine (disk full, out of memory), 130 for Ctrl-C or SIGTERM (handled alike: outputs are
-finalised, an existing output is never replaced by an interrupted run). Every numeric option has a range
-(checked by argparse, the error names the option), and every output path is checked before any work
-(:func:`check_outputs`).
+finalised, an existing output is never replaced by an interrupted run), 3 for a replay that finished but
+skipped frames failing authentication (tampered, spliced, duplicated or without a MAC; see
+:mod:`pipeline.stream.authcheck`): the other frames' predictions are written, and a warning names the
+frames. Every numeric option has a range (checked by argparse, the error names the option), and every
+output path is checked before any work (:func:`check_outputs`).
 """
 
 from __future__ import annotations
@@ -274,7 +276,30 @@ def cmd_replay(args: argparse.Namespace) -> dict[str, Any]:
         skipped = f", {summary['skipped']} skipped" if summary.get("skipped") else ""
         print(f"privcam replay: {summary['frames']} intact frames replayed, {lost} lost{skipped}: "
               f"{'; '.join(report['problems'])}", file=sys.stderr)
+    return _finish_replay(summary)
+
+
+AUTH_FAILED = 3  # exit status of a replay that skipped frames failing authentication
+
+
+def _finish_replay(summary: dict[str, Any]) -> dict[str, Any]:
+    """:func:`_finish`, and exit status 3 with a warning when frames failed authentication (an error or an
+    interruption keeps its own status)."""
+    auth = (summary.get("replay_report") or {}).get("authentication") or {}
+    if auth.get("failures"):
+        kinds = ", ".join(f"{kind} {_indices(auth[kind])}" for kind in ("tampered", "spliced", "duplicated",
+                                                                       "unauthenticated") if auth.get(kind))
+        print(f"privcam replay: warning: {auth['failures']} frames failed authentication and were skipped "
+              f"({kinds}); exit status {AUTH_FAILED}", file=sys.stderr)
+        summary["exit_status"] = AUTH_FAILED
     return _finish(summary)
+
+
+def _indices(items: list[Any], shown: int = 10) -> str:
+    """Frame indices (or Ray's {"recording", "frame_index"} entries) as short text."""
+    text = [str(i) if not isinstance(i, dict) else f"{Path(i['recording']).name}#{i['frame_index']}"
+            for i in items[:shown]]
+    return "[" + ", ".join(text) + (", ..." if len(items) > shown else "") + "]"
 
 
 def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
