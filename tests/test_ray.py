@@ -199,8 +199,13 @@ def test_live_cameras_equal_the_local_run_and_record_their_shards(ray_session, w
         start, stop = summary["camera_shards"][row["camera"]]
         assert start <= row["frame_index"] < stop
     rows.sort(key=lambda r: r["frame_index"])
-    lines = [json.dumps({k: v for k, v in r.items() if k != "camera"}) for r in rows]
-    assert lines == (tmp_path / "local.jsonl").read_text().splitlines(), "cameras on Ray = the local run"
+    local_rows = [json.loads(line) for line in (tmp_path / "local.jsonl").read_text().splitlines()]
+    # each camera and the local run are sessions of their own: other gather orders, so the keyed sums are
+    # reassociated and confidences agree to float rounding; predictions, labels and indices exactly
+    same = ("frame_index", "label", "pred")
+    assert [[r[k] for k in same] for r in rows] == [[r[k] for k in same] for r in local_rows], \
+        "cameras on Ray = the local run"
+    assert np.allclose([r["confidence"] for r in rows], [r["confidence"] for r in local_rows], rtol=0, atol=1e-6)
     assert summary["accuracy"] == local["accuracy"]
     assert {s["name"] for s in summary["stages"]} == {"camera-0", "camera-1", "model-0", "model-1"}
     for cam, rec in enumerate(summary["recordings"]):
