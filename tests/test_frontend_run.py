@@ -267,3 +267,54 @@ def test_demo_at_a_sensor_size(tmp_path):
         pred = model(network_input(plain, FrameFormat.from_config(mono), size=(28, 28))).argmax(1).numpy()
     assert summary["keyed_accuracy"] == float((pred == sample.labels).mean())
     assert summary["wrong_key_accuracy"] < summary["keyed_accuracy"]
+
+
+def test_show_reads_a_large_photo_through_the_front_end(world):
+    """``privcam show`` with a checkpoint on a photo larger than its input: the keyed first conv map behind
+    the keyed front end is the plain one behind the plain front end, in slot order."""
+    from pipeline.cli.show import show_panels
+    from sensor.keys import load_key_file
+
+    model = build_model("compact", 1, 10).eval()
+    photo = load_dataset("folder", "test", world / "photos").images[0]
+    _, facts = show_panels(photo, SensorConfig.from_yaml(MONO), load_key_file(world / "cam.key"), "pixel", model,
+                           model_hw=(28, 28))
+    assert facts["frame_shape"] == list(PHOTO_HW) and facts["model_input"] == [28, 28]
+    assert facts["keyed_vs_plain_feature_max_abs_diff"] <= 1e-5
+
+
+def test_training_state_from_before_the_size_options_resumes(tmp_path, monkeypatch):
+    """A ``.state`` written before ``frame_size``/``input_size`` existed (its config lacks them) resumes a run
+    that leaves them at their defaults; a run that sets one is refused as a different config."""
+    from models.checkpoint import load_training_state, save_training_state
+    from pipeline.lab import train as train_module
+    from tests.hostile_world import write_idx
+
+    sample = load_dataset("fashion-mnist-sample")
+    for prefix, part in (("train", slice(0, 64)), ("t10k", slice(64, 96))):
+        write_idx(tmp_path / f"{prefix}-images-idx3-ubyte.gz", sample.images[part])
+        write_idx(tmp_path / f"{prefix}-labels-idx1-ubyte.gz", sample.labels[part])
+    cfg = TrainConfig.from_dict({"dataset": "mnist", "data": str(tmp_path), "epochs": 2, "batch_size": 32,
+                                 "out": str(tmp_path / "m.pt")})
+    original = train_module.evaluate_plain
+    calls = {"n": 0}
+
+    def interrupt_second(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "evaluate_plain", interrupt_second)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, progress=False, device="cpu")
+    monkeypatch.setattr(train_module, "evaluate_plain", original)
+    state = load_training_state(tmp_path / "m.state")
+    for name in ("frame_size", "input_size"):
+        del state["config"][name]
+    save_training_state(tmp_path / "m.state", state)
+    with pytest.raises(ConfigError, match="resume"):
+        train(TrainConfig.from_dict({**cfg.__dict__, "frame_size": [56, 56]}), progress=False, device="cpu")
+    manifest = train(cfg, progress=False, device="cpu")
+    assert [h["epoch"] for h in manifest["history"]] == [1, 2] and manifest["input_shape"] == [1, 28, 28]
+    assert manifest["history"][0] == state["history"][0], "epoch 1 comes from the resumed state"
