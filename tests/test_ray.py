@@ -221,6 +221,25 @@ def test_live_setup_error_is_refused_like_the_local_run(ray_session, world):
         run_cameras_on_ray(cfg, cameras=1, actors=1, ray_address=None, progress=False)
 
 
+def test_live_cameras_at_a_sensor_size_equal_the_local_run(ray_session, world, tmp_path):
+    """``source.frame_size`` on Ray: each camera exposes its scenes at 56x56 and the model actors read them
+    through the keyed front end at the checkpoint's 28x28 input, as the local run does."""
+    arch = {"name": "compact", "in_channels": 1, "num_classes": 10}
+    torch.manual_seed(1)
+    save_checkpoint(tmp_path / "m28.pt", build_model(**arch), arch, {"scheme": "pixel", "input_shape": [1, 28, 28]})
+    sections = {"source": {"limit": 16, "frame_size": [56, 56]}, "model": {"checkpoint": str(tmp_path / "m28.pt")}}
+    local = run_pipeline(config(world, **sections, output={"predictions": str(tmp_path / "local.jsonl")}),
+                         progress=False)
+    assert local["error"] is None and local["frames"] == 16
+    cfg_ray = config(world, **sections, output={"predictions": str(tmp_path / "live.jsonl")})
+    summary = run_cameras_on_ray(cfg_ray, cameras=1, actors=1, ray_address=None, progress=False)
+    assert summary["error"] is None and summary["frames"] == 16
+    rows = sorted((json.loads(line) for line in (tmp_path / "live.jsonl").read_text().splitlines()),
+                  key=lambda r: r["frame_index"])
+    lines = [json.dumps({k: v for k, v in r.items() if k != "camera"}) for r in rows]
+    assert lines == (tmp_path / "local.jsonl").read_text().splitlines(), "cameras on Ray = the local run"
+
+
 def test_expand_recordings_and_shards(world, tmp_path):
     recs = world / "recordings"
     names = [Path(p).name for p in expand_recordings([str(recs), str(recs / "a.mcap"), str(recs / "?.mcap")])]

@@ -157,7 +157,7 @@ def cmd_demo(args: argparse.Namespace) -> dict[str, Any]:
         raise OutputPathError(f"--out {out}: expected a folder for the demo's files, got a file")
     if not out.exists():
         check_outputs([(str(out / "camera.key"), "--out", None)])
-    return run_demo(out, args.limit, progress=not args.quiet)
+    return run_demo(out, args.limit, progress=not args.quiet, frame_size=args.frame_size and tuple(args.frame_size))
 
 
 
@@ -321,7 +321,7 @@ def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
 def cmd_show(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
-    from models.checkpoint import check_model_input, load_checkpoint
+    from models.checkpoint import check_model_input, load_checkpoint, model_input_hw
     from models.plain import build_model
     from sensor.keys import load_key_file
     from sensor.scene import colour_chart
@@ -344,10 +344,11 @@ def cmd_show(args: argparse.Namespace) -> dict[str, Any]:
         scene = scene[: h - h % 2, : w - w % 2]
     key = load_key_file(args.key)
     h, w = scene.shape[:2]
+    model_hw = None
     if args.checkpoint:
         model, manifest = load_checkpoint(resolve(args.checkpoint))
-        check_model_input(model, manifest, input_shape(args.scheme, h, w),
-                          f"the {args.scheme} scheme on this {h}x{w} {config.cfa} frame", args.checkpoint)
+        model_hw = model_input_hw(model, manifest, input_shape(args.scheme, h, w),
+                                  f"the {args.scheme} scheme on this {h}x{w} {config.cfa} frame", args.checkpoint)
         weights = args.checkpoint
     else:
         torch.manual_seed(0)
@@ -355,7 +356,7 @@ def cmd_show(args: argparse.Namespace) -> dict[str, Any]:
         weights = "random init (seed 0)"
         check_model_input(model, {}, input_shape(args.scheme, h, w),
                           f"the {args.scheme} scheme on this {h}x{w} {config.cfa} frame", "the compact net")
-    figure, facts = show_panels(scene, config, key, args.scheme, model, args.frame_index, args.seed)
+    figure, facts = show_panels(scene, config, key, args.scheme, model, args.frame_index, args.seed, model_hw)
     write_png(Path(args.out), figure)
     return {"out": args.out, "weights": weights, **facts}
 
@@ -397,7 +398,7 @@ def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
     sensor_cfg = load_sensor_config(args.sensor)
     budget = AttackBudget(train_images=args.attack_train_images, epochs=args.attack_epochs)
     table = accuracy_table(str(resolve(args.checkpoint)), test, train, sensor_cfg, key, args.scheme, budget,
-                           progress=not args.quiet)
+                           progress=not args.quiet, frame_size=args.frame_size and tuple(args.frame_size))
     if args.out:
         from sensor.atomic import atomic_path
 
@@ -557,6 +558,8 @@ def build_parser() -> argparse.ArgumentParser:
     acc.add_argument("--limit-test", type=COUNT, help="test images (default: the whole test split)")
     acc.add_argument("--attack-train-images", type=COUNT, default=10_000, help="attacker's labelled frames")
     acc.add_argument("--attack-epochs", type=EPOCHS, default=3, help="attacker's epochs (same for both key modes)")
+    acc.add_argument("--frame-size", type=int_range(1, 1 << 16), nargs=2, metavar=("H", "W"),
+                     help="expose the scenes at this sensor size (the model reads them through the front end)")
     acc.add_argument("--out", help="also write the table (JSON) here")
     acc.add_argument("--quiet", action="store_true")
     priv = what.add_parser("privacy", help="the privacy table (methods x attacks)",
@@ -575,6 +578,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="demo_out", help="output folder (default demo_out)")
     p.add_argument("--limit", type=int_range(1, 1000), default=1000,
                    help="frames from the sample, 1-1000 (default 1000)")
+    p.add_argument("--frame-size", type=int_range(1, 1 << 16), nargs=2, metavar=("H", "W"),
+                   help="expose the 28x28 scenes at this sensor size, e.g. 280 280 (the 28x28 model reads the "
+                        "frames through the keyed front end); default 28 28")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return parser
 

@@ -25,11 +25,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from models.checkpoint import check_model_input, load_checkpoint, read_manifest
+from models.checkpoint import load_checkpoint, model_input_hw, read_manifest
 from models.keyed import MODES
 from sensor.atomic import check_output_path
 from sensor.config import SensorConfig
-from sensor.configio import check_range, dataclass_from_dict, read_yaml
+from sensor.configio import check_range, check_size, dataclass_from_dict, read_yaml
 from sensor.errors import ConfigError, PrivcamError
 from sensor.frame import FrameFormat, FrameMeta, ProtectedFrame
 from sensor.keys import Key, load_key_file, new_session_nonce
@@ -55,10 +55,15 @@ class SourceSection:
     data: str | None = None
     limit: int | None = 2000
     offset: int = 0
+    frame_size: tuple[int, int] | None = None  # [H, W]: scenes resampled to this sensor resolution
 
     def __post_init__(self) -> None:
         if self.split not in ("train", "test"):
             raise ConfigError("source", "split", "train or test", self.split)
+        object.__setattr__(self, "frame_size", check_size("source", "frame_size", self.frame_size))
+        if self.frame_size is not None and self.dataset == "rawfolder":
+            raise ConfigError("source", "frame_size", "null for dataset rawfolder (raw frames are read at their "
+                              "own size)", list(self.frame_size))
         if self.limit is not None:
             check_range("source", "limit", self.limit, 1)
         check_range("source", "offset", self.offset, 0)
@@ -251,16 +256,22 @@ def summarise(result: RunResult, sink: PredictionWriter, extra: dict[str, Any]) 
 
 
 def build_classifier(cfg: RunConfig, key: Key, fmt: FrameFormat) -> tuple[KeyedClassifier, dict[str, Any]]:
+    """The keyed classifier of ``cfg.model`` for frames of ``fmt``, and the checkpoint's manifest.
+
+    The network runs at the model's input size (the manifest's ``input_shape``): frames whose network
+    input is larger are resampled by the keyed front end (:func:`models.checkpoint.model_input_hw`).
+    """
     model, manifest = load_checkpoint(resolve(cfg.model.checkpoint))
     trained_scheme = manifest.get("scheme")
     representation = {"pixel": "mosaic", "quad": "packed", "plane": "packed"}
     if trained_scheme and representation[trained_scheme] != representation[fmt.scheme]:
         raise ConfigError("key", "scheme", f"a scheme whose network input matches the checkpoint's "
                           f"({trained_scheme})", fmt.scheme)
-    check_model_input(model, manifest, input_shape(fmt.scheme, fmt.height, fmt.width),
-                      f"the {fmt.scheme} scheme on {fmt.height}x{fmt.width} {fmt.cfa} frames", cfg.model.checkpoint)
+    model_hw = model_input_hw(model, manifest, input_shape(fmt.scheme, fmt.height, fmt.width),
+                              f"the {fmt.scheme} scheme on {fmt.height}x{fmt.width} {fmt.cfa} frames",
+                              cfg.model.checkpoint)
     device = pick_device(cfg.model.device)
-    return KeyedClassifier(model, key, fmt, mode=cfg.model.mode, device=device), manifest
+    return KeyedClassifier(model, key, fmt, mode=cfg.model.mode, device=device, model_hw=model_hw), manifest
 
 
 def check_run_outputs(cfg: RunConfig, record: str | None = None, inputs: tuple[str | None, ...] = ()) -> None:
