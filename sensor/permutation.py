@@ -31,7 +31,8 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 SUBKEY_BYTES = 32
 SPARE = 4  # keystream words per row kept for rejections
-CHUNK_BYTES = 1 << 20  # keystream per shuffle task of the pipelined builder (stays in L2)
+CHUNK_BYTES = 1 << 18  # least keystream per task of the pipelined builder (fewer, larger tasks are cut)
+TASKS_PER_THREAD = 4  # tasks per table and pool thread: enough to overlap AES and shuffles, few GIL hand-offs
 
 
 def check_subkey(subkey: bytes, name: str = "subkey") -> bytes:
@@ -169,8 +170,9 @@ def _pool() -> tuple[int, ThreadPoolExecutor]:
 def fill_row_permutations(subkey: bytes, tables: Sequence[tuple[int, np.ndarray]]) -> None:
     """Fill each ``(stream, out)`` with :func:`row_permutations` ``(subkey, stream, *out.shape)``.
 
-    out: (rows, cols) C-contiguous, an integer dtype. The rows are cut into chunks of about
-    :data:`CHUNK_BYTES` of keystream; each chunk is one task of the pool (:func:`_chunk_task`):
+    out: (rows, cols) C-contiguous, an integer dtype. The rows of a table are cut into about
+    :data:`TASKS_PER_THREAD` chunks per pool thread, each at least :data:`CHUNK_BYTES` of keystream
+    (each task takes the GIL twice, so not many more); a chunk is one task (:func:`_chunk_task`):
     encrypt its own part of the stream (AES-CTR from the chunk's counter block; ``cryptography``
     holds the GIL for it), then shuffle its rows (:func:`shuffle_block_nb`, without the GIL), so
     one thread encrypts while the others shuffle, and no frame-sized keystream is ever stored.
@@ -181,12 +183,13 @@ def fill_row_permutations(subkey: bytes, tables: Sequence[tuple[int, np.ndarray]
                 and out.dtype.kind in "iu"):
             got = f"{out.dtype} {out.shape}" if isinstance(out, np.ndarray) else type(out).__name__
             raise ValueError(f"out: expected a C-contiguous (rows, cols) integer array, got {got}")
-    pool = _pool()[1]
+    workers, pool = _pool()
     tasks = []
     try:
         for stream, out in tables:
             _encryptor(subkey, stream)  # validates stream
-            step = max(1, CHUNK_BYTES // (4 * row_words(out.shape[1])))
+            rows, per = out.shape[0], row_words(out.shape[1])
+            step = max(1, -(-rows // (TASKS_PER_THREAD * workers)), CHUNK_BYTES // (4 * per))
             tasks += [pool.submit(_chunk_task, subkey, stream, out[r0:r0 + step], r0)
                       for r0 in range(0, out.shape[0], step)]
         for task in tasks:
