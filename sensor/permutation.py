@@ -54,10 +54,14 @@ def keystream_words(subkey: bytes, stream: int, count: int) -> np.ndarray:
 
 def _encryptor(subkey: bytes, stream: int):
     """AES-256-CTR encryptor of ``stream`` (counter block ``stream || 0``); its output is the keystream."""
-    if not 0 <= stream < 1 << 64:
-        raise ValueError(f"stream: expected an integer in [0, 2**64), got {stream}")
+    _check_stream(stream)
     counter_block = stream.to_bytes(8, "big") + bytes(8)
     return Cipher(algorithms.AES(check_subkey(subkey)), modes.CTR(counter_block)).encryptor()
+
+
+def _check_stream(stream: int) -> None:
+    if not 0 <= stream < 1 << 64:
+        raise ValueError(f"stream: expected an integer in [0, 2**64), got {stream}")
 
 
 def row_words(cols: int) -> int:
@@ -176,6 +180,7 @@ def fill_row_permutations(subkey: bytes, tables: Sequence[tuple[int, np.ndarray]
     encrypt its own part of the stream (AES-CTR from the chunk's counter block; ``cryptography``
     holds the GIL for it), then shuffle its rows (:func:`shuffle_block_nb`, without the GIL), so
     one thread encrypts while the others shuffle, and no frame-sized keystream is ever stored.
+    Tables of at most :data:`CHUNK_BYTES` of keystream in all are built in the calling thread.
     """
     subkey = check_subkey(subkey)
     for _, out in tables:
@@ -183,15 +188,22 @@ def fill_row_permutations(subkey: bytes, tables: Sequence[tuple[int, np.ndarray]
                 and out.dtype.kind in "iu"):
             got = f"{out.dtype} {out.shape}" if isinstance(out, np.ndarray) else type(out).__name__
             raise ValueError(f"out: expected a C-contiguous (rows, cols) integer array, got {got}")
+    for stream, _ in tables:
+        _check_stream(stream)
     workers, pool = _pool()
+    inline = workers == 1 or sum(4 * row_words(out.shape[1]) * out.shape[0] for _, out in tables) <= CHUNK_BYTES
+    chunks = []
+    for stream, out in tables:
+        rows, per = out.shape[0], row_words(out.shape[1])
+        step = max(1, CHUNK_BYTES // (4 * per), 0 if inline else -(-rows // (TASKS_PER_THREAD * workers)))
+        chunks += [(stream, out[r0:r0 + step], r0) for r0 in range(0, rows, step)]
+    if inline:  # small tables (a network layer's order), or no other thread: here, no hand-offs
+        for chunk in chunks:
+            _chunk_task(subkey, *chunk)
+        return
     tasks = []
     try:
-        for stream, out in tables:
-            _encryptor(subkey, stream)  # validates stream
-            rows, per = out.shape[0], row_words(out.shape[1])
-            step = max(1, -(-rows // (TASKS_PER_THREAD * workers)), CHUNK_BYTES // (4 * per))
-            tasks += [pool.submit(_chunk_task, subkey, stream, out[r0:r0 + step], r0)
-                      for r0 in range(0, out.shape[0], step)]
+        tasks = [pool.submit(_chunk_task, subkey, *chunk) for chunk in chunks]
         for task in tasks:
             task.result()
     finally:  # on an error, cancel what has not started and let the rest finish before returning

@@ -89,12 +89,17 @@ def test_single_threaded_shuffle_matches_reference(dtype):
         assert np.array_equal(out, shuffle_rows_ref(words, rows, cols))
 
 
-@pytest.mark.parametrize("chunk_bytes, tasks_per_thread", [(1, 100), (52, 100), (100, 1), (4096, 4), (1 << 20, 4)])
-def test_pipelined_builder_in_chunks_matches_the_reference(monkeypatch, chunk_bytes, tasks_per_thread):
-    """Chunks of whole rows whose keystream starts mid-block (row_words(6) = 9 words = 36 bytes) and
-    several tables in one call give the tables of the plain reference and of the test reference."""
+@pytest.mark.parametrize("chunk_bytes, tasks_per_thread, one_thread",
+                         [(1, 100, False), (52, 100, False), (100, 1, False), (4096, 4, False), (1 << 20, 4, False),
+                          (52, 4, True)])
+def test_pipelined_builder_in_chunks_matches_the_reference(monkeypatch, chunk_bytes, tasks_per_thread, one_thread):
+    """Chunks of whole rows whose keystream starts mid-block (row_words(6) = 9 words = 36 bytes),
+    on the pool or in the calling thread (small tables, or one thread), and several tables in one
+    call give the tables of the plain reference and of the test reference."""
     monkeypatch.setattr(pm, "CHUNK_BYTES", chunk_bytes)
     monkeypatch.setattr(pm, "TASKS_PER_THREAD", tasks_per_thread)
+    if one_thread:
+        monkeypatch.setattr(pm, "_pool", lambda: (1, None))
     outs = [(4, np.empty((13, 6), np.uint16)), (9, np.empty((5, 40), np.int32)),
             (2**64 - 1, np.empty((1, 3), np.int64))]
     pm.fill_row_permutations(SEED, outs)
