@@ -315,6 +315,8 @@ class KeyedNet(KeyedSequential):
     static order, and every layer that reads or must match that order builds per-frame tables
     for the call (:class:`models.keyed_layers.FrameOrders`). Without it the static orders are
     used (still exact; but the entry's output order is then the same for every frame).
+    ``orders``: ``frame_orders.build(frame_index, device)`` built ahead by the caller (a pipeline
+    builds the next batch's while this one runs); None builds them here.
 
     Memory format: in fused mode every feature map is channels-last (slot rows of C values), the
     layout the keyed layers gather from without copies (:mod:`models.keyed_rows`).
@@ -341,7 +343,8 @@ class KeyedNet(KeyedSequential):
         self.register_buffer("output_perm", output_perm, persistent=False)
 
     def forward(self, x: Tensor, input_perm: Tensor | np.ndarray | None = None,
-                frame_index: Sequence[int] | np.ndarray | Tensor | None = None) -> Tensor:
+                frame_index: Sequence[int] | np.ndarray | Tensor | None = None,
+                orders: dict[str, Tensor] | None = None) -> Tensor:
         c, h, w = self.input_shape
         if x.dim() == 3 and tuple(x.shape[1:]) == (c, h * w):
             x = x.reshape(x.shape[0], c, h, w)
@@ -356,7 +359,9 @@ class KeyedNet(KeyedSequential):
                              f"got {len(idx)}")
         device = self.output_perm.device if self.output_perm is not None else next(
             b.device for b in self.buffers())
-        with self.frame_orders.active(self.frame_orders.build(idx, device)):
+        if orders is None:  # else built ahead by the caller: frame_orders.build(frame_index) (double buffering)
+            orders = self.frame_orders.build(idx, device)
+        with self.frame_orders.active(orders):
             return super().forward(x, input_perm)
 
     def describe(self) -> str:

@@ -113,17 +113,17 @@ def test_labels_are_recorded_only_when_asked_for(world, tmp_path):
 
 def test_model_stage_only_sees_protected_frames(world):
     seen = []
-    original = KeyedClassifier.__call__
+    original = KeyedClassifier.prepare  # where frames enter the model stages (prepare, then predict)
 
     def spy(self, frames):
         seen.extend(frames)
         return original(self, frames)
 
-    KeyedClassifier.__call__ = spy
+    KeyedClassifier.prepare = spy
     try:
         run_pipeline(config(world), progress=False)
     finally:
-        KeyedClassifier.__call__ = original
+        KeyedClassifier.prepare = original
     sensor_cfg = SensorConfig.from_yaml("configs/sensors/mono10.yaml")
     sensor = Sensor(sensor_cfg, seed=3)
     images = load_dataset("mnist", "test", world).images
@@ -184,15 +184,15 @@ def test_damaged_recording_replays_intact_frames_without_traceback(world, tmp_pa
 def test_stage_error_finalises_the_recording_and_reports(world, tmp_path, monkeypatch):
     rec = tmp_path / "err.mcap"
     calls = {"n": 0}
-    original = KeyedClassifier.__call__
+    original = KeyedClassifier.predict  # the model stage (after prepare, the tables stage)
 
-    def failing(self, frames):
+    def failing(self, prepared):
         calls["n"] += 1
         if calls["n"] == 3:
             raise RuntimeError("model stage failed")
-        return original(self, frames)
+        return original(self, prepared)
 
-    monkeypatch.setattr(KeyedClassifier, "__call__", failing)
+    monkeypatch.setattr(KeyedClassifier, "predict", failing)
     summary = run_pipeline(config(world, output={"record": str(rec)}), progress=False)
     assert "model stage failed" in summary["error"]
     assert summary["frames"] == 16

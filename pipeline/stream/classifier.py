@@ -10,6 +10,7 @@ on plain frames and for inference on protected ones.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -23,6 +24,21 @@ from sensor.keys import Key
 from sensor.readout import readout_permutation, readout_subkey
 
 from .inputs import input_shape, network_input
+
+
+@dataclass
+class PreparedBatch:
+    """A batch ready for the keyed network: ``x`` (B, C, h, w) on the device, the frame counters and,
+    with rotation, the per-frame readout ``tables`` ((B, n) or (B, 4, n)) and entry-layer ``orders``.
+    Holds key material (the tables are the key): it stays in the process."""
+
+    x: torch.Tensor
+    frame_indices: list[int]
+    tables: torch.Tensor | None = None
+    orders: dict[str, torch.Tensor] | None = None
+
+    def __reduce__(self):
+        raise TypeError("PreparedBatch holds per-frame tables (key material) and cannot be pickled")
 
 
 class KeyedClassifier:
@@ -83,24 +99,51 @@ class KeyedClassifier:
         """The keyed inference path: protected frames (B, H, W) uint16 with their frame indices (used
         only with rotation: each frame's readout table and, in fused mode, the entry layer's output
         order) -> (B, num_classes) float32 logits on the classifier's device."""
+        return self.logits_prepared(self.prepare_array(data, frame_indices))
+
+    @torch.inference_mode()
+    def prepare_array(self, data: np.ndarray, frame_indices: list[int] | np.ndarray) -> PreparedBatch:
+        """The first half of :meth:`logits_array`, everything but the network: the network input
+        (B, C, h, w) on the device and, with rotation, each frame's tables. A pipeline runs it for batch
+        k + 1 in another thread while :meth:`logits_prepared` runs batch k (double buffering)."""
         x = network_input(data, self.fmt)
         if self.device.type == "cuda":
             x = x.pin_memory()
         x = x.to(self.device, non_blocking=True)
+        idx = [int(n) for n in frame_indices]
         if not self.fmt.rotation:
-            return self.model(x)
-        subkeys = [readout_subkey(self._key, self.fmt.scheme, int(n)) for n in frame_indices]
+            return PreparedBatch(x, idx)
+        subkeys = [readout_subkey(self._key, self.fmt.scheme, n) for n in idx]
         tables = plane_tables_torch(self.fmt.scheme, self.fmt.height, self.fmt.width, subkeys, self.device)
         # the frame counters also rotate the entry layer's output order (fused mode)
-        return self.model(x, input_perm=tables, frame_index=[int(n) for n in frame_indices])
+        orders = None if self.model.frame_orders is None else self.model.frame_orders.build(idx, self.device)
+        return PreparedBatch(x, idx, tables, orders)
 
-    def __call__(self, frames: list[ProtectedFrame]) -> list[dict[str, Any]]:
-        """Predictions, one dict per frame: frame index, label (or None), class, confidence."""
-        probs = torch.softmax(self.logits(frames).float(), dim=1).cpu()
+    @torch.inference_mode()
+    def logits_prepared(self, batch: PreparedBatch) -> torch.Tensor:
+        """The second half of :meth:`logits_array`: the keyed network on a prepared batch."""
+        if not self.fmt.rotation:
+            return self.model(batch.x)
+        return self.model(batch.x, input_perm=batch.tables, frame_index=batch.frame_indices, orders=batch.orders)
+
+    def prepare(self, frames: list[ProtectedFrame]) -> tuple[list[ProtectedFrame], PreparedBatch]:
+        """Checked frames with their prepared batch (:meth:`prepare_array`), for :meth:`predict`."""
+        for frame in frames:
+            self.check(frame)
+        return frames, self.prepare_array(np.stack([f.data for f in frames]), [f.meta.frame_index for f in frames])
+
+    def predict(self, prepared: tuple[list[ProtectedFrame], PreparedBatch]) -> list[dict[str, Any]]:
+        """Predictions of a prepared batch, as :meth:`__call__` gives them."""
+        frames, batch = prepared
+        probs = torch.softmax(self.logits_prepared(batch).float(), dim=1).cpu()
         conf, pred = probs.max(dim=1)
         rows = zip(frames, pred.tolist(), conf.tolist(), strict=True)
         return [{"frame_index": f.meta.frame_index, "label": f.meta.label, "pred": int(p),
                  "confidence": float(c)} for f, p, c in rows]
+
+    def __call__(self, frames: list[ProtectedFrame]) -> list[dict[str, Any]]:
+        """Predictions, one dict per frame: frame index, label (or None), class, confidence."""
+        return self.predict(self.prepare(frames))
 
     def __reduce__(self):  # it holds the key and the keyed twin's tables
         raise TypeError("KeyedClassifier holds the key and its gather tables and cannot be pickled; build it "

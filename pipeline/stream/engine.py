@@ -5,6 +5,11 @@
 - Stage work runs in threads; the heavy work (numba ``nogil`` kernels, torch) releases the GIL.
 - ``Batch`` stages collect up to ``size`` items, or whatever arrived within ``timeout_s``, so a
   slow source still flushes.
+- Micro-batches: a source of lists (:func:`chunks`) and stages over lists (:func:`each`) pay the
+  queue hand-off once per list; a ``Batch(flatten=True)`` stage re-cuts the lists into batches of
+  exactly ``size`` items (the last, or one flushed by the timeout, may be shorter).
+- Thread budget: a ``Map`` stage's ``setup`` runs once in its own thread before any item (e.g. its
+  numba thread count); stages that share a ``lock`` take turns (their work never overlaps).
 - Any stage error or Ctrl-C sets one stop event; every blocking call polls it, items that
   already passed every stage still reach the sink after an error, all threads are joined,
   ``on_close`` hooks run (e.g. finalising a recording), and the run reports what was processed.
@@ -16,7 +21,7 @@ from __future__ import annotations
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,29 +39,70 @@ class StageStats:
     busy_s: float = 0.0
     wait_in_s: float = 0.0
     wait_out_s: float = 0.0
+    wait_turn_s: float = 0.0
+    frames_out: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         rate = self.items_out / self.busy_s if self.busy_s > 0 else None
-        return {"name": self.name, "items_in": self.items_in, "items_out": self.items_out,
-                "busy_s": round(self.busy_s, 4), "wait_in_s": round(self.wait_in_s, 4),
-                "wait_out_s": round(self.wait_out_s, 4), "items_per_busy_s": rate}
+        out = {"name": self.name, "items_in": self.items_in, "items_out": self.items_out,
+               "busy_s": round(self.busy_s, 4), "wait_in_s": round(self.wait_in_s, 4),
+               "wait_out_s": round(self.wait_out_s, 4), "items_per_busy_s": rate}
+        if self.wait_turn_s:
+            out["wait_turn_s"] = round(self.wait_turn_s, 4)
+        if self.frames_out:  # the items are lists of frames (micro-batches)
+            out["frames_out"] = self.frames_out
+            out["frames_per_busy_s"] = self.frames_out / self.busy_s if self.busy_s > 0 else None
+        return out
 
 
 @dataclass
 class Map:
-    """A 1 -> 1 stage. ``fn`` may return None to drop an item."""
+    """A 1 -> 1 stage. ``fn`` may return None to drop an item.
+
+    ``setup`` runs once in the stage's thread before the first item (per-thread settings such as
+    numba's thread count). Stages given the same ``lock`` hold it around each ``fn`` call: they take
+    turns on the cores instead of oversubscribing them.
+    """
 
     name: str
     fn: Callable[[Any], Any]
+    setup: Callable[[], None] | None = None
+    lock: Any = None  # threading.Lock shared by the stages that take turns
 
 
 @dataclass
 class Batch:
-    """Collect items into lists of up to ``size``; flush early after ``timeout_s`` without input."""
+    """Collect items into lists of up to ``size``; flush early after ``timeout_s`` without input.
+
+    ``flatten``: the items are lists (micro-batches) whose elements are collected, in order, into
+    lists of exactly ``size`` (the remainder waits for the next list, the timeout or the end).
+    """
 
     name: str
     size: int
     timeout_s: float = 0.5
+    flatten: bool = False
+
+
+def chunks(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
+    """Consecutive lists of ``size`` items (the last may be shorter): a micro-batched source."""
+    if size < 1:
+        raise ValueError(f"size: expected >= 1, got {size}")
+    chunk: list[Any] = []
+    for item in items:
+        chunk.append(item)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def each(fn: Callable[[Any], Any]) -> Callable[[list[Any]], list[Any]]:
+    """A 1 -> 1 function over a micro-batch: ``fn`` on every item in order, dropping None results."""
+    def over(items: list[Any]) -> list[Any]:
+        return [r for r in map(fn, items) if r is not None]
+    return over
 
 
 @dataclass
@@ -141,14 +187,33 @@ class Pipeline:
             self._put(out, item, stats)
         self._put(out, _END, stats)
 
+    def _acquire(self, lock: Any, stats: StageStats) -> None:
+        t0 = time.perf_counter()
+        while not lock.acquire(timeout=_POLL_S):
+            if self._stop.is_set():
+                raise _Stop
+        stats.wait_turn_s += time.perf_counter() - t0
+
     def _map_body(self, stage: Map, inq: queue.Queue, out: queue.Queue, stats: StageStats) -> None:
+        if stage.setup is not None:
+            stage.setup()
         while (item := self._get(inq, stats)) is not _END:
             stats.items_in += 1
+            if stage.lock is not None:
+                self._acquire(stage.lock, stats)
             t0 = time.perf_counter()
-            result = stage.fn(item)
-            stats.busy_s += time.perf_counter() - t0
+            try:
+                result = stage.fn(item)
+            finally:
+                stats.busy_s += time.perf_counter() - t0
+                if stage.lock is not None:
+                    stage.lock.release()
             if result is not None:
                 stats.items_out += 1
+                if isinstance(result, list):
+                    stats.frames_out += len(result)
+                if isinstance(result, list) and not result:
+                    continue  # a micro-batch whose items were all dropped
                 self._put(out, result, stats)
         self._put(out, _END, stats)
 
@@ -164,11 +229,15 @@ class Pipeline:
                 done = True
             elif item is not None:
                 stats.items_in += 1
-                pending.append(item)
-            if pending and (done or item is None or len(pending) >= stage.size):
+                if stage.flatten:
+                    pending.extend(item)
+                else:
+                    pending.append(item)
+            while len(pending) >= stage.size or (pending and (done or item is None)):
+                batch, pending = pending[:stage.size], pending[stage.size:]
                 stats.items_out += 1
-                self._put(out, pending, stats)
-                pending = []
+                stats.frames_out += len(batch) if stage.flatten else 0
+                self._put(out, batch, stats)
         self._put(out, _END, stats)
 
     def _drain(self, q: queue.Queue, stats: StageStats) -> None:

@@ -40,12 +40,14 @@ from sensor.sensor import Sensor
 
 from ..resources import DEFAULT_CHECKPOINT, MONO_PROFILE, resolve
 from .authcheck import FrameAuthenticator, session_key  # noqa: F401 - session_key: re-exported
+from .budget import ThreadBudget, machine_cores, parse_threads, torch_threads
 from .classifier import KeyedClassifier
-from .engine import Batch, Map, Pipeline, RunResult
+from .engine import Batch, Map, Pipeline, RunResult, chunks
 from .inputs import input_shape
 from .recording import Recorder, RecordingReader, check_recording_format, check_table_format, stream_mismatch
 from .sinks import OUTPUT_SUFFIXES, PredictionWriter
 from .sources import SkipLog, open_source
+from .stages import auto_budget, live_stages, micro_batch_size
 
 
 @dataclass(frozen=True)
@@ -107,11 +109,18 @@ class PipelineSection:
     batch_size: int = 64
     batch_timeout_s: float = 0.5
     queue_size: int = 8
+    micro_batch: Any = "auto"  # scenes per sensor hand-off: "auto" (about a megapixel) or 1..batch_size
+    threads: Any = "auto"  # "auto" (measured at start-up) or {sensor: N, model: M[, mode: split|turns]}
 
     def __post_init__(self) -> None:
         check_range("pipeline", "batch_size", self.batch_size, 1, 1 << 16)
         check_range("pipeline", "queue_size", self.queue_size, 1, 1 << 16)
         check_range("pipeline", "batch_timeout_s", self.batch_timeout_s, 0, 3600, low_open=True)
+        if self.micro_batch != "auto":
+            if isinstance(self.micro_batch, bool) or not isinstance(self.micro_batch, int):
+                raise ConfigError("pipeline", "micro_batch", "auto or an integer", self.micro_batch)
+            check_range("pipeline", "micro_batch", self.micro_batch, 1, self.batch_size)
+        parse_threads(self.threads)  # validated here, resolved at the start of a run
 
 
 @dataclass(frozen=True)
@@ -236,6 +245,30 @@ def labelled_sink(sink: Any, labels: dict[int, int | None]):
     return write
 
 
+def plan_threads(section: PipelineSection, items: Iterator[Any], probe, classifier: KeyedClassifier
+                 ) -> tuple[Iterator[Any], ThreadBudget]:
+    """The run's thread budget: the configured one, or for "auto" one measured on the first scene
+    (:func:`pipeline.stream.stages.auto_budget`; ``probe`` is a capture function that raises on an
+    unusable scene instead of logging a skip). Returns the items (the first one put back) and the budget."""
+    budget = parse_threads(section.threads)
+    if budget is not None:
+        return items, budget
+    first = next(items, None)
+    if first is None:
+        return iter(()), turns_budget("no scene to measure")
+    try:
+        budget = auto_budget(lambda: probe(first), classifier, section.batch_size)
+    except PrivcamError:  # the first scene is unusable: the run skips and reports it
+        budget = turns_budget("the first scene could not be measured")
+    return itertools.chain([first], items), budget
+
+
+def turns_budget(note: str) -> ThreadBudget:
+    """Both stages on every core, taking turns (the fallback when nothing could be measured)."""
+    cores = machine_cores()
+    return ThreadBudget(cores, cores, "turns", cores, "auto", note=note)
+
+
 def record_stage(recorder: Recorder):
     def record(frame: ProtectedFrame) -> ProtectedFrame:
         recorder.write(frame)
@@ -330,25 +363,28 @@ def run_pipeline(cfg: RunConfig, progress: bool = True) -> dict[str, Any]:
     classifier, manifest = build_classifier(cfg, key, fmt)
     sensor = Sensor(sensor_cfg, seed=cfg.sensor.seed)
     labels: dict[int, int | None] | None = None if cfg.output.store_labels else {}
-    stages: list[Map | Batch] = [Map("sensor", capture_stage(sensor, key, cfg.key.scheme, cfg.key.rotation,
-                                                             (h, w), skips, labels))]
+    capture = capture_stage(sensor, key, cfg.key.scheme, cfg.key.rotation, (h, w), skips, labels)
+    probe = capture_stage(sensor, key, cfg.key.scheme, cfg.key.rotation, (h, w))  # raises instead of skipping
+    items, budget = plan_threads(cfg.pipeline, items, probe, classifier)
+    micro = micro_batch_size(cfg.pipeline.micro_batch, cfg.pipeline.batch_size, h, w)
     recorder = sink = result = None
     try:
         if cfg.output.record:
             recorder = Recorder(cfg.output.record, sensor_cfg.to_dict(), cfg.key.scheme, cfg.key.rotation,
                                 key.fingerprint, session=key.session, store_labels=cfg.output.store_labels)
-            stages.append(Map("recorder", record_stage(recorder)))
-        stages += [Batch("batcher", cfg.pipeline.batch_size, cfg.pipeline.batch_timeout_s),
-                   Map("model", classifier)]
+        stages = live_stages(capture, classifier, budget, cfg.pipeline.batch_size, cfg.pipeline.batch_timeout_s,
+                             None if recorder is None else record_stage(recorder))
         sink = PredictionWriter(cfg.output.predictions, total, progress)
-        result = Pipeline(items, stages, sink if labels is None else labelled_sink(sink, labels),
-                          cfg.pipeline.queue_size).run()
+        with torch_threads(budget.model):
+            result = Pipeline(chunks(items, micro), stages, sink if labels is None else labelled_sink(sink, labels),
+                              cfg.pipeline.queue_size).run()
     finally:
         close_errors, notes = _close_outputs(_outcome(result), recorder, sink)
     extra = {"job": "run", "dataset": cfg.source.dataset, "split": cfg.source.split, "scheme": cfg.key.scheme,
              "rotation": cfg.key.rotation, "mode": cfg.model.mode, "device": str(classifier.device),
              "key_fingerprint": key.fingerprint, "session": key.session, "checkpoint": cfg.model.checkpoint,
-             "checkpoint_plain_accuracy": manifest.get("plain_test_accuracy")}
+             "checkpoint_plain_accuracy": manifest.get("plain_test_accuracy"),
+             "threads": budget.to_dict(), "micro_batch": micro}
     if recorder is not None:
         extra["recording"] = {"path": None if recorder.final_path is None else str(recorder.final_path),
                               "frames_written": recorder.frames_written}

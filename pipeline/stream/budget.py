@@ -1,0 +1,189 @@
+"""The thread budget of the pipeline: how the machine's cores are shared by the sensor and model stages.
+
+The sensor stage's numba kernels and the model stage's torch ops are each parallel, and each assumes by
+default that it owns every core; run side by side they oversubscribe. A budget gives each stage a share
+that adds up to the machine, in one of two ways:
+
+* ``split``: the stages run at the same time, the sensor stage on ``sensor`` numba threads and the model
+  stage on ``model`` torch intra-op threads, ``sensor + model == cores``. Pays when the two stages cost
+  about the same.
+* ``turns``: both stages get every core, and take turns (one lock around their work), so at any moment
+  one stage's threads run. The hand-offs, the source, the recorder and the sink still overlap with the
+  work. Pays when one stage dominates: a split would leave it on a fraction of the machine.
+
+numba's thread count is per calling thread (``numba.set_num_threads`` in the stage's own thread);
+torch's intra-op count is process-wide, so the model share is set once for the run and restored after
+(no other torch work runs in the process during a run; the sensor stage uses no torch).
+
+``auto`` measures each stage's cost per frame on the first frame at one thread and at every core
+(:func:`measure_costs`), fits Amdahl's law to each, and picks the plan with the highest estimated
+throughput (:func:`choose_budget`): the split with the best ``min(share / cost)``, or turns.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+from sensor.errors import ConfigError
+
+MODES = ("split", "turns")
+
+
+def machine_cores() -> int:
+    """Cores this process may run on (its CPU affinity, else the CPU count)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+@dataclass(frozen=True)
+class StageCosts:
+    """Seconds per frame of each stage alone, at one thread and at ``cores`` threads."""
+
+    cores: int
+    sensor_1: float
+    sensor_all: float
+    model_1: float
+    model_all: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"cores": self.cores, "sensor_s_per_frame_1_thread": round(self.sensor_1, 6),
+                "sensor_s_per_frame_all_threads": round(self.sensor_all, 6),
+                "model_s_per_frame_1_thread": round(self.model_1, 6),
+                "model_s_per_frame_all_threads": round(self.model_all, 6)}
+
+
+@dataclass(frozen=True)
+class ThreadBudget:
+    """Threads of each stage. ``split``: ``sensor + model <= cores``; ``turns``: each may use every core
+    (they never run at once). ``source`` says where it came from: "config" or "auto"."""
+
+    sensor: int
+    model: int
+    mode: str = "split"
+    cores: int = 1
+    source: str = "config"
+    costs: StageCosts | None = None
+    estimate: dict[str, float] | None = None
+    note: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ConfigError("pipeline", "threads.mode", f"one of {MODES}", self.mode)
+        for name in ("sensor", "model"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= self.cores:
+                raise ConfigError("pipeline", f"threads.{name}", f"an integer from 1 to the {self.cores} cores",
+                                  value)
+        if self.mode == "split" and self.sensor + self.model > self.cores:
+            raise ConfigError("pipeline", "threads", f"sensor + model threads <= the {self.cores} cores "
+                              "(they run at the same time), or mode: turns",
+                              f"{self.sensor} + {self.model}")
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"mode": self.mode, "sensor": self.sensor, "model": self.model,
+                               "cores": self.cores, "source": self.source}
+        if self.costs is not None:
+            out["measured"] = self.costs.to_dict()
+        if self.estimate is not None:
+            out["estimated_frames_per_s"] = {k: round(v, 2) for k, v in self.estimate.items()}
+        if self.note:
+            out["note"] = self.note
+        return out
+
+
+def parse_threads(value: Any, cores: int | None = None) -> ThreadBudget | None:
+    """The ``pipeline.threads`` config value: "auto" (-> None: measure at start-up) or a mapping
+    ``{sensor: n, model: m[, mode: split|turns]}``. Raises ConfigError naming the field."""
+    cores = machine_cores() if cores is None else cores
+    if value == "auto":
+        return None
+    if not isinstance(value, dict):
+        raise ConfigError("pipeline", "threads", "auto or a mapping {sensor: N, model: M, mode: split|turns}",
+                          value)
+    unknown = set(value) - {"sensor", "model", "mode"}
+    if unknown:
+        raise ConfigError("pipeline", f"threads.{sorted(unknown)[0]}", "one of sensor, model, mode")
+    missing = [k for k in ("sensor", "model") if k not in value]
+    if missing:
+        raise ConfigError("pipeline", f"threads.{missing[0]}", "a thread count (both sensor and model)")
+    return ThreadBudget(value["sensor"], value["model"], value.get("mode", "split"), cores, "config")
+
+
+def amdahl(t1: float, tc: float, cores: int, n: int) -> float:
+    """Seconds per frame at ``n`` threads from the times at 1 and ``cores`` threads (Amdahl's law)."""
+    if cores <= 1 or n >= cores:
+        return tc if n >= cores else t1
+    parallel = min(max((t1 - tc) / (t1 * (1 - 1 / cores)), 0.0), 1.0) if t1 > 0 else 0.0
+    return t1 * ((1 - parallel) + parallel / n)
+
+
+def choose_budget(costs: StageCosts) -> ThreadBudget:
+    """The plan with the highest estimated frames/s: each split ``(n, cores - n)`` runs at
+    ``1 / max(sensor(n), model(cores - n))``, turns at ``1 / (sensor(all) + model(all))``."""
+    c = costs.cores
+    plans = {"turns": (c, c, 1.0 / max(costs.sensor_all + costs.model_all, 1e-12))}
+    for n in range(1, c):
+        s = amdahl(costs.sensor_1, costs.sensor_all, c, n)
+        m = amdahl(costs.model_1, costs.model_all, c, c - n)
+        plans[f"split {n}+{c - n}"] = (n, c - n, 1.0 / max(s, m, 1e-12))
+    name = max(plans, key=lambda k: plans[k][2])  # a tie keeps turns (listed first)
+    estimate = {k: v[2] for k, v in plans.items()}
+    sensor, model, _ = plans[name]
+    return ThreadBudget(sensor, model, name.split()[0], c, "auto", costs, estimate)
+
+
+def measure_costs(sensor_fn: Callable[[int], object], model_fn: Callable[[int], object], frames: int,
+                  cores: int | None = None) -> StageCosts:
+    """Time ``sensor_fn(threads)`` (one frame, run with that many numba threads) and ``model_fn(threads)``
+    (``frames`` frames, that many torch threads), each at 1 and at every core, once after a warm-up call.
+    Their results are thrown away: the calls must not change what the run produces."""
+    import numba
+    import torch
+
+    cores = machine_cores() if cores is None else cores
+    old_numba, old_torch = numba.get_num_threads(), torch.get_num_threads()
+    times: dict[tuple[str, int], float] = {}
+    try:
+        for name, fn, setter, per in (("sensor", sensor_fn, numba.set_num_threads, 1),
+                                      ("model", model_fn, torch.set_num_threads, frames)):
+            setter(cores)
+            fn(cores)  # warm-up: compilation, caches, allocator
+            for n in sorted({1, cores}):
+                setter(n)
+                t0 = time.perf_counter()
+                fn(n)
+                times[(name, n)] = (time.perf_counter() - t0) / per
+    finally:
+        numba.set_num_threads(min(old_numba, numba.config.NUMBA_NUM_THREADS))
+        torch.set_num_threads(old_torch)
+    return StageCosts(cores, times[("sensor", 1)], times[("sensor", cores)], times[("model", 1)],
+                      times[("model", cores)])
+
+
+def numba_threads(n: int) -> Callable[[], None]:
+    """A stage setup hook: this thread's numba kernels use ``n`` threads (numba's count is per thread)."""
+    def setup() -> None:
+        import numba
+
+        numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
+    return setup
+
+
+@contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """torch's intra-op threads set to ``n`` for the block (process-wide), restored after."""
+    import torch
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)

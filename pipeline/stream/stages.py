@@ -1,0 +1,104 @@
+"""The stages of a live run under a thread budget, with micro-batches and double buffering.
+
+    source (micro-batches of scenes) -> sensor (each scene: expose + keyed readout) -> [recorder: each
+    frame, in order] -> batcher (re-cuts into model batches) -> tables (network input and per-frame
+    tables of batch k + 1) -> model (keyed network on batch k) -> sink
+
+* Micro-batches: the sensor stage takes ``micro_batch`` scenes per hand-off, so the queue cost is paid
+  per list; the recorder still writes frame by frame and the batcher cuts batches of exactly
+  ``batch_size`` frames, the batches a serial run makes.
+* Double buffering: the ``tables`` stage prepares the next batch (:meth:`KeyedClassifier.prepare`:
+  network input, per-frame readout tables, entry-layer orders) while the ``model`` stage runs the
+  current one (:meth:`KeyedClassifier.predict`); the result is the one ``classifier(frames)`` gives.
+* Thread budget (:mod:`pipeline.stream.budget`): the sensor stage's thread sets its numba threads, the
+  tables stage the model's share; torch's intra-op count is set by the caller for the run. In
+  ``turns`` mode the sensor, tables and model stages share one lock.
+
+Bit-identical predictions: a CPU GEMM may reassociate its sums with the thread count at some batch
+shapes, so ``auto`` only picks a split (the model on fewer torch threads than the process default) when
+the model's logits on the calibration frames, at batch size 1 and at the calibration batch, are the same
+bit for bit at both counts; otherwise it picks ``turns``, in which the model keeps every core.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+
+from sensor.frame import ProtectedFrame
+
+from .budget import StageCosts, ThreadBudget, choose_budget, machine_cores, measure_costs, numba_threads
+from .classifier import KeyedClassifier
+from .engine import Batch, Map, each
+
+MICRO_BATCH_PIXELS = 1 << 20  # "auto": about a megapixel of frames per hand-off
+CALIBRATION_PIXELS = 1 << 22  # frames in the model's calibration batch: about 4 Mpixel, at most batch_size
+
+
+def micro_batch_size(setting: int | str, batch_size: int, height: int, width: int) -> int:
+    """Scenes per sensor hand-off: the configured number, or for "auto" about a megapixel of frames
+    (28x28: the model batch; 1080p: one frame), never more than the model batch."""
+    if setting != "auto":
+        return int(setting)
+    return max(1, min(batch_size, MICRO_BATCH_PIXELS // max(height * width, 1)))
+
+
+def bit_safe_split(classifier: KeyedClassifier, frame: ProtectedFrame, threads: int, batch: int) -> bool:
+    """True when the keyed model gives the same logits, bit for bit, at ``threads`` torch threads as at
+    the current count, for ``frame`` alone and repeated ``batch`` times."""
+    old = torch.get_num_threads()
+    try:
+        for b in sorted({1, batch}):
+            data, idx = np.stack([frame.data] * b), [frame.meta.frame_index] * b
+            reference = classifier.logits_array(data, idx).cpu()
+            torch.set_num_threads(threads)
+            other = classifier.logits_array(data, idx).cpu()
+            torch.set_num_threads(old)
+            if not torch.equal(reference, other):
+                return False
+    finally:
+        torch.set_num_threads(old)
+    return True
+
+
+def auto_budget(capture_one: Callable[[], ProtectedFrame | None], classifier: KeyedClassifier,
+                batch_size: int, cores: int | None = None) -> ThreadBudget:
+    """Measure both stages on the first scene and choose the budget (:func:`choose_budget`).
+
+    ``capture_one()`` captures the run's first scene (its result is thrown away: a frame depends only on
+    the seed, the key and its index, so the run's own capture of it is the same). With no usable first
+    scene, or one core, the stages take turns."""
+    cores = machine_cores() if cores is None else cores
+    frame = capture_one() if cores > 1 else None
+    if frame is None:
+        return ThreadBudget(cores, cores, "turns", cores, "auto")
+    h, w = frame.data.shape
+    k = max(1, min(batch_size, CALIBRATION_PIXELS // (h * w)))
+    data, idx = np.stack([frame.data] * k), [frame.meta.frame_index] * k
+    costs: StageCosts = measure_costs(lambda _: capture_one(), lambda _: classifier.logits_array(data, idx), k,
+                                      cores)
+    budget = choose_budget(costs)
+    if budget.mode == "split" and not bit_safe_split(classifier, frame, budget.model, k):
+        return ThreadBudget(cores, cores, "turns", cores, "auto", costs, budget.estimate,
+                            note=f"a split ({budget.sensor}+{budget.model}) was estimated faster, but the model's "
+                            f"logits change with its torch thread count: the model keeps every core")
+    return budget
+
+
+def live_stages(capture: Callable[[Any], ProtectedFrame | None], classifier: KeyedClassifier,
+                budget: ThreadBudget, batch_size: int, batch_timeout_s: float,
+                record: Callable[[ProtectedFrame], ProtectedFrame] | None = None) -> list[Map | Batch]:
+    """The stages after a micro-batched source (:func:`pipeline.stream.engine.chunks`); torch's threads
+    are the caller's (``budget.model`` for the run, :func:`pipeline.stream.budget.torch_threads`)."""
+    turn = threading.Lock() if budget.mode == "turns" else None
+    stages: list[Map | Batch] = [Map("sensor", each(capture), setup=numba_threads(budget.sensor), lock=turn)]
+    if record is not None:
+        stages.append(Map("recorder", each(record)))
+    stages += [Batch("batcher", batch_size, batch_timeout_s, flatten=True),
+               Map("tables", classifier.prepare, setup=numba_threads(budget.model), lock=turn),
+               Map("model", classifier.predict, lock=turn)]
+    return stages
