@@ -270,3 +270,64 @@ def test_a_session_key_file_replays_its_session_and_refuses_others(world, tmp_pa
         run_pipeline(config(world, key={"file": str(session_file)}), progress=False)
     assert main(["keygen", "--session-of", str(world / "cam.key"), "--out", str(tmp_path / "x.key")]) == 2
     assert "--session-of and --nonce go together" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("mode", ["split", "turns"])
+def test_micro_batches_and_a_thread_budget_give_the_serial_predictions_bit_for_bit(world, tmp_path, mode):
+    """A run with micro-batches that do not divide the model batch, a thread budget and the tables stage
+    writes the predictions the classifier gives on the same frames serially, in batches of the same size
+    at the same torch thread count, bit for bit; it records every frame; the summary reports the budget."""
+    from pipeline.stream.budget import machine_cores, torch_threads
+    from pipeline.stream.run import build_classifier, capture_stage, load_key
+
+    cores = machine_cores()
+    if mode == "split" and cores < 2:
+        pytest.skip("a split needs two cores")
+    threads = {"sensor": 1, "model": cores - 1} if mode == "split" else {"sensor": cores, "model": cores,
+                                                                          "mode": "turns"}
+
+    preds, rec = tmp_path / "live.jsonl", tmp_path / "live.mcap"
+    cfg = config(world, key={"rotation": True}, output={"predictions": str(preds), "record": str(rec)},
+                 pipeline={"micro_batch": 3, "threads": threads})
+    summary = run_pipeline(cfg, progress=False)
+    assert summary["error"] is None and summary["frames"] == N_FRAMES
+    assert summary["threads"] == {"mode": threads.get("mode", "split"), "sensor": threads["sensor"],
+                                  "model": threads["model"], "cores": summary["threads"]["cores"],
+                                  "source": "config"}
+    assert summary["micro_batch"] == 3
+    sensor_stage = next(s for s in summary["stages"] if s["name"] == "sensor")
+    assert sensor_stage["items_in"] == -(-N_FRAMES // 3) and sensor_stage["frames_out"] == N_FRAMES
+    frames = list(RecordingReader(rec).frames())
+    assert [f.meta.frame_index for f in frames] == list(range(N_FRAMES))
+
+    key = load_key(cfg.key.file)
+    sensor_cfg = SensorConfig.from_yaml(cfg.sensor.profile)
+    fmt = FrameFormat.from_config(sensor_cfg, scheme="pixel", rotation=True, height=28, width=28)
+    classifier, _ = build_classifier(cfg, key, fmt)
+    capture = capture_stage(Sensor(sensor_cfg, seed=cfg.sensor.seed), key, "pixel", True)
+    data = load_dataset("mnist", "test", world)
+    serial = []
+    with torch_threads(threads["model"]):
+        for start in range(0, N_FRAMES, cfg.pipeline.batch_size):
+            batch = [capture((i, data.images[i], int(data.labels[i])))
+                     for i in range(start, min(start + cfg.pipeline.batch_size, N_FRAMES))]
+            serial += classifier(batch)
+    assert [f.data.tobytes() for f in frames] == [capture((i, data.images[i], None)).data.tobytes()
+                                                   for i in range(N_FRAMES)]
+    assert [json.loads(line) for line in preds.read_text().splitlines()] == serial
+    assert len({row["pred"] for row in serial}) >= 3, "constant predictions would make the comparison vacuous"
+
+
+def test_auto_thread_budget_is_measured_and_reported(world):
+    summary = run_pipeline(config(world), progress=False)
+    assert summary["error"] is None and summary["frames"] == N_FRAMES
+    threads = summary["threads"]
+    assert threads["source"] == "auto" and threads["mode"] in ("split", "turns")
+    assert threads["sensor"] >= 1 and threads["model"] >= 1
+    if threads["mode"] == "split":
+        assert threads["sensor"] + threads["model"] <= threads["cores"]
+    measured = threads["measured"]
+    assert measured["cores"] == threads["cores"]
+    assert all(measured[k] > 0 for k in measured if k.endswith("thread") or k.endswith("threads"))
+    assert "turns" in threads["estimated_frames_per_s"]
+    assert summary["micro_batch"] == 8  # auto: about a megapixel of 28x28 frames, capped by the model batch

@@ -140,10 +140,11 @@ def choose_budget(costs: StageCosts) -> ThreadBudget:
 
 
 def measure_costs(sensor_fn: Callable[[int], object], model_fn: Callable[[int], object], frames: int,
-                  cores: int | None = None) -> StageCosts:
+                  cores: int | None = None, repeat: int = 3) -> StageCosts:
     """Time ``sensor_fn(threads)`` (one frame, run with that many numba threads) and ``model_fn(threads)``
-    (``frames`` frames, that many torch threads), each at 1 and at every core, once after a warm-up call.
-    Their results are thrown away: the calls must not change what the run produces."""
+    (``frames`` frames, that many torch threads), each at 1 and at every core: the fastest of ``repeat``
+    calls after a warm-up call at that count (robust to a busy machine). Their results are thrown away:
+    the calls must not change what the run produces."""
     import numba
     import torch
 
@@ -153,13 +154,15 @@ def measure_costs(sensor_fn: Callable[[int], object], model_fn: Callable[[int], 
     try:
         for name, fn, setter, per in (("sensor", sensor_fn, numba.set_num_threads, 1),
                                       ("model", model_fn, torch.set_num_threads, frames)):
-            setter(cores)
-            fn(cores)  # warm-up: compilation, caches, allocator
             for n in sorted({1, cores}):
                 setter(n)
-                t0 = time.perf_counter()
-                fn(n)
-                times[(name, n)] = (time.perf_counter() - t0) / per
+                fn(n)  # warm-up: compilation, caches, the thread pool at this count
+                best = float("inf")
+                for _ in range(repeat):
+                    t0 = time.perf_counter()
+                    fn(n)
+                    best = min(best, time.perf_counter() - t0)
+                times[(name, n)] = best / per
     finally:
         numba.set_num_threads(min(old_numba, numba.config.NUMBA_NUM_THREADS))
         torch.set_num_threads(old_torch)
