@@ -59,6 +59,8 @@ def test_budget_choice_from_measured_costs():
     assert balanced.estimate["split 1+1"] == pytest.approx(1.0) and balanced.estimate["turns"] == pytest.approx(1 / 1.2)
     dominant = choose_budget(StageCosts(2, sensor_1=1.0, sensor_all=0.55, model_1=0.1, model_all=0.06))
     assert (dominant.mode, dominant.sensor, dominant.model) == ("turns", 2, 2)
+    small_frames = choose_budget(StageCosts(2, sensor_1=0.3, sensor_all=0.5, model_1=10.0, model_all=5.0))
+    assert (small_frames.mode, small_frames.sensor, small_frames.model) == ("turns", 1, 2)
     four = choose_budget(StageCosts(4, sensor_1=3.0, sensor_all=1.0, model_1=1.0, model_all=0.4))
     assert (four.mode, four.sensor, four.model) == ("split", 3, 1)
     one = choose_budget(StageCosts(1, 1.0, 1.0, 1.0, 1.0))

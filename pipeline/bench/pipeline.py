@@ -1,18 +1,55 @@
-"""End-to-end pipeline throughput: threaded stages with bounded queues vs the same work serially.
+"""End-to-end pipeline throughput: each stage alone, the same work serially, and the pipeline, in one run.
 
-Run: ``python -m pipeline.bench.pipeline --json out.json [--frames 2000 --batch 64]``
+Run: ``privcam bench pipeline --out pipeline.json [-- --cases 28-pixel-compact,1080-quad-compact
+--rotation both --frames N --rounds 2]``
 
-Scenes are random 28x28 (mono10 sensor, pixel scheme) or 64x96 (default RGGB sensor, quad scheme)
-images held in memory; the model is a randomly initialised compact net (throughput does not
-depend on the weights). The baseline runs exactly the same functions in one thread, one after
-another; the ratio is threaded frames/s over serial frames/s, measured in the same run (rounds
-interleaved, best of each).
+Cases (``--cases``, default all): the 28x28 mono10 pixel case (random 8-bit scenes rendered in the
+sensor stage, as a live run does) and 1920x1080 RGGB 12-bit frames, quad and pixel readout, through the
+keyed front end (INTER_AREA to the model's input: compact 1x28x28 / 4x14x14, PreResNet-20 1x32x32 /
+4x16x16) into a randomly initialised model (throughput does not depend on the weights). At 1080p the
+scenes are photon maps rendered before timing (a pool of 4, cycled): the world, not the sensor; the
+sensor stage is the exposure (ADC kernel, noise drawn inside) and the keyed readout.
+
+For each case and rotation setting, timed interleaved over ``--rounds`` rounds (best of each):
+
+* ``sensor_alone``: the sensor stage on every frame, one after another, numba on every core;
+* ``model_alone``: the model stage (network input, per-frame tables, keyed net) on the captured frames
+  in batches, torch on every core;
+* ``serial``: capture a batch, classify it, in one thread (every core for each);
+* ``pipeline``: :func:`pipeline.stream.stages.live_stages` (micro-batches, the tables stage, the thread
+  budget) with the budget that ``auto`` chooses (measured once per case, before the rounds);
+* ``pipeline_split``: the same with a split budget (sensor 1 thread, model the rest) when ``auto`` chose
+  to take turns: what the split would give, and whether its predictions still equal the serial ones.
+
+The alone and serial runs each run in a fresh thread, as the pipeline's stages do (numba and torch
+parallel regions launched from the main thread were much slower on a loaded machine: see
+:func:`pipeline.stream.budget.in_fresh_thread`).
+
+Ratios: pipeline / serial, and pipeline / the slower stage alone. ``predictions_equal_serial`` says
+whether the pipeline's predictions equal the serial ones bit for bit (same batches; the same torch thread
+count unless the budget splits the cores).
+
+Peak RSS (``--rss``, default on): the pipeline alone over N and over 10N frames, each in a fresh
+subprocess with the case's budget. After the setup (imports, scenes, model) and a 2-frame warm-up, the
+child resets its peak RSS (Linux ``/proc/self/clear_refs``), so ``peak_rss_bytes`` is the run's own peak
+(``VmHWM``: the frames in flight, queues, tables) and not the setup's; where the reset is refused it is
+the whole process's ``ru_maxrss``. Flat memory: the 10N / N ratio stays near 1.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
 import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -20,65 +57,250 @@ import torch
 from models.plain import build_model
 from pipeline.bench.common import write_json
 from pipeline.resources import resolve
+from pipeline.stream.budget import ThreadBudget, in_fresh_thread, machine_cores, torch_threads
 from pipeline.stream.classifier import KeyedClassifier
-from pipeline.stream.engine import Batch, Map, Pipeline
+from pipeline.stream.engine import Pipeline, chunks
 from pipeline.stream.inputs import input_shape
 from pipeline.stream.run import capture_stage
+from pipeline.stream.stages import auto_budget, live_stages, micro_batch_size
 from sensor.config import SensorConfig
-from sensor.frame import FrameFormat
+from sensor.frame import FrameFormat, ProtectedFrame
 from sensor.keys import Key
 from sensor.sensor import Sensor
 
-CASES = [("mono10 28x28 pixel", "configs/sensors/mono10.yaml", (28, 28), "pixel"),
-         ("rggb12 64x96 quad", "configs/sensors/default.yaml", (64, 96), "quad")]
+MONO, RGGB = "configs/sensors/mono10.yaml", "configs/sensors/default.yaml"
+SCENE_POOL = 4  # 1080p photon maps, cycled
+SMALL_POOL = 256  # 28x28 scenes, cycled
 
 
-def run_case(profile: str, hw: tuple[int, int], scheme: str, frames: int, batch: int, rotation: bool,
-             rounds: int = 3) -> dict:
-    key = Key(bytes(range(32)))  # fixed public test key: benchmarks protect nothing
-    cfg = SensorConfig.from_yaml(resolve(profile))  # the shipped profile outside a checkout
-    rng = np.random.default_rng(0)
-    scenes = rng.integers(0, 256, (frames, *hw), dtype=np.uint8)
-    items = [(i, scenes[i], None) for i in range(frames)]
-    torch.manual_seed(0)
-    model = build_model("compact", input_shape(scheme, *hw)[0], 10)
-    fmt = FrameFormat.from_config(cfg, scheme=scheme, rotation=rotation, height=hw[0], width=hw[1])
-    classifier = KeyedClassifier(model, key, fmt, device="cpu")
-    capture = capture_stage(Sensor(cfg, seed=0), key, scheme, rotation)
-    for i in range(min(batch, frames)):  # warm-up: numba compilation, torch kernels
-        classifier([capture(items[i])])
+@dataclass(frozen=True)
+class Case:
+    profile: str
+    hw: tuple[int, int]
+    scheme: str
+    model: str
+    model_hw: tuple[int, int] | None  # None: the model takes the frames' own size
+    batch: int
+    frames: int  # default N
 
-    serial_times, pipeline_times = [], []
+    @property
+    def rendered_in_stage(self) -> bool:
+        return self.model_hw is None  # the small case renders its 8-bit scenes in the sensor stage
+
+
+CASES = {
+    "28-pixel-compact": Case(MONO, (28, 28), "pixel", "compact", None, 64, 2000),
+    "1080-quad-compact": Case(RGGB, (1080, 1920), "quad", "compact", (14, 14), 8, 8),
+    "1080-pixel-compact": Case(RGGB, (1080, 1920), "pixel", "compact", (28, 28), 8, 8),
+    "1080-quad-preresnet20": Case(RGGB, (1080, 1920), "quad", "preresnet20", (16, 16), 8, 8),
+    "1080-pixel-preresnet20": Case(RGGB, (1080, 1920), "pixel", "preresnet20", (32, 32), 8, 8),
+}
+
+
+class Setup:
+    """Everything one case needs: the items (an endless cycle of scenes), the capture and the classifier."""
+
+    def __init__(self, case: Case, rotation: bool) -> None:
+        from pipeline.bench.sensor import scene
+
+        self.case, self.rotation = case, rotation
+        self.key = Key(bytes(range(32)))  # fixed public test key: benchmarks protect nothing
+        cfg = SensorConfig.from_yaml(resolve(case.profile))  # the shipped profile outside a checkout
+        sensor = Sensor(cfg, seed=0)
+        h, w = case.hw
+        if case.rendered_in_stage:
+            rng = np.random.default_rng(0)
+            self.pool: list[np.ndarray] = list(rng.integers(0, 256, (SMALL_POOL, h, w), dtype=np.uint8))
+            self.capture = capture_stage(sensor, self.key, case.scheme, rotation)
+        else:
+            from sensor.scene import render_photons
+
+            self.pool = [render_photons(scene(h, w, seed=s), cfg) for s in range(SCENE_POOL)]
+            key, scheme = self.key, case.scheme
+
+            def capture(item: tuple[int, np.ndarray, int | None]) -> ProtectedFrame:
+                return sensor.capture(item[1], key, item[0], scheme=scheme, rotation=rotation)
+            self.capture = capture
+        torch.manual_seed(0)
+        shape = input_shape(case.scheme, h, w)
+        model = build_model(case.model, shape[0], 10)
+        fmt = FrameFormat.from_config(cfg, scheme=case.scheme, rotation=rotation, height=h, width=w)
+        self.classifier = KeyedClassifier(model, self.key, fmt, device="cpu", model_hw=case.model_hw)
+
+    def items(self, frames: int) -> Iterator[tuple[int, np.ndarray, None]]:
+        return ((i, self.pool[i % len(self.pool)], None) for i in range(frames))
+
+    def pipeline(self, frames: int, budget: ThreadBudget, sink: Callable[[list[dict]], None]) -> float:
+        """Wall seconds of the pipeline over ``frames`` frames (the budget's torch threads for the run)."""
+        h, w = self.case.hw
+        micro = micro_batch_size("auto", self.case.batch, h, w)
+        stages = live_stages(self.capture, self.classifier, budget, self.case.batch, 30.0)
+        with torch_threads(budget.model):
+            result = Pipeline(chunks(self.items(frames), micro), stages, sink, queue_size=8).run()
+        if result.error is not None:
+            raise result.error
+        return result.wall_s
+
+
+def batched(items: list[Any], size: int) -> Iterator[list[Any]]:
+    return (items[i:i + size] for i in range(0, len(items), size))
+
+
+def run_case(name: str, rotation: bool, frames: int, rounds: int, rss: bool) -> dict[str, Any]:
+    case = CASES[name]
+    setup = Setup(case, rotation)
+    items = list(setup.items(frames))
+    captured = [setup.capture(it) for it in items]  # warm-up, and the model stage's input
+    setup.classifier(captured[:case.batch])
+    budget = auto_budget(lambda: setup.capture(items[0]), setup.classifier, case.batch)
+    cores = machine_cores()
+    split = ThreadBudget(1, cores - 1, "split", cores) if cores > 1 and budget.mode != "split" else None
+    timings: dict[str, list[float]] = {k: [] for k in ("sensor_alone", "model_alone", "serial", "pipeline")}
+    if split is not None:
+        timings["pipeline_split"] = []
+    serial_preds: list[dict] = []
+    pipeline_preds: list[dict] = []
+    split_preds: list[dict] = []
+    def timed(name: str, fn: Callable[[], object]) -> None:
+        def body() -> None:
+            t0 = time.perf_counter()
+            fn()
+            timings[name].append(time.perf_counter() - t0)
+        in_fresh_thread(body)  # as the pipeline's stages run: see in_fresh_thread
+
+    def serial() -> None:
+        serial_preds.clear()
+        for batch in batched(items, case.batch):
+            serial_preds.extend(setup.classifier([setup.capture(it) for it in batch]))
+
     for _ in range(rounds):  # interleaved, best of each: robust to a busy shared machine
-        t0 = time.perf_counter()
-        for start in range(0, frames, batch):
-            classifier([capture(item) for item in items[start:start + batch]])
-        serial_times.append(time.perf_counter() - t0)
-        done: list = []
-        result = Pipeline(iter(items), [Map("sensor", capture), Batch("batcher", batch, 0.5),
-                                        Map("model", classifier)], done.extend, queue_size=8).run()
-        assert result.error is None and len(done) == frames
-        pipeline_times.append(result.wall_s)
-    serial_s, pipeline_s = min(serial_times), min(pipeline_times)
-    return {"frames": frames, "batch": batch, "rotation": rotation, "rounds": rounds,
-            "serial_frames_per_s": frames / serial_s, "pipeline_frames_per_s": frames / pipeline_s,
-            "speedup_over_serial": serial_s / pipeline_s, "stages_last_round": [s.to_dict() for s in result.stages]}
+        timed("sensor_alone", lambda: [setup.capture(it) for it in items])
+        timed("model_alone", lambda: [setup.classifier(batch) for batch in batched(captured, case.batch)])
+        timed("serial", serial)
+        pipeline_preds.clear()
+        timings["pipeline"].append(setup.pipeline(frames, budget, pipeline_preds.extend))
+        if split is not None:
+            split_preds.clear()
+            timings["pipeline_split"].append(setup.pipeline(frames, split, split_preds.extend))
+    fps = {k: frames / min(v) for k, v in timings.items()}
+    slowest = min(fps["sensor_alone"], fps["model_alone"])
+    row: dict[str, Any] = {
+        "case": name, "frame": list(case.hw), "scheme": case.scheme, "model": case.model,
+        "model_input": list(case.model_hw or case.hw), "rotation": rotation, "frames": frames,
+        "batch": case.batch, "micro_batch": micro_batch_size("auto", case.batch, *case.hw), "rounds": rounds,
+        "scenes": "8-bit images rendered in the sensor stage" if case.rendered_in_stage
+        else f"{SCENE_POOL} photon maps rendered before timing, cycled",
+        **{f"{k}_frames_per_s": round(v, 2) for k, v in fps.items()},
+        "pipeline_vs_serial": round(fps["pipeline"] / fps["serial"], 3),
+        "pipeline_vs_slowest_stage": round(fps["pipeline"] / slowest, 3),
+        "slowest_stage": "sensor" if fps["sensor_alone"] <= fps["model_alone"] else "model",
+        "predictions_equal_serial": pipeline_preds == serial_preds,
+        "threads": budget.to_dict()}
+    if split is not None:  # what the split auto turned down would give (see predictions_equal_serial)
+        row["pipeline_split"] = {"threads": split.to_dict(), "frames_per_s": round(fps["pipeline_split"], 2),
+                                 "vs_serial": round(fps["pipeline_split"] / fps["serial"], 3),
+                                 "vs_slowest_stage": round(fps["pipeline_split"] / slowest, 3),
+                                 "predictions_equal_serial": split_preds == serial_preds}
+    if rss:
+        row["peak_rss"] = {f"{n}_frames": child_rss(name, rotation, n, budget) for n in (frames, 10 * frames)}
+        small, large = (row["peak_rss"][f"{n}_frames"]["peak_rss_bytes"] for n in (frames, 10 * frames))
+        row["peak_rss"]["ratio_10n_to_n"] = round(large / small, 3)
+    return row
+
+
+def child_rss(name: str, rotation: bool, frames: int, budget: ThreadBudget) -> dict[str, Any]:
+    """Peak RSS of a fresh process that runs the pipeline over ``frames`` frames (see :func:`child`)."""
+    spec = json.dumps({"case": name, "rotation": rotation, "frames": frames, "sensor": budget.sensor,
+                       "model": budget.model, "mode": budget.mode, "cores": budget.cores})
+    proc = subprocess.run([sys.executable, "-m", "pipeline.bench.pipeline", "--child", spec],
+                          capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        raise RuntimeError(f"RSS child for {name} failed: {proc.stderr[-2000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def vm_kib(field: str) -> int | None:
+    """A ``/proc/self/status`` memory field (VmRSS, VmHWM) in KiB; None off Linux."""
+    try:
+        for line in open("/proc/self/status"):  # noqa: SIM115 - read at once
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def reset_peak_rss() -> bool:
+    """Reset the process's peak RSS (VmHWM) to its current RSS (Linux: ``/proc/self/clear_refs`` "5")."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def child(spec_text: str) -> None:
+    """One pipeline run in this fresh process; prints its peak RSS. The setup (scenes, model) is made first
+    and the peak is reset after it where Linux allows, so the peak is the run's: what grows with frames."""
+    spec = json.loads(spec_text)
+    setup = Setup(CASES[spec["case"]], spec["rotation"])
+    budget = ThreadBudget(spec["sensor"], spec["model"], spec["mode"], spec["cores"])
+    count = itertools.count()
+    setup.pipeline(min(spec["frames"], 2), budget, lambda preds: None)  # warm-up: compiled kernels, pools
+    before = vm_kib("VmRSS")
+    reset = reset_peak_rss()
+    setup.pipeline(spec["frames"], budget, lambda preds: [next(count) for _ in preds])
+    run_peak = vm_kib("VmHWM") if reset else None
+    process_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    print(json.dumps({"frames": next(count), "process_peak_rss_bytes": process_peak * 1024,
+                      "rss_before_run_bytes": None if before is None else before * 1024,
+                      "peak_rss_bytes": (process_peak if run_peak is None else run_peak) * 1024,
+                      "peak_is": "the run's (peak reset after setup)" if run_peak is not None
+                      else "the whole process's"}))
 
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", help="write the results to this file")
-    parser.add_argument("--frames", type=int, default=2000)
-    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--cases", default=",".join(CASES), help=f"comma list of {', '.join(CASES)} (default all)")
+    parser.add_argument("--rotation", choices=("both", "static", "rotating"), default="both")
+    parser.add_argument("--frames", type=int, help="frames per timed run, N (default: 2000 at 28x28, 8 at 1080p)")
+    parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds, best of each (default 2)")
+    parser.add_argument("--rss", action=argparse.BooleanOptionalAction, default=True,
+                        help="peak RSS over N and 10N frames, each in a subprocess (default on)")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.child:
+        child(args.child)
+        return {}
+    names = [n.strip() for n in args.cases.split(",") if n.strip()]
+    unknown = [n for n in names if n not in CASES]
+    if unknown or not names:
+        parser.error(f"--cases: expected names from {', '.join(CASES)}, got {unknown or args.cases!r}")
+    if args.rounds < 1 or (args.frames is not None and args.frames < 1):
+        parser.error("--rounds and --frames must be >= 1")
+    rotations = {"both": (False, True), "static": (False,), "rotating": (True,)}[args.rotation]
     rows = []
-    for name, profile, hw, scheme in CASES:
-        for rotation in (False, True):
-            row = {"case": name, **run_case(profile, hw, scheme, args.frames, args.batch, rotation)}
+    for name in names:
+        for rotation in rotations:
+            row = run_case(name, rotation, args.frames or CASES[name].frames, args.rounds, args.rss)
             rows.append(row)
-            print(f"{name:<22} rotation={str(rotation):<5} serial {row['serial_frames_per_s']:8.1f} f/s  "
-                  f"pipeline {row['pipeline_frames_per_s']:8.1f} f/s  x{row['speedup_over_serial']:.2f}")
-    result = {"benchmark": "pipeline", "torch_threads": torch.get_num_threads(), "cases": rows}
+            rss = row.get("peak_rss", {}).get("ratio_10n_to_n")
+            print(f"{name:<24} rot={str(rotation):<5} sensor {row['sensor_alone_frames_per_s']:8.1f}  model "
+                  f"{row['model_alone_frames_per_s']:8.1f}  serial {row['serial_frames_per_s']:8.1f}  pipeline "
+                  f"{row['pipeline_frames_per_s']:8.1f} f/s  x{row['pipeline_vs_serial']:.2f} serial  "
+                  f"x{row['pipeline_vs_slowest_stage']:.2f} slowest  {row['threads']['mode']} "
+                  f"{row['threads']['sensor']}+{row['threads']['model']}  rss 10N/N {rss}", flush=True)
+            if "pipeline_split" in row:
+                sp = row["pipeline_split"]
+                print(f"{'':<24} {'':<9} split 1+{sp['threads']['model']}: pipeline {sp['frames_per_s']:8.1f} f/s  "
+                      f"x{sp['vs_serial']:.2f} serial  x{sp['vs_slowest_stage']:.2f} slowest  "
+                      f"predictions equal serial: {sp['predictions_equal_serial']}", flush=True)
+    result = {"benchmark": "pipeline",
+              "machine": {"platform": platform.platform(), "cores": machine_cores(), "cpus": os.cpu_count(),
+                          "load_average_at_end": list(os.getloadavg())},
+              "torch_threads": torch.get_num_threads(), "cases": rows}
     write_json(args.json, result)
     return result
 

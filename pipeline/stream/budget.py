@@ -126,9 +126,12 @@ def amdahl(t1: float, tc: float, cores: int, n: int) -> float:
 
 def choose_budget(costs: StageCosts) -> ThreadBudget:
     """The plan with the highest estimated frames/s: each split ``(n, cores - n)`` runs at
-    ``1 / max(sensor(n), model(cores - n))``, turns at ``1 / (sensor(all) + model(all))``."""
+    ``1 / max(sensor(n), model(cores - n))``, turns at ``1 / (min(sensor(1), sensor(all)) + model(all))``."""
     c = costs.cores
-    plans = {"turns": (c, c, 1.0 / max(costs.sensor_all + costs.model_all, 1e-12))}
+    # taking turns, the sensor runs on whichever of 1 thread or every core was faster (small frames: 1);
+    # the model keeps every core (its logits may change with its thread count)
+    sensor_turn = 1 if costs.sensor_1 < costs.sensor_all else c
+    plans = {"turns": (sensor_turn, c, 1.0 / max(min(costs.sensor_1, costs.sensor_all) + costs.model_all, 1e-12))}
     for n in range(1, c):
         s = amdahl(costs.sensor_1, costs.sensor_all, c, n)
         m = amdahl(costs.model_1, costs.model_all, c, c - n)
@@ -149,10 +152,14 @@ def measure_costs(sensor_fn: Callable[[int], object], model_fn: Callable[[int], 
     import torch
 
     cores = machine_cores() if cores is None else cores
-    old_numba, old_torch = numba.get_num_threads(), torch.get_num_threads()
+    old_torch = torch.get_num_threads()
     times: dict[tuple[str, int], float] = {}
-    try:
-        for name, fn, setter, per in (("sensor", sensor_fn, numba.set_num_threads, 1),
+
+    def measure() -> None:
+        def set_numba(n: int) -> None:
+            numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
+
+        for name, fn, setter, per in (("sensor", sensor_fn, set_numba, 1),
                                       ("model", model_fn, torch.set_num_threads, frames)):
             for n in sorted({1, cores}):
                 setter(n)
@@ -163,11 +170,35 @@ def measure_costs(sensor_fn: Callable[[int], object], model_fn: Callable[[int], 
                     fn(n)
                     best = min(best, time.perf_counter() - t0)
                 times[(name, n)] = best / per
+
+    try:
+        in_fresh_thread(measure)
     finally:
-        numba.set_num_threads(min(old_numba, numba.config.NUMBA_NUM_THREADS))
         torch.set_num_threads(old_torch)
     return StageCosts(cores, times[("sensor", 1)], times[("sensor", cores)], times[("model", 1)],
                       times[("model", cores)])
+
+
+def in_fresh_thread(fn: Callable[[], object]) -> None:
+    """Run ``fn`` in a new thread and wait for it, re-raising its error. Timings are taken there because
+    the stages run in their own threads: measured here, numba and torch parallel regions launched from
+    the main thread (whose OpenMP pools torch set up at import) ran 10-30x slower on a loaded machine
+    than the same calls from a fresh thread."""
+    import threading
+
+    errors: list[BaseException] = []
+
+    def body() -> None:
+        try:
+            fn()
+        except BaseException as err:  # noqa: BLE001 - re-raised in the caller
+            errors.append(err)
+
+    thread = threading.Thread(target=body, name="privcam-measure")
+    thread.start()
+    thread.join()
+    if errors:
+        raise errors[0]
 
 
 def numba_threads(n: int) -> Callable[[], None]:

@@ -83,7 +83,8 @@ def auto_budget(capture_one: Callable[[], ProtectedFrame | None], classifier: Ke
                                       cores)
     budget = choose_budget(costs)
     if budget.mode == "split" and not bit_safe_split(classifier, frame, budget.model, k):
-        return ThreadBudget(cores, cores, "turns", cores, "auto", costs, budget.estimate,
+        sensor = 1 if costs.sensor_1 < costs.sensor_all else cores
+        return ThreadBudget(sensor, cores, "turns", cores, "auto", costs, budget.estimate,
                             note=f"a split ({budget.sensor}+{budget.model}) was estimated faster, but the model's "
                             f"logits change with its torch thread count: the model keeps every core")
     return budget
