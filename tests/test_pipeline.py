@@ -300,7 +300,7 @@ def test_micro_batches_and_a_thread_budget_give_the_serial_predictions_bit_for_b
     frames = list(RecordingReader(rec).frames())
     assert [f.meta.frame_index for f in frames] == list(range(N_FRAMES))
 
-    key = load_key(cfg.key.file)
+    key = load_key(cfg.key.file).for_session(bytes.fromhex(summary["session"]))  # the run's session
     sensor_cfg = SensorConfig.from_yaml(cfg.sensor.profile)
     fmt = FrameFormat.from_config(sensor_cfg, scheme="pixel", rotation=True, height=28, width=28)
     classifier, _ = build_classifier(cfg, key, fmt)

@@ -104,7 +104,8 @@ class Setup:
         from pipeline.bench.sensor import scene
 
         self.case, self.rotation = case, rotation
-        self.key = Key(bytes(range(32)))  # fixed public test key: benchmarks protect nothing
+        # fixed public test key and session: benchmarks protect nothing
+        self.key = Key(bytes(range(32))).for_session(bytes(16))
         cfg = SensorConfig.from_yaml(resolve(case.profile))  # the shipped profile outside a checkout
         sensor = Sensor(cfg, seed=0)
         h, w = case.hw
