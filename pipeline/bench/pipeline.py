@@ -33,7 +33,10 @@ Peak RSS (``--rss``, default on): the pipeline alone over N and over 10N frames,
 subprocess with the case's budget. After the setup (imports, scenes, model) and a 2-frame warm-up, the
 child resets its peak RSS (Linux ``/proc/self/clear_refs``), so ``peak_rss_bytes`` is the run's own peak
 (``VmHWM``: the frames in flight, queues, tables) and not the setup's; where the reset is refused it is
-the whole process's ``ru_maxrss``. Flat memory: the 10N / N ratio stays near 1.
+the whole process's ``ru_maxrss``. Flat memory: the 10N / N ratio stays near 1 once N exceeds what the
+pipeline holds in flight (queues of 8 items before the batcher, one batch and one prepared batch after
+it: about 40 frames at 1080p with batch 8): ``--rss-frames`` (default 6 model batches). At 1080p the
+RSS runs take most of the time (48 + 480 frames a case): ``--no-rss`` for throughput alone.
 """
 
 from __future__ import annotations
@@ -71,6 +74,7 @@ from sensor.sensor import Sensor
 MONO, RGGB = "configs/sensors/mono10.yaml", "configs/sensors/default.yaml"
 SCENE_POOL = 4  # 1080p photon maps, cycled
 SMALL_POOL = 256  # 28x28 scenes, cycled
+RSS_BATCHES = 6  # default N of the RSS runs, in model batches: more than the pipeline holds in flight
 
 
 @dataclass(frozen=True)
@@ -90,10 +94,10 @@ class Case:
 
 CASES = {
     "28-pixel-compact": Case(MONO, (28, 28), "pixel", "compact", None, 64, 2000),
-    "1080-quad-compact": Case(RGGB, (1080, 1920), "quad", "compact", (14, 14), 8, 8),
-    "1080-pixel-compact": Case(RGGB, (1080, 1920), "pixel", "compact", (28, 28), 8, 8),
-    "1080-quad-preresnet20": Case(RGGB, (1080, 1920), "quad", "preresnet20", (16, 16), 8, 8),
-    "1080-pixel-preresnet20": Case(RGGB, (1080, 1920), "pixel", "preresnet20", (32, 32), 8, 8),
+    "1080-quad-compact": Case(RGGB, (1080, 1920), "quad", "compact", (14, 14), 8, 16),
+    "1080-pixel-compact": Case(RGGB, (1080, 1920), "pixel", "compact", (28, 28), 8, 16),
+    "1080-quad-preresnet20": Case(RGGB, (1080, 1920), "quad", "preresnet20", (16, 16), 8, 16),
+    "1080-pixel-preresnet20": Case(RGGB, (1080, 1920), "pixel", "preresnet20", (32, 32), 8, 16),
 }
 
 
@@ -147,7 +151,8 @@ def batched(items: list[Any], size: int) -> Iterator[list[Any]]:
     return (items[i:i + size] for i in range(0, len(items), size))
 
 
-def run_case(name: str, rotation: bool, frames: int, rounds: int, rss: bool) -> dict[str, Any]:
+def run_case(name: str, rotation: bool, frames: int, rounds: int, rss: bool, rss_frames: int | None = None
+             ) -> dict[str, Any]:
     case = CASES[name]
     setup = Setup(case, rotation)
     items = list(setup.items(frames))
@@ -203,8 +208,9 @@ def run_case(name: str, rotation: bool, frames: int, rounds: int, rss: bool) -> 
                                  "vs_slowest_stage": round(fps["pipeline_split"] / slowest, 3),
                                  "predictions_equal_serial": split_preds == serial_preds}
     if rss:
-        row["peak_rss"] = {f"{n}_frames": child_rss(name, rotation, n, budget) for n in (frames, 10 * frames)}
-        small, large = (row["peak_rss"][f"{n}_frames"]["peak_rss_bytes"] for n in (frames, 10 * frames))
+        n_rss = rss_frames or RSS_BATCHES * case.batch
+        row["peak_rss"] = {f"{n}_frames": child_rss(name, rotation, n, budget) for n in (n_rss, 10 * n_rss)}
+        small, large = (row["peak_rss"][f"{n}_frames"]["peak_rss_bytes"] for n in (n_rss, 10 * n_rss))
         row["peak_rss"]["ratio_10n_to_n"] = round(large / small, 3)
     return row
 
@@ -266,10 +272,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--json", help="write the results to this file")
     parser.add_argument("--cases", default=",".join(CASES), help=f"comma list of {', '.join(CASES)} (default all)")
     parser.add_argument("--rotation", choices=("both", "static", "rotating"), default="both")
-    parser.add_argument("--frames", type=int, help="frames per timed run, N (default: 2000 at 28x28, 8 at 1080p)")
+    parser.add_argument("--frames", type=int, help="frames per timed run, N (default: 2000 at 28x28, 16 at 1080p)")
     parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds, best of each (default 2)")
     parser.add_argument("--rss", action=argparse.BooleanOptionalAction, default=True,
                         help="peak RSS over N and 10N frames, each in a subprocess (default on)")
+    parser.add_argument("--rss-frames", type=int, help="N of the RSS runs (default: 6 model batches: 384 at "
+                        "28x28, 48 at 1080p, beyond what the pipeline holds in flight); also run at 10N")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
@@ -279,13 +287,14 @@ def main(argv: list[str] | None = None) -> dict:
     unknown = [n for n in names if n not in CASES]
     if unknown or not names:
         parser.error(f"--cases: expected names from {', '.join(CASES)}, got {unknown or args.cases!r}")
-    if args.rounds < 1 or (args.frames is not None and args.frames < 1):
-        parser.error("--rounds and --frames must be >= 1")
+    if args.rounds < 1 or any(n is not None and n < 1 for n in (args.frames, args.rss_frames)):
+        parser.error("--rounds, --frames and --rss-frames must be >= 1")
     rotations = {"both": (False, True), "static": (False,), "rotating": (True,)}[args.rotation]
     rows = []
     for name in names:
         for rotation in rotations:
-            row = run_case(name, rotation, args.frames or CASES[name].frames, args.rounds, args.rss)
+            row = run_case(name, rotation, args.frames or CASES[name].frames, args.rounds, args.rss,
+                           args.rss_frames)
             rows.append(row)
             rss = row.get("peak_rss", {}).get("ratio_10n_to_n")
             print(f"{name:<24} rot={str(rotation):<5} sensor {row['sensor_alone_frames_per_s']:8.1f}  model "

@@ -8,6 +8,8 @@
 - Micro-batches: a source of lists (:func:`chunks`) and stages over lists (:func:`each`) pay the
   queue hand-off once per list; a ``Batch(flatten=True)`` stage re-cuts the lists into batches of
   exactly ``size`` items (the last, or one flushed by the timeout, may be shorter).
+- A stage's ``queue_size`` bounds its output queue instead of the pipeline's (e.g. 1 batch of large
+  frames: double buffering needs one ready while one runs).
 - Thread budget: a ``Map`` stage's ``setup`` runs once in its own thread before any item (e.g. its
   numba thread count); stages that share a ``lock`` take turns (their work never overlaps).
 - Any stage error or Ctrl-C sets one stop event; every blocking call polls it, items that
@@ -68,6 +70,7 @@ class Map:
     fn: Callable[[Any], Any]
     setup: Callable[[], None] | None = None
     lock: Any = None  # threading.Lock shared by the stages that take turns
+    queue_size: int | None = None  # of its output queue (None: the pipeline's)
 
 
 @dataclass
@@ -82,6 +85,7 @@ class Batch:
     size: int
     timeout_s: float = 0.5
     flatten: bool = False
+    queue_size: int | None = None  # of its output queue, in batches (None: the pipeline's)
 
 
 def chunks(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
@@ -255,7 +259,7 @@ class Pipeline:
 
     def run(self) -> RunResult:
         """Run to the end of the source, an error, or Ctrl-C. Never leaves a thread behind."""
-        queues = [queue.Queue(self.queue_size) for _ in range(len(self.stages) + 1)]
+        queues = [queue.Queue(self.queue_size)] + [queue.Queue(s.queue_size or self.queue_size) for s in self.stages]
         stats = [StageStats("source")] + [StageStats(s.name) for s in self.stages]
         sink_stats = StageStats("sink")
         threads = [threading.Thread(target=self._guard(lambda: self._source_body(queues[0], stats[0])),

@@ -99,7 +99,9 @@ def live_stages(capture: Callable[[Any], ProtectedFrame | None], classifier: Key
     stages: list[Map | Batch] = [Map("sensor", each(capture), setup=numba_threads(budget.sensor), lock=turn)]
     if record is not None:
         stages.append(Map("recorder", each(record)))
-    stages += [Batch("batcher", batch_size, batch_timeout_s, flatten=True),
-               Map("tables", classifier.prepare, setup=numba_threads(budget.model), lock=turn),
+    # one batch waits for the tables stage and one prepared batch for the model (double buffering): whole
+    # batches of large frames must not pile up in the queues
+    stages += [Batch("batcher", batch_size, batch_timeout_s, flatten=True, queue_size=1),
+               Map("tables", classifier.prepare, setup=numba_threads(budget.model), lock=turn, queue_size=1),
                Map("model", classifier.predict, lock=turn)]
     return stages
