@@ -62,7 +62,7 @@ BENCH_SMALL = {
     "sensor": ["--sizes", "64x96", "--repeat", "1"],
     "readout": ["--height", "64", "--width", "64", "--repeat", "1"],
     "model": ["--batch", "2", "--repeat", "1"],
-    "pipeline": ["--frames", "64"],
+    "pipeline": ["--cases", "28-pixel-compact", "--frames", "64", "--rounds", "1", "--no-rss"],
     "ray": ["--recordings", "1", "--frames", "64", "--actors", "1", "--rounds", "1"],
 }
 

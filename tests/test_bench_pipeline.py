@@ -1,0 +1,24 @@
+"""``privcam bench pipeline`` on its smallest case: every measurement is there, the pipeline's predictions
+equal the serial ones, and the RSS runs report a peak (no timing is asserted)."""
+
+from __future__ import annotations
+
+from pipeline.bench.pipeline import main
+
+
+def test_bench_pipeline_small_case_reports_every_measurement(tmp_path):
+    out = tmp_path / "pipeline.json"
+    result = main(["--cases", "28-pixel-compact", "--rotation", "rotating", "--frames", "64", "--rounds", "1",
+                   "--rss-frames", "32", "--json", str(out)])
+    (row,) = result["cases"]
+    assert row["case"] == "28-pixel-compact" and row["rotation"] is True and row["frames"] == 64
+    for key in ("sensor_alone", "model_alone", "serial", "pipeline"):
+        assert row[f"{key}_frames_per_s"] > 0
+    assert row["predictions_equal_serial"] is True
+    assert row["threads"]["source"] == "auto" and row["threads"]["mode"] in ("split", "turns")
+    if "pipeline_split" in row:
+        assert row["pipeline_split"]["threads"]["mode"] == "split"
+    rss = row["peak_rss"]
+    assert rss["32_frames"]["frames"] == 32 and rss["320_frames"]["frames"] == 320
+    assert rss["32_frames"]["peak_rss_bytes"] > 0 and rss["ratio_10n_to_n"] > 0
+    assert out.exists()
