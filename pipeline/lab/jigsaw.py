@@ -212,19 +212,34 @@ def source_map(pieces: Pieces, layout: np.ndarray, fill: int = -1) -> np.ndarray
     return src.reshape(gh, gw, p, p).transpose(0, 2, 1, 3).reshape(-1)
 
 
-def jigsaw_scores(pieces: Pieces, layout: np.ndarray, table: np.ndarray) -> dict[str, float]:
-    """How well ``layout`` restores the frame whose protected version was cut into ``pieces``.
+def canonical_pieces(pieces: Pieces) -> Pieces:
+    """The same pieces in an order that depends on their values only (class, then values), so every
+    shuffle of one frame gives the solver the same input: its solution cannot depend on the key."""
+    flat = pieces.pixels.reshape(len(pieces.pixels), -1)
+    order = np.lexsort((*flat.T[::-1], pieces.cls))
+    return Pieces(pieces.scheme, pieces.height, pieces.width, pieces.size, pieces.pixels[order], pieces.cls[order],
+                  pieces.source[order])
+
+
+def jigsaw_scores(frame: np.ndarray, pieces: Pieces, layout: np.ndarray, table: np.ndarray) -> dict[str, float]:
+    """How well ``layout`` restores the plain frame whose protected version ``frame`` was cut into ``pieces``.
 
     Args:
-        layout: (rows, cols) from :func:`solve_jigsaw`.
+        frame: (H, W) the protected frame; layout: (rows, cols) from :func:`solve_jigsaw`.
         table: (H*W,) the readout table ``pi`` (``protected.flat[s] == plain.flat[pi[s]]``).
 
     Returns:
-        ``position_accuracy``: fraction of pieces at their true position; ``neighbour_accuracy``:
-        fraction of the plain frame's adjacent piece pairs (left-right and top-bottom) that the
-        solution keeps adjacent the same way, wherever it put them.
+        ``position_accuracy``: fraction of piece positions holding the plain frame's values there
+        (pieces with equal values are interchangeable); ``neighbour_accuracy``: fraction of the plain
+        frame's adjacent piece pairs (left-right and top-bottom) that the solution keeps adjacent the
+        same way, wherever it put them.
     """
     h, w = pieces.height, pieces.width
+    p = pieces.size
+    plain = np.empty(h * w, np.asarray(frame).dtype)
+    plain[np.asarray(table, np.int64)] = np.asarray(frame).reshape(-1)
+    same = assemble(frame, pieces, layout).reshape(-1) == plain
+    pos_acc = float(same.reshape(h // p, p, w // p, p).all(axis=(1, 3)).mean())
     src = source_map(pieces, layout)
     truth = np.empty(h * w, np.int64)
     truth[np.asarray(table, np.int64)] = np.arange(h * w)  # plain position -> protected position
@@ -232,8 +247,6 @@ def jigsaw_scores(pieces: Pieces, layout: np.ndarray, table: np.ndarray) -> dict
     ok = src >= 0
     placed[src[ok]] = np.flatnonzero(ok)
     where = placed[truth].reshape(h, w)  # plain position -> solution position (-1: not placed)
-    p = pieces.size
-    pos_acc = float((where.reshape(-1) == np.arange(h * w)).reshape(h // p, p, w // p, p).all(axis=(1, 3)).mean())
     right = (where[:, p - 1:-1:p], where[:, p::p])  # pairs across piece boundaries only
     below = (where[p - 1:-1:p, :], where[p::p, :])
     kept = [((right[0] >= 0) & (right[1] == right[0] + 1) & (right[0] % w != w - 1)).reshape(-1),
@@ -243,7 +256,8 @@ def jigsaw_scores(pieces: Pieces, layout: np.ndarray, table: np.ndarray) -> dict
 
 def jigsaw_attack(protected: np.ndarray, scheme: str, tables: np.ndarray | None = None, fill: int = 0
                   ) -> dict[str, Any]:
-    """Solve every single frame of ``protected`` (B, H, W) on its own.
+    """Solve every single frame of ``protected`` (B, H, W) on its own, pieces in canonical order
+    (:func:`canonical_pieces`): any two shuffles of one frame give the same restored frame.
 
     Args:
         tables: (B, H*W) true readout tables, for the scores (None: no scores).
@@ -258,11 +272,11 @@ def jigsaw_attack(protected: np.ndarray, scheme: str, tables: np.ndarray | None 
     restored = np.empty_like(protected)
     scores: dict[str, list[float]] = {"position_accuracy": [], "neighbour_accuracy": []}
     for i, frame in enumerate(protected):
-        pieces = cut_pieces(frame, scheme)
+        pieces = canonical_pieces(cut_pieces(frame, scheme))
         layout = solve_jigsaw(pieces)
         restored[i] = assemble(frame, pieces, layout, fill)
         if tables is not None:
-            for k, v in jigsaw_scores(pieces, layout, tables[i]).items():
+            for k, v in jigsaw_scores(frame, pieces, layout, tables[i]).items():
                 scores[k].append(v)
     out: dict[str, Any] = {"restored": restored}
     if tables is not None:
