@@ -3,6 +3,8 @@ across sessions, and the floors of ``privcam eval privacy`` on tiny data."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -217,3 +219,26 @@ def test_floor_table_on_tiny_frames():
     assert "cross-session KPA quad" in format_floors(out)
     with pytest.raises(ConfigError, match="schemes"):
         FloorBudget(schemes=("tile",))
+
+
+def test_floors_alone_through_the_cli(tmp_path, capsys):
+    from pipeline.cli.main import main
+    from tests.hostile_world import write_idx
+
+    rng = np.random.default_rng(8)
+    for prefix, n in (("train", 40), ("t10k", 6)):
+        labels = rng.integers(0, 10, n).astype(np.uint8)
+        write_idx(tmp_path / f"{prefix}-images-idx3-ubyte.gz", rng.integers(0, 256, (n, 16, 16)).astype(np.uint8))
+        write_idx(tmp_path / f"{prefix}-labels-idx1-ubyte.gz", labels)
+    out = tmp_path / "floors.json"
+    assert main(["eval", "privacy", "--dataset", "mnist", "--data", str(tmp_path), "--methods", "none", "--floors",
+                 "quad", "--floor-train-images", "24", "--floor-max-epochs", "2", "--jigsaw-frames", "2",
+                 "--kpa-pairs", "1,2", "--out", str(out), "--quiet"]) == 0
+    assert "jigsaw quad" in capsys.readouterr().out
+    table = json.loads(out.read_text())["tables"][0]
+    assert table["methods"] == [] and [r["scheme"] for r in table["floors"]["invariant"]] == ["quad"]
+    assert table["floors"]["budget"]["invariant"]["train_images"] == 24
+    assert main(["eval", "privacy", "--methods", "none", "--floors", "none", "--quiet"]) == 2
+    assert "--methods" in capsys.readouterr().err
+    assert main(["eval", "privacy", "--floors", "quad,tile", "--quiet"]) == 2
+    assert "--floors" in capsys.readouterr().err
