@@ -8,6 +8,8 @@
   reconstruct held-out frames, report SSIM and PSNR against the originals.
 * :func:`finetune_attack` and :func:`mlp_attack`: the classifier attacks of ``privcam eval accuracy``
   (:mod:`pipeline.lab.evaluate`), on any protection's frames.
+* :func:`invariant_features` and :func:`invariant_attack`: per readout scheme, what every permutation
+  of the scheme keeps, and an MLP trained on it to convergence (:func:`train_to_convergence`).
 * :func:`ssim` and :func:`psnr` in numpy. SSIM is Wang et al. 2004 with an 11-tap Gaussian window
   (sigma 1.5, truncated at 3.5 sigma), K1 = 0.01, K2 = 0.03, population covariances, averaged over
   the positions where the window fits inside the image; this equals scikit-image's
@@ -481,9 +483,9 @@ class ConvergenceBudget:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("train_images", "max_epochs", "patience", "batch_size", "hidden"):
+        for name in ("max_epochs", "patience", "batch_size", "hidden"):
             check_range("ConvergenceBudget", name, getattr(self, name), 1)
-        check_range("ConvergenceBudget", "train_images", self.train_images, 2)
+        check_range("ConvergenceBudget", "train_images", self.train_images, 2)  # a validation split is held out
         check_range("ConvergenceBudget", "val_fraction", self.val_fraction, 0, 0.5, low_open=True)
         check_range("ConvergenceBudget", "lr", self.lr, 0, 10, low_open=True)
         check_range("ConvergenceBudget", "seed", self.seed, 0, 2**32 - 1)

@@ -17,6 +17,10 @@ For each method (:data:`pipeline.lab.protection.METHOD_NAMES`) one row of:
 * ``throughput_frames_per_s``: the protection stage alone, steady state (static tables built once;
   rotating keys build one table per frame, inside the timing).
 
+With a :class:`pipeline.lab.floors.FloorBudget` the Fashion-MNIST table also gets ``floors``: per
+readout scheme, the invariant learner to convergence, the jigsaw solver on single frames, and
+known-plaintext across sessions (:mod:`pipeline.lab.floors`).
+
 Frames are the sensor's real output (noise included) and images are metrics' "originals": SSIM and
 PSNR are computed on the raw mosaic in DN with ``data_range = max_dn - black_level``. The test,
 attacker and I2P-training frames come from disjoint images and frame indices.
