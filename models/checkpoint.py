@@ -198,6 +198,50 @@ def check_model_input(model: nn.Module, manifest: dict[str, Any], shape: tuple[i
         model.train(was_training)
 
 
+def trained_input_shape(manifest: dict[str, Any], source: str | os.PathLike = "checkpoint"
+                        ) -> tuple[int, int, int] | None:
+    """The manifest's ``input_shape`` (C, h, w) (what :func:`pipeline.lab.train.train` trained on), None when
+    the manifest does not say; a value that is not three positive integers is a CheckpointError."""
+    shape = manifest.get("input_shape")
+    if shape is None:
+        return None
+    if (not isinstance(shape, list) or len(shape) != 3
+            or any(isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= 1 << 16 for v in shape)):
+        raise CheckpointError(f"{manifest_path(source)}: input_shape: expected [C, h, w], three integers in "
+                              f"[1, 65536], got {shape!r}")
+    return shape[0], shape[1], shape[2]
+
+
+def model_input_hw(model: nn.Module, manifest: dict[str, Any], shape: tuple[int, int, int], given_by: str,
+                   source: str | os.PathLike = "checkpoint") -> tuple[int, int] | None:
+    """The model input (h, w) the front end must resample a network input ``shape`` (C, H, W) to, or None
+    when ``shape`` is fed as it is.
+
+    The model's input is the manifest's ``input_shape`` (C, h, w). Frames whose network input is larger
+    (H >= h, W >= w) go through the front end (:mod:`models.frontend`: INTER_AREA / binning, plain and
+    keyed) to (h, w); frames of the model's size, and frames for a checkpoint whose manifest has no
+    ``input_shape``, are fed as they are (checked by :func:`check_model_input`). A CheckpointError names
+    both shapes when the channel counts differ or the frames are smaller than the model's input (the front
+    end only downscales). ``given_by`` says where ``shape`` comes from, e.g. "the quad scheme on 96x144
+    RGGB frames".
+    """
+    trained = trained_input_shape(manifest, source)
+    c, h, w = shape
+    if trained is None or trained[0] != c or (h, w) == trained[1:]:
+        check_model_input(model, manifest, shape, given_by, source)
+        if trained is not None and trained[0] != c:  # a model whose first layer takes any channel count
+            raise CheckpointError(f"{source}: this checkpoint expects {trained[0]} channels at {trained[1]}x"
+                                  f"{trained[2]}; {given_by} gives {c} channels at {h}x{w}")
+        return None
+    _, mh, mw = trained
+    if h < mh or w < mw:
+        raise CheckpointError(f"{source}: this checkpoint expects {c} channel{'s' if c != 1 else ''} at {mh}x{mw}; "
+                              f"{given_by} gives {h}x{w}, smaller than the model's input (the front end only "
+                              f"downscales: expose the scenes at a larger sensor size, frame_size)")
+    check_model_input(model, manifest, trained, f"the front end's output of {given_by}", source)
+    return mh, mw
+
+
 def save_training_state(path: str | os.PathLike, state: dict[str, Any]) -> None:
     """Atomically save a resumable training state (model, optimiser, epoch, RNG states)."""
     with atomic_path(path) as tmp:

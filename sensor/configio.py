@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 import yaml
 
 from .errors import ConfigError, InputFileError
-from .safeio import read_text
+from .safeio import MAX_PIXELS_ENV, max_pixels, read_text
 
 T = TypeVar("T")
 _SCALARS = {"float": (float, "a number"), "int": (int, "an integer"), "str": (str, "a string"),
@@ -133,3 +133,18 @@ def check_range(source: str, name: str, value: Any, low: float | None = None, hi
         lo = "" if low is None else (f"> {low}" if low_open else f">= {low}")
         hi = "" if high is None else f"<= {high}"
         raise ConfigError(source, name, " and ".join(x for x in (lo, hi) if x) or "a finite number", value)
+
+
+def check_size(source: str, name: str, value: Any, high: int = 1 << 16) -> tuple[int, int] | None:
+    """An image size ``[height, width]`` (list or tuple of two integers in [1, high], at most
+    :func:`sensor.safeio.max_pixels` pixels) as a tuple; None stays None. Else ConfigError naming ``name``."""
+    if value is None:
+        return None
+    expected = f"[height, width]: two integers in [1, {high}]"
+    if (not isinstance(value, (list, tuple)) or len(value) != 2
+            or any(isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= high for v in value)):
+        raise ConfigError(source, name, expected, value)
+    if value[0] * value[1] > max_pixels():
+        raise ConfigError(source, name, f"at most {max_pixels():,} pixels (set {MAX_PIXELS_ENV} to allow more)",
+                          list(value))
+    return int(value[0]), int(value[1])

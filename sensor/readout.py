@@ -39,7 +39,7 @@ from .readout_tables import (
     frame_table,
     grid_shape,
     plane_count,
-    three_pass_tables,
+    stacked_tables,
 )
 
 __all__ = ["SCHEMES", "TABLE_FORMAT", "ReadoutPermutation", "Scheme", "readout_permutation", "readout_subkey"]
@@ -77,8 +77,7 @@ class ReadoutPermutation:
         tabs = self._cache.get("tables")
         if tabs is None:
             rows, cols = grid_shape(self.scheme, self.height, self.width)
-            per_plane = [three_pass_tables(self.subkey, rows, cols, t) for t in range(plane_count(self.scheme))]
-            tabs = tuple(np.stack([t[i] for t in per_plane]) for i in range(3))
+            tabs = stacked_tables(self.subkey, rows, cols, plane_count(self.scheme))
             self._cache["tables"] = tabs
         return tabs
 

@@ -33,7 +33,7 @@ from typing import Literal, cast, get_args
 import numba
 import numpy as np
 
-from .permutation import check_subkey, row_permutations
+from .permutation import check_subkey, fill_row_permutations, row_permutations
 
 Scheme = Literal["pixel", "quad", "plane"]
 SCHEMES: tuple[Scheme, ...] = get_args(Scheme)
@@ -123,8 +123,26 @@ def _three_pass(subkey: bytes, rows: int, cols: int, plane: int, reference: bool
     subkey = check_subkey(subkey)
     dt = table_dtype(rows, cols)
     shapes = ((rows, cols), (cols, rows), (rows, cols))
-    a, b, c = (row_permutations(subkey, 3 * plane + p, n_rows, n_cols, dt, reference)
-               for p, (n_rows, n_cols) in enumerate(shapes))
+    if reference:
+        a, b, c = (row_permutations(subkey, 3 * plane + p, n_rows, n_cols, dt, reference=True)
+                   for p, (n_rows, n_cols) in enumerate(shapes))
+        return a, b, c
+    a, b, c = (np.empty(shape, dt) for shape in shapes)
+    fill_row_permutations(subkey, [(3 * plane, a), (3 * plane + 1, b), (3 * plane + 2, c)])
+    return a, b, c
+
+
+def stacked_tables(subkey: bytes, rows: int, cols: int, planes: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`three_pass_tables` of planes 0 .. planes-1 stacked, built in one pipelined call.
+
+    Returns:
+        A (planes, rows, cols), B (planes, cols, rows), C (planes, rows, cols); A[t], B[t], C[t]
+        are ``three_pass_tables(subkey, rows, cols, t)``.
+    """
+    subkey = check_subkey(subkey)
+    dt = table_dtype(rows, cols)
+    a, b, c = (np.empty((planes, *shape), dt) for shape in ((rows, cols), (cols, rows), (rows, cols)))
+    fill_row_permutations(subkey, [(3 * t + p, tab[t]) for t in range(planes) for p, tab in enumerate((a, b, c))])
     return a, b, c
 
 
@@ -168,7 +186,8 @@ def plane_tables(scheme: Scheme, height: int, width: int, subkey: bytes) -> np.n
         int64: pixel (H*W,); quad (h*w,), shared by the 4 packed planes; plane (4, h*w).
     """
     rows, cols = grid_shape(scheme, height, width)
-    tabs = [compose_table(*three_pass_tables(subkey, rows, cols, t)) for t in range(plane_count(scheme))]
+    a, b, c = stacked_tables(subkey, rows, cols, plane_count(scheme))
+    tabs = [compose_table(a[t], b[t], c[t]) for t in range(a.shape[0])]
     return np.stack(tabs) if scheme == "plane" else tabs[0]
 
 

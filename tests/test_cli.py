@@ -88,5 +88,8 @@ def test_capture_with_a_key_writes_the_protected_frame(photo, tmp_path, capsys, 
     plain = Sensor(config).expose(render_photons(cv2.imread(str(photo))[..., ::-1], config), 7)
     protected = read_raw(out).data
     assert not np.array_equal(protected, plain)
-    order = readout_permutation(key, scheme, 48, 64, 7 if rotation else None)
+    session = key.for_session(bytes.fromhex(summary["session"]))  # each capture is a session of its own
+    order = readout_permutation(session, scheme, 48, 64, 7 if rotation else None)
     assert np.array_equal(order.inverse(protected), plain)  # exactly the plain frame, read out in key order
+    assert not np.array_equal(readout_permutation(key, scheme, 48, 64, 7 if rotation else None).inverse(protected),
+                              plain), "the master key's own order must not open a session's frame"

@@ -35,8 +35,9 @@ from tests.fitted import fitted_model
 N = 32  # test frames per case
 LOGITS_ATOL = 1e-4
 CONTROL_MAX_AGREEMENT = 0.5
-KEY = Key(bytes.fromhex("3c" * 32))
-OTHER_KEY = Key(bytes.fromhex("a5" * 32))
+NONCE = bytes.fromhex("11" * 16)  # a public session nonce: rotation needs a session key
+KEY = Key(bytes.fromhex("3c" * 32)).for_session(NONCE)
+OTHER_KEY = Key(bytes.fromhex("a5" * 32)).for_session(NONCE)  # a wrong key that knows the public nonce
 WEIGHTS = resolve("models/weights/compact_fashion_mnist_pixel.pt").parent
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -23,11 +23,12 @@ from models.plain import build_model
 from pipeline.cli.main import main
 from pipeline.stream import run as run_module
 from pipeline.stream.datasets import load_image_folder
-from pipeline.stream.recording import Recorder, RecordingReader, encode_frame
+from pipeline.stream.recording import Recorder, RecordingReader, encode_header, encode_image
 from pipeline.stream.run import RunConfig, record_frames, replay_recording, run_pipeline
 from pipeline.stream.sinks import PredictionWriter
 from sensor.errors import KeyFileError, PrivcamError
 from sensor.frame import FrameMeta, ProtectedFrame
+from sensor.frameauth import sign_frame
 from sensor.keys import load_key_file, write_key_file
 from sensor.rawio import RawMeta, write_raw
 from tests.hostile_world import N, make_world, model_args, source_args, top_level_records, world_config
@@ -194,18 +195,28 @@ def test_a_bad_image_in_a_folder_dataset_is_skipped_and_reported(tmp_path):
 def test_frames_of_another_size_or_key_inside_a_valid_chunk_are_skipped(world, tmp_path):
     key = load_key_file(world / "cam.key")
     good = list(RecordingReader(world / "rec.mcap").frames())
-    odd_size = ProtectedFrame(np.zeros((30, 28), np.uint16), FrameMeta(**{**good[3].meta.to_dict(), "height": 30}))
-    odd_key = ProtectedFrame(good[4].data, FrameMeta(**{**good[4].meta.to_dict(), "key_fingerprint": "f" * 16}))
+    session = good[0].meta.session
+    skey = key.for_session(bytes.fromhex(session))
+    # authentic frames (signed with the session key, new indices) that do not fit the stream: only the stream
+    # check stops them
+    odd_size = sign_frame(skey, ProtectedFrame(np.zeros((30, 28), np.uint16),
+                                               FrameMeta(**{**good[3].meta.to_dict(), "height": 30, "frame_index": N})))
+    odd_key = sign_frame(skey, ProtectedFrame(good[4].data, FrameMeta(**{**good[4].meta.to_dict(), "frame_index": N + 1,
+                                                                         "key_fingerprint": "f" * 16})))
     rec = tmp_path / "mixed.mcap"
-    with Recorder(rec, {**_sensor(world)}, "pixel", False, key.fingerprint) as r:
+    with Recorder(rec, {**_sensor(world)}, "pixel", False, key.fingerprint, session=session, chunk_size=1 << 20) as r:
         for i, frame in enumerate(good):
             r.write(frame)
-            if i == 10:
-                for odd in (odd_size, odd_key):  # bypass the recorder's own key check, as a forger would
-                    r._writer.add_message(r._channel, log_time=0, publish_time=0, data=encode_frame(odd), sequence=0)
+            if i == N - 1:
+                for odd in (odd_size, odd_key):  # bypass the recorder's own key and size checks
+                    r._writer.add_message(r._header_channel, log_time=0, publish_time=0,
+                                          data=encode_header(odd.meta), sequence=0)
+                    r._writer.add_message(r._channel, log_time=0, publish_time=0, data=encode_image(odd), sequence=0)
     summary = replay_recording(str(rec), config(world, output={"predictions": str(tmp_path / "p.csv")}),
                                progress=False)
     assert summary["error"] is None and summary["frames"] == N and summary["skipped"] == 2
+    auth = summary["replay_report"]["authentication"]
+    assert auth["failures"] == 0 and auth["verified"] == N + 2 and auth["reordered"] == []
     assert any("30" in p for p in summary["replay_report"]["problems"])
     assert any("ffff" in p for p in summary["replay_report"]["problems"])
     assert len((tmp_path / "p.csv").read_text().splitlines()) == N + 1
@@ -292,7 +303,8 @@ def test_a_recording_cut_at_a_chunk_boundary_is_reported(world, tmp_path, capsys
 def test_a_partial_left_by_kill_is_replayed_and_said_so(world, tmp_path, capsys):
     key = load_key_file(world / "cam.key")
     frames = list(RecordingReader(world / "rec.mcap").frames())
-    rec = Recorder(tmp_path / "k.mcap", _sensor(world), "pixel", False, key.fingerprint, chunk_size=3000)
+    rec = Recorder(tmp_path / "k.mcap", _sensor(world), "pixel", False, key.fingerprint, chunk_size=3000,
+                   session=frames[0].meta.session)
     for f in frames:
         rec.write(f)
     rec._fh.flush()

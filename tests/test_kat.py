@@ -30,7 +30,7 @@ from models.tables import plane_tables_torch
 from pipeline.lab.protection import ELE, MONO10, EtC, ReadoutProtection, block_subkey
 from pipeline.stream.classifier import KeyedClassifier
 from pipeline.stream.inputs import network_input
-from pipeline.stream.recording import RecordingReader
+from pipeline.stream.recording import RecordingReader, check_table_format
 from pipeline.stream.run import RunConfig, replay_recording
 from sensor.config import SensorConfig
 from sensor.errors import PrivcamError
@@ -41,13 +41,15 @@ from sensor.readout_tables import frame_table
 from sensor.sensor import Sensor
 from tests import reference
 
-FORMAT_VERSION = 2  # 2: AES-256-CTR + Fisher-Yates tables (sensor.readout.TABLE_FORMAT)
+FORMAT_VERSION = 3  # 2: AES-256-CTR + Fisher-Yates tables (sensor.readout.TABLE_FORMAT); 3: session keys, frame
+#                      MACs, per-key passphrase salt (scrypt n=2**17), recording format 2 (Foxglove RawImage)
 REPO = Path(__file__).resolve().parents[1]
 DATA = Path(__file__).resolve().parent / "data"
 KAT_FILE = DATA / f"kat_v{FORMAT_VERSION}.json"
 RECORDING_FILE = DATA / f"kat_recording_v{FORMAT_VERSION}.mcap"
 PREDICTIONS_FILE = DATA / f"kat_predictions_v{FORMAT_VERSION}.json"
 V1_RECORDING = DATA / "kat_recording_v1.mcap"  # made by privcam 0.1 (keyed-hash tables): must be refused
+V2_RECORDING = DATA / "kat_recording_v2.mcap"  # table format 2, recording format 1 (no sessions, no MACs): refused
 REGENERATE = "bump the format version and regenerate with tests/data/make_kat.py"
 
 TEST_KEY_SENTENCE = b"privcam public known-answer test key v1 - never a real key"
@@ -327,7 +329,7 @@ def recording_config(key_file: Path, predictions: Path | None = None) -> RunConf
         "key": {"file": str(key_file), "scheme": "pixel", "rotation": True},
         "model": {"checkpoint": str(CHECKPOINT), "mode": "fused", "device": "cpu"},
         "pipeline": {"batch_size": 8},
-        "output": {"predictions": None if predictions is None else str(predictions)}}, "kat")
+        "output": {"predictions": None if predictions is None else str(predictions), "store_labels": True}}, "kat")
 
 
 def make_key_file(folder: Path) -> Path:
@@ -335,6 +337,11 @@ def make_key_file(folder: Path) -> Path:
     path = folder / "kat.key"
     write_key_file(path, KEY)
     return path
+
+
+def recording_session(reader: RecordingReader) -> Key:
+    """The session key of the committed recording (the test key's, for the recording's public nonce)."""
+    return KEY.for_session(bytes.fromhex(reader.session))
 
 
 def frame_format(reader: RecordingReader, first) -> FrameFormat:
@@ -348,7 +355,7 @@ def recorded_logits(mode: str) -> tuple[list, torch.Tensor]:
     reader = RecordingReader(RECORDING_FILE)
     frames = list(reader.frames())
     model, _ = load_checkpoint(CHECKPOINT)
-    clf = KeyedClassifier(model, KEY, frame_format(reader, frames[0]), mode=mode, device="cpu")
+    clf = KeyedClassifier(model, recording_session(reader), frame_format(reader, frames[0]), mode=mode, device="cpu")
     return frames, clf.logits(frames).float()
 
 
@@ -396,8 +403,9 @@ def test_the_committed_logits_are_the_plain_model_on_the_unscrambled_frames(comm
     reader = RecordingReader(RECORDING_FILE)
     frames = list(reader.frames())
     fmt = frame_format(reader, frames[0])
-    plain = np.stack([readout_permutation(KEY, "pixel", fmt.height, fmt.width, f.meta.frame_index).inverse(f.data)
-                      for f in frames])
+    session = recording_session(reader)
+    plain = np.stack([readout_permutation(session, "pixel", fmt.height, fmt.width, f.meta.frame_index).inverse(
+        f.data) for f in frames])
     model, _ = load_checkpoint(CHECKPOINT)
     with torch.inference_mode():
         logits = model(network_input(plain, fmt, "pixel"))
@@ -414,9 +422,21 @@ def test_the_recording_refuses_another_key(tmp_path):
 
 
 def test_a_recording_of_the_old_table_format_is_refused_by_name(tmp_path):
-    assert FORMAT_VERSION == TABLE_FORMAT
+    assert TABLE_FORMAT == 2
     reader = RecordingReader(V1_RECORDING)
     assert reader.table_format == 1 and reader.key_fingerprint == KEY.fingerprint
-    with pytest.raises(PrivcamError, match=r"kat_recording_v1.mcap: its frames were read out with table format 1 "
-                                           r".*this privcam rebuilds format 2"):
+    with pytest.raises(PrivcamError, match=r"kat_recording_v1.mcap: recording format 1 .*reads recording format 2"):
         replay_recording(str(V1_RECORDING), recording_config(make_key_file(tmp_path)), progress=False)
+    # a recording of the current layout whose tables are of another derivation is refused by its table format
+    with pytest.raises(PrivcamError, match=r"old.mcap: its frames were read out with table format 1 .*this privcam "
+                                           r"rebuilds format 2"):
+        check_table_format("old.mcap", 1)
+
+
+def test_a_recording_without_sessions_and_macs_is_refused_by_name(tmp_path):
+    """privcam 0.2's recordings (table format 2, recording format 1: no session nonce, no frame MACs)."""
+    reader = RecordingReader(V2_RECORDING)
+    assert reader.table_format == TABLE_FORMAT and reader.key_fingerprint == KEY.fingerprint
+    with pytest.raises(PrivcamError, match=r"kat_recording_v2.mcap: recording format 1 .*no frame MACs.*reads "
+                                           r"recording format 2"):
+        replay_recording(str(V2_RECORDING), recording_config(make_key_file(tmp_path)), progress=False)

@@ -97,3 +97,47 @@ def test_passphrase_kdf_is_stable(tmp_path):
         Key.from_passphrase("", salt)
     with pytest.raises(KeyFileError, match="salt"):
         Key.from_passphrase("correct horse", b"short")
+
+
+def test_a_session_key_opens_its_session_and_no_other(tmp_path):
+    master = Key(bytes(range(32)))
+    a, b = bytes(16), bytes(15) + b"\x01"
+    session = master.for_session(a)
+    assert session.session == a.hex() and session.fingerprint == master.fingerprint and session != master
+    assert session.subkey("readout/pixel/frame", 3) == reference.subkey(reference.session_secret(bytes(range(32)), a),
+                                                                       "readout/pixel/frame", 3)
+    assert session.for_session(a) is session
+    with pytest.raises(KeyFileError, match=f"opens session {a.hex()} only, not session {b.hex()}"):
+        session.for_session(b)
+    write_key_file(tmp_path / "s.key", session)
+    text = (tmp_path / "s.key").read_text()
+    assert bytes(range(32)).hex() not in text, "a session key file never holds the master secret"
+    loaded = load_key_file(tmp_path / "s.key")
+    assert loaded == session and loaded.session == a.hex() and loaded.fingerprint == master.fingerprint
+    with pytest.raises(KeyFileError, match="opens session"):
+        loaded.for_session(b)
+    with pytest.raises(KeyFileError, match="session nonce"):
+        master.for_session(b"short")
+    assert a.hex() in repr(session) and bytes(range(32)).hex() not in repr(session)
+
+
+def test_a_damaged_session_key_file_is_refused_by_name(tmp_path):
+    path = tmp_path / "s.key"
+    write_key_file(path, Key(bytes(range(32))).for_session(bytes(16)))
+    lines = path.read_text().splitlines()
+    path.chmod(0o600)
+    path.write_text("\n".join(lines[:2] + lines[3:]) + "\n")  # the master line is gone
+    with pytest.raises(KeyFileError, match="session key file: expected the lines session, master and secret"):
+        load_key_file(path)
+
+
+def test_a_key_file_owned_by_another_user_is_refused(tmp_path):
+    if not hasattr(os, "geteuid") or os.geteuid() != 0:
+        pytest.skip("needs root to give the file to another user")
+    path = tmp_path / "k.key"
+    write_key_file(path, Key(bytes(range(32))))
+    os.chown(path, 12345, -1)
+    with pytest.raises(KeyFileError, match="owned by user id 12345"):
+        load_key_file(path)
+    with pytest.warns(UserWarning, match="owned by user id 12345"):
+        assert load_key_file(path, allow_insecure_mode=True) == Key(bytes(range(32)))

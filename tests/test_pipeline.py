@@ -244,3 +244,29 @@ def test_a_folder_of_raw_frames_is_a_source(world, tmp_path):
     assert summary["error"] is None and summary["frames"] == 5 and summary["labelled"] == 0
     with pytest.raises(ConfigError, match="source"):
         run_pipeline(config(world, source={"dataset": "rawfolder", "data": str(tmp_path / "none")}), progress=False)
+
+
+def test_a_session_key_file_replays_its_session_and_refuses_others(world, tmp_path, capsys):
+    """keygen --session-of writes a key that a classifier host can use for one recording and no other; a live
+    run refuses it (live capture always starts a new session under the master key)."""
+    recs = [tmp_path / "a.mcap", tmp_path / "b.mcap"]
+    for rec in recs:
+        assert record_frames(config(world, key={"rotation": True}), str(rec), progress=False)["error"] is None
+    sessions = [RecordingReader(r).session for r in recs]
+    assert len(set(sessions)) == 2 and all(len(s) == 32 for s in sessions)
+    session_file = tmp_path / "a.key"
+    assert main(["keygen", "--session-of", str(world / "cam.key"), "--nonce", sessions[0], "--out",
+                 str(session_file), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["session"] == sessions[0] and out["fingerprint"] == load_key_file(world / "cam.key").fingerprint
+    by_master, by_session = tmp_path / "m.jsonl", tmp_path / "s.jsonl"
+    replay_recording(str(recs[0]), config(world, output={"predictions": str(by_master)}), progress=False)
+    replay_recording(str(recs[0]), config(world, key={"file": str(session_file)},
+                                          output={"predictions": str(by_session)}), progress=False)
+    assert by_session.read_text() == by_master.read_text() and by_master.read_text()
+    with pytest.raises(PrivcamError, match=f"opens session {sessions[0]} only, not session {sessions[1]}"):
+        replay_recording(str(recs[1]), config(world, key={"file": str(session_file)}), progress=False)
+    with pytest.raises(ConfigError, match="master key for live capture"):
+        run_pipeline(config(world, key={"file": str(session_file)}), progress=False)
+    assert main(["keygen", "--session-of", str(world / "cam.key"), "--out", str(tmp_path / "x.key")]) == 2
+    assert "--session-of and --nonce go together" in capsys.readouterr().err

@@ -28,7 +28,8 @@ from pipeline.stream.recording import Recorder, RecordingReader  # noqa: E402
 from pipeline.stream.run import RunConfig, record_frames, replay_recording, run_pipeline  # noqa: E402
 from sensor.errors import ConfigError, PrivcamError  # noqa: E402
 from sensor.frame import ProtectedFrame  # noqa: E402
-from sensor.keys import write_key_file  # noqa: E402
+from sensor.frameauth import sign_frame  # noqa: E402
+from sensor.keys import load_key_file, write_key_file  # noqa: E402
 
 N_ITEMS = 72
 BATCH = 8
@@ -61,7 +62,8 @@ def ray_session():
 @pytest.fixture(scope="module")
 def world(tmp_path_factory) -> Path:
     """Dataset, random-weight checkpoint, two keys and recordings/: a (static key), b (rotation), c (truncated),
-    d (a frame of another size in its second batch: skipped and reported)."""
+    d (an authentic frame of another size in its second batch: skipped and reported), e (manipulated: a
+    tampered frame, a duplicated one, two swapped)."""
     root = tmp_path_factory.mktemp("ray_world")
     rng = np.random.default_rng(0)
     write_idx(root / "t10k-images-idx3-ubyte.gz", rng.integers(0, 256, (N_ITEMS, 28, 28), dtype=np.uint8))
@@ -78,16 +80,26 @@ def world(tmp_path_factory) -> Path:
                   progress=False)
     reader = RecordingReader(recs / "b.mcap")
     with Recorder(root / "c_full.mcap", reader.sensor_config(), "pixel", True, reader.key_fingerprint,
-                  chunk_size=8000) as rec:
+                  chunk_size=8000, session=reader.session) as rec:
         for frame in reader.frames():
             rec.write(frame)
     data = (root / "c_full.mcap").read_bytes()
     (recs / "c.mcap").write_bytes(data[: len(data) * 2 // 3])
     reader = RecordingReader(recs / "a.mcap")
-    with Recorder(recs / "d.mcap", reader.sensor_config(), "pixel", False, reader.key_fingerprint) as rec:
-        for frame in list(reader.frames())[:20]:
-            if frame.meta.frame_index == 13:  # a frame of another size: skipped and reported by the replay
-                frame = ProtectedFrame(frame.data[:14, :14].copy(), replace(frame.meta, height=14, width=14))
+    session_key = load_key_file(root / "cam.key").for_session(bytes.fromhex(reader.session))
+    frames = list(reader.frames())[:20]
+    with Recorder(recs / "d.mcap", reader.sensor_config(), "pixel", False, reader.key_fingerprint,
+                  session=reader.session) as rec:
+        for frame in frames:
+            if frame.meta.frame_index == 13:  # an authentic frame of another size: skipped and reported
+                frame = sign_frame(session_key, ProtectedFrame(frame.data[:14, :14].copy(),
+                                                               replace(frame.meta, height=14, width=14)))
+            rec.write(frame)
+    with Recorder(recs / "e.mcap", reader.sensor_config(), "pixel", False, reader.key_fingerprint,
+                  session=reader.session) as rec:
+        for frame in [*frames[:10], frames[3], *frames[10:15], frames[16], frames[15], *frames[17:]]:
+            if frame.meta.frame_index == 6:  # tampered: one pixel changed, the MAC kept
+                frame = ProtectedFrame(frame.data ^ np.uint16(1), frame.meta)
             rec.write(frame)
     return root
 
@@ -108,7 +120,7 @@ def test_replay_on_ray_equals_local_replay_line_for_line(ray_session, world, tmp
     out = tmp_path / "ray.jsonl"
     summary = replay_on_ray([str(world / "recordings")], str(world / "cam.key"), str(world / "m.pt"), str(out),
                             batch_size=BATCH, actors=2, mode="fused", ray_address=None, progress=False, device="cpu")
-    assert not summary["interrupted"] and len(summary["recordings"]) == 4
+    assert not summary["interrupted"] and len(summary["recordings"]) == 5
     lines = out.read_text().splitlines()
     want, frames = [], 0
     for rec, per in zip(recs, summary["recordings"], strict=True):
@@ -118,14 +130,22 @@ def test_replay_on_ray_equals_local_replay_line_for_line(ray_session, world, tmp
         assert per["error"] == local["error"], "an error stops that recording where the local replay stops"
         assert (per["frames"], per["labelled"], per["accuracy"]) == (local["frames"], local["labelled"],
                                                                      local["accuracy"])
-        assert per["replay_report"] == local["replay_report"], "the same damage report as the local reader"
+        assert per["replay_report"] == local["replay_report"], "the same damage and authentication reports"
         frames += local["frames"]
     assert lines == want, "Ray predictions must equal the local replay's bit for bit, in the same order"
     assert summary["frames"] == frames == len(lines) and summary["recordings"][2]["replay_report"]["problems"]
     # d: the frame of another size is skipped and reported (as the local replay does), not a stop of the recording
     assert summary["recordings"][3]["frames"] == 19, "d keeps every frame but the one of another size"
     assert [p for p in summary["recordings"][3]["replay_report"]["problems"] if "frame 13: " in p and "14x14" in p]
-    assert summary["error"] is None and [r["error"] for r in summary["recordings"]] == [None] * 4
+    # e: manipulated frames are found by the read task as the local replay finds them
+    auth = summary["recordings"][4]["replay_report"]["authentication"]
+    assert (auth["tampered"], auth["duplicated"], auth["reordered"], auth["failures"]) == ([6], [3], [15], 2)
+    assert summary["recordings"][4]["frames"] == 19, "e: the tampered frame and the duplicate are skipped"
+    e = str(recs[4])
+    assert summary["replay_report"]["authentication"]["tampered"] == [{"recording": e, "frame_index": 6}]
+    assert summary["replay_report"]["authentication"]["verified"] == sum(
+        r["replay_report"]["authentication"]["verified"] for r in summary["recordings"])
+    assert summary["error"] is None and [r["error"] for r in summary["recordings"]] == [None] * 5
 
 
 def test_parquet_output_one_actor_other_batch_size_and_globs(ray_session, world, tmp_path):
@@ -160,7 +180,7 @@ def test_wrong_key_is_refused_per_recording_before_any_work(world, monkeypatch):
 def test_what_travels_holds_no_key(world):
     secret = (world / "cam.key").read_text().strip()
     headers = [scan_header(str(p), i) for i, p in enumerate(sorted((world / "recordings").glob("*.mcap")))]
-    blob = pickle.dumps(RecordingDatasource(headers, BATCH))
+    blob = pickle.dumps(RecordingDatasource(headers, BATCH, key_file=str(world / "cam.key")))
     assert secret.encode() not in blob and bytes.fromhex(secret) not in blob
     assert headers[0].expected_frames == 40 and headers[2].expected_frames is None  # truncated: no summary
 
@@ -179,8 +199,13 @@ def test_live_cameras_equal_the_local_run_and_record_their_shards(ray_session, w
         start, stop = summary["camera_shards"][row["camera"]]
         assert start <= row["frame_index"] < stop
     rows.sort(key=lambda r: r["frame_index"])
-    lines = [json.dumps({k: v for k, v in r.items() if k != "camera"}) for r in rows]
-    assert lines == (tmp_path / "local.jsonl").read_text().splitlines(), "cameras on Ray = the local run"
+    local_rows = [json.loads(line) for line in (tmp_path / "local.jsonl").read_text().splitlines()]
+    # each camera and the local run are sessions of their own: other gather orders, so the keyed sums are
+    # reassociated and confidences agree to float rounding; predictions, labels and indices exactly
+    same = ("frame_index", "label", "pred")
+    assert [[r[k] for k in same] for r in rows] == [[r[k] for k in same] for r in local_rows], \
+        "cameras on Ray = the local run"
+    assert np.allclose([r["confidence"] for r in rows], [r["confidence"] for r in local_rows], rtol=0, atol=1e-6)
     assert summary["accuracy"] == local["accuracy"]
     assert {s["name"] for s in summary["stages"]} == {"camera-0", "camera-1", "model-0", "model-1"}
     for cam, rec in enumerate(summary["recordings"]):
@@ -196,10 +221,29 @@ def test_live_setup_error_is_refused_like_the_local_run(ray_session, world):
         run_cameras_on_ray(cfg, cameras=1, actors=1, ray_address=None, progress=False)
 
 
+def test_live_cameras_at_a_sensor_size_equal_the_local_run(ray_session, world, tmp_path):
+    """``source.frame_size`` on Ray: each camera exposes its scenes at 56x56 and the model actors read them
+    through the keyed front end at the checkpoint's 28x28 input, as the local run does."""
+    arch = {"name": "compact", "in_channels": 1, "num_classes": 10}
+    torch.manual_seed(1)
+    save_checkpoint(tmp_path / "m28.pt", build_model(**arch), arch, {"scheme": "pixel", "input_shape": [1, 28, 28]})
+    sections = {"source": {"limit": 16, "frame_size": [56, 56]}, "model": {"checkpoint": str(tmp_path / "m28.pt")}}
+    local = run_pipeline(config(world, **sections, output={"predictions": str(tmp_path / "local.jsonl")}),
+                         progress=False)
+    assert local["error"] is None and local["frames"] == 16
+    cfg_ray = config(world, **sections, output={"predictions": str(tmp_path / "live.jsonl")})
+    summary = run_cameras_on_ray(cfg_ray, cameras=1, actors=1, ray_address=None, progress=False)
+    assert summary["error"] is None and summary["frames"] == 16
+    rows = sorted((json.loads(line) for line in (tmp_path / "live.jsonl").read_text().splitlines()),
+                  key=lambda r: r["frame_index"])
+    lines = [json.dumps({k: v for k, v in r.items() if k != "camera"}) for r in rows]
+    assert lines == (tmp_path / "local.jsonl").read_text().splitlines(), "cameras on Ray = the local run"
+
+
 def test_expand_recordings_and_shards(world, tmp_path):
     recs = world / "recordings"
     names = [Path(p).name for p in expand_recordings([str(recs), str(recs / "a.mcap"), str(recs / "?.mcap")])]
-    assert names == ["a.mcap", "b.mcap", "c.mcap", "d.mcap"]
+    assert names == ["a.mcap", "b.mcap", "c.mcap", "d.mcap", "e.mcap"]
     with pytest.raises(PrivcamError, match="no .mcap"):
         expand_recordings([str(tmp_path)])
     assert camera_shards(10, 4, 4) == [(0, 4), (4, 8), (8, 10), (10, 10)]

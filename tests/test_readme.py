@@ -8,8 +8,9 @@ kernels are paid once per folder. What the test adds to a line, and nothing else
 
 - small limits (``--limit``, ``--epochs``, attack budgets, a small frame for ``bench``; see
   ``SMALL``) and ``--quiet``;
-- the files a user would have: ``photo.jpg``, and for ``replay --ray`` the folders it names, holding
-  the recording made by the lines before it (``keygen`` and ``record`` are README lines themselves);
+- the files a user would have: ``photo.jpg``, for ``--dataset folder --data DIR`` that folder holding
+  two photos, and for ``replay --ray`` the folders it names, holding the recording made by the lines
+  before it (``keygen`` and ``record`` are README lines themselves);
 - ``privcam data fashion-mnist`` fetches from a local server (``--mirror``) a tiny Fashion-MNIST
   the test serves (the shipped sample's images as train and test split), with that tiny set's sums
   in place of the official ones. Lines before it find no dataset and run on the shipped sample
@@ -112,7 +113,8 @@ def expand(argv: list[str]) -> list[str]:
 
 
 def make_user_files(argv: list[str], folder: Path) -> None:
-    """The files a user would have before this line: a photo, and the recordings ``replay --ray`` names."""
+    """The files a user would have before this line: a photo, a folder of photos where ``--dataset folder``
+    reads one, and the recordings ``replay --ray`` names."""
     import cv2
 
     from sensor.scene import colour_chart
@@ -120,6 +122,14 @@ def make_user_files(argv: list[str], folder: Path) -> None:
     photo = folder / "photo.jpg"
     if not photo.exists():
         cv2.imwrite(str(photo), colour_chart(96, 144)[..., ::-1])
+    options = dict(zip(argv, argv[1:], strict=False))
+    if options.get("--dataset") == "folder" and options.get("--data"):
+        photos = folder / options["--data"].rstrip("/")
+        if not photos.exists():
+            photos.mkdir(parents=True)
+            chart = colour_chart(96, 144)[..., ::-1]
+            cv2.imwrite(str(photos / "chart.png"), chart)
+            cv2.imwrite(str(photos / "chart_mirrored.png"), chart[:, ::-1].copy())
     if argv[:1] == ["replay"] and "--ray" in argv:
         recording = folder / "frames.mcap"
         for arg in argv[1:]:

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from models import tables as mt
+from sensor import permutation as pm
 from sensor import readout as ro
 from sensor import readout_kernels as rk
 from sensor import readout_tables as rt
@@ -77,6 +78,54 @@ def test_three_pass_tables_and_compose_numba_match_numpy(rows, cols):
         assert a.shape == shape and a.dtype == b.dtype == np.uint16
         assert np.array_equal(a, b)
     assert np.array_equal(rt.compose_table(*fast), rt.compose_table_numpy(*ref))
+
+
+@pytest.mark.parametrize("dtype", [np.uint16, np.int64])
+def test_single_threaded_shuffle_matches_reference(dtype):
+    for rows, cols in ((1, 1), (5, 7), (16, 33), (3, 300)):
+        words = keystream_words(SEED, 2, rows * row_words(cols))
+        out = np.empty((rows, cols), dtype)
+        pm.shuffle_block_nb(words, out)
+        assert np.array_equal(out, shuffle_rows_ref(words, rows, cols))
+
+
+@pytest.mark.parametrize("chunk_bytes, tasks_per_thread, one_thread",
+                         [(1, 100, False), (52, 100, False), (100, 1, False), (4096, 4, False), (1 << 20, 4, False),
+                          (52, 4, True)])
+def test_pipelined_builder_in_chunks_matches_the_reference(monkeypatch, chunk_bytes, tasks_per_thread, one_thread):
+    """Chunks of whole rows whose keystream starts mid-block (row_words(6) = 9 words = 36 bytes),
+    on the pool or in the calling thread (small tables, or one thread), and several tables in one
+    call give the tables of the plain reference and of the test reference."""
+    monkeypatch.setattr(pm, "CHUNK_BYTES", chunk_bytes)
+    monkeypatch.setattr(pm, "TASKS_PER_THREAD", tasks_per_thread)
+    if one_thread:
+        monkeypatch.setattr(pm, "_pool", lambda: (1, None))
+    outs = [(4, np.empty((13, 6), np.uint16)), (9, np.empty((5, 40), np.int32)),
+            (2**64 - 1, np.empty((1, 3), np.int64))]
+    pm.fill_row_permutations(SEED, outs)
+    for stream, out in outs:
+        rows, cols = out.shape
+        assert np.array_equal(out, shuffle_rows_ref(keystream_words(SEED, stream, rows * row_words(cols)), rows, cols))
+        assert out.tolist() == reference.row_perms(SEED, stream, rows, cols)
+
+
+def test_pipelined_builder_validates_its_tables():
+    with pytest.raises(ValueError, match="out: expected a C-contiguous"):
+        pm.fill_row_permutations(SEED, [(0, np.empty((4, 6), np.uint16)[:, ::2])])
+    with pytest.raises(ValueError, match="out: expected .* integer array, got float64"):
+        pm.fill_row_permutations(SEED, [(0, np.empty((4, 6)))])
+    with pytest.raises(ValueError, match="stream: expected an integer in"):
+        pm.fill_row_permutations(SEED, [(-1, np.empty((4, 6), np.uint16))])
+    with pytest.raises(ValueError, match="subkey: expected 32 bytes"):
+        pm.fill_row_permutations(SEED[:31], [(0, np.empty((4, 6), np.uint16))])
+
+
+def test_stacked_tables_are_the_per_plane_tables():
+    a, b, c = rt.stacked_tables(SEED, 6, 10, 4)
+    assert a.shape == c.shape == (4, 6, 10) and b.shape == (4, 10, 6)
+    for t in range(4):
+        for got, want in zip((a[t], b[t], c[t]), rt.three_pass_tables_numpy(SEED, 6, 10, t), strict=True):
+            assert np.array_equal(got, want)
 
 
 def test_table_dtype_switches_to_int32_for_long_axes():

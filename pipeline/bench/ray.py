@@ -40,7 +40,7 @@ from pipeline.resources import resolve
 from pipeline.stream.recording import Recorder
 from pipeline.stream.run import RunConfig, replay_recording
 from sensor.config import SensorConfig
-from sensor.keys import Key, write_key_file
+from sensor.keys import Key, new_session_nonce, write_key_file
 from sensor.scene import render_photons
 from sensor.sensor import Sensor
 
@@ -61,10 +61,13 @@ def make_world(root: Path, recordings: int, frames: int, rotation: bool) -> tupl
     paths = []
     for r in range(recordings):
         path = root / f"rec{r:03d}.mcap"
-        with Recorder(path, cfg.to_dict(), "pixel", rotation, key.fingerprint) as rec:
+        session = key.for_session(new_session_nonce())  # each recording is a capture session of its own
+        with Recorder(path, cfg.to_dict(), "pixel", rotation, key.fingerprint, session=session.session,
+                      store_labels=True) as rec:  # labelled: the bench reports accuracy beside throughput
             for i in range(r * frames, (r + 1) * frames):
                 scene = render_photons(rng.integers(0, 256, HW, dtype=np.uint8), cfg)
-                rec.write(sensor.capture(scene, key, frame_index=i, scheme="pixel", rotation=rotation, label=i % 10))
+                rec.write(sensor.capture(scene, session, frame_index=i, scheme="pixel", rotation=rotation,
+                                         label=i % 10))
         paths.append(str(path))
     return str(key_file), str(root / "m.pt"), paths
 

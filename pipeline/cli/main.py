@@ -3,9 +3,11 @@
 
 Errors are one line on stderr: exit status 2 for a bad input (a PrivcamError, a bad option), 1 for a
 failure of the machine (disk full, out of memory), 130 for Ctrl-C or SIGTERM (handled alike: outputs are
-finalised, an existing output is never replaced by an interrupted run). Every numeric option has a range
-(checked by argparse, the error names the option), and every output path is checked before any work
-(:func:`check_outputs`).
+finalised, an existing output is never replaced by an interrupted run), 3 for a replay that finished but
+skipped frames failing authentication (tampered, spliced, duplicated or without a MAC; see
+:mod:`pipeline.stream.authcheck`): the other frames' predictions are written, and a warning names the
+frames. Every numeric option has a range (checked by argparse, the error names the option), and every
+output path is checked before any work (:func:`check_outputs`).
 """
 
 from __future__ import annotations
@@ -91,9 +93,9 @@ def cmd_capture(args: argparse.Namespace) -> dict[str, Any]:
     photons = render_photons(data, config) if kind == "scene" else raw_to_photons(data, meta, config)
     sensor = Sensor(config, seed=args.seed)
     if args.key:
-        from sensor.keys import load_key_file
+        from ..stream.run import open_session
 
-        key = load_key_file(args.key)
+        key = open_session(args.key)  # a capture is a session of its own: a fresh public nonce
         frame = sensor.capture(photons, key, frame_index=args.frame_index, scheme=args.scheme,
                                rotation=args.rotation).data
     else:
@@ -109,7 +111,8 @@ def cmd_capture(args: argparse.Namespace) -> dict[str, Any]:
         "protected": bool(args.key),
     }
     if args.key:
-        summary.update(scheme=args.scheme, rotation=args.rotation, key_fingerprint=key.fingerprint)
+        summary.update(scheme=args.scheme, rotation=args.rotation, key_fingerprint=key.fingerprint,
+                       session=key.session)
     if args.preview:
         preview = raw_to_srgb(frame, config)
         write_png(Path(args.preview), preview)
@@ -154,7 +157,7 @@ def cmd_demo(args: argparse.Namespace) -> dict[str, Any]:
         raise OutputPathError(f"--out {out}: expected a folder for the demo's files, got a file")
     if not out.exists():
         check_outputs([(str(out / "camera.key"), "--out", None)])
-    return run_demo(out, args.limit, progress=not args.quiet)
+    return run_demo(out, args.limit, progress=not args.quiet, frame_size=args.frame_size and tuple(args.frame_size))
 
 
 
@@ -273,7 +276,30 @@ def cmd_replay(args: argparse.Namespace) -> dict[str, Any]:
         skipped = f", {summary['skipped']} skipped" if summary.get("skipped") else ""
         print(f"privcam replay: {summary['frames']} intact frames replayed, {lost} lost{skipped}: "
               f"{'; '.join(report['problems'])}", file=sys.stderr)
+    return _finish_replay(summary)
+
+
+AUTH_FAILED = 3  # exit status of a replay that skipped frames failing authentication
+
+
+def _finish_replay(summary: dict[str, Any]) -> dict[str, Any]:
+    """:func:`_finish`, and exit status 3 with a warning when frames failed authentication (an error or an
+    interruption keeps its own status)."""
+    auth = (summary.get("replay_report") or {}).get("authentication") or {}
+    if auth.get("failures"):
+        kinds = ", ".join(f"{kind} {_indices(auth[kind])}" for kind in ("tampered", "spliced", "duplicated",
+                                                                       "unauthenticated") if auth.get(kind))
+        print(f"privcam replay: warning: {auth['failures']} frames failed authentication and were skipped "
+              f"({kinds}); exit status {AUTH_FAILED}", file=sys.stderr)
+        summary["exit_status"] = AUTH_FAILED
     return _finish(summary)
+
+
+def _indices(items: list[Any], shown: int = 10) -> str:
+    """Frame indices (or Ray's {"recording", "frame_index"} entries) as short text."""
+    text = [str(i) if not isinstance(i, dict) else f"{Path(i['recording']).name}#{i['frame_index']}"
+            for i in items[:shown]]
+    return "[" + ", ".join(text) + (", ..." if len(items) > shown else "") + "]"
 
 
 def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
@@ -295,7 +321,7 @@ def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
 def cmd_show(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
-    from models.checkpoint import check_model_input, load_checkpoint
+    from models.checkpoint import check_model_input, load_checkpoint, model_input_hw
     from models.plain import build_model
     from sensor.keys import load_key_file
     from sensor.scene import colour_chart
@@ -318,10 +344,11 @@ def cmd_show(args: argparse.Namespace) -> dict[str, Any]:
         scene = scene[: h - h % 2, : w - w % 2]
     key = load_key_file(args.key)
     h, w = scene.shape[:2]
+    model_hw = None
     if args.checkpoint:
         model, manifest = load_checkpoint(resolve(args.checkpoint))
-        check_model_input(model, manifest, input_shape(args.scheme, h, w),
-                          f"the {args.scheme} scheme on this {h}x{w} {config.cfa} frame", args.checkpoint)
+        model_hw = model_input_hw(model, manifest, input_shape(args.scheme, h, w),
+                                  f"the {args.scheme} scheme on this {h}x{w} {config.cfa} frame", args.checkpoint)
         weights = args.checkpoint
     else:
         torch.manual_seed(0)
@@ -329,7 +356,7 @@ def cmd_show(args: argparse.Namespace) -> dict[str, Any]:
         weights = "random init (seed 0)"
         check_model_input(model, {}, input_shape(args.scheme, h, w),
                           f"the {args.scheme} scheme on this {h}x{w} {config.cfa} frame", "the compact net")
-    figure, facts = show_panels(scene, config, key, args.scheme, model, args.frame_index, args.seed)
+    figure, facts = show_panels(scene, config, key, args.scheme, model, args.frame_index, args.seed, model_hw)
     write_png(Path(args.out), figure)
     return {"out": args.out, "weights": weights, **facts}
 
@@ -374,7 +401,8 @@ def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
     convergence = ConvergenceBudget(train_images=max(2, args.attack_train_images),
                                     max_epochs=args.invariant_max_epochs, patience=args.invariant_patience)
     table = accuracy_table(str(resolve(args.checkpoint)), test, train, sensor_cfg, key, args.scheme, budget,
-                           progress=not args.quiet, convergence=convergence)
+                           progress=not args.quiet, convergence=convergence,
+                           frame_size=args.frame_size and tuple(args.frame_size))
     if args.out:
         from sensor.atomic import atomic_path
 
@@ -442,8 +470,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=SEED, default=0, help="temporal noise seed (default 0)")
     p.add_argument("--frame-index", type=FRAME_INDEX, default=0, help="frame counter n (default 0)")
     p.add_argument("--exposure-s", type=float_range(0, 3600), help="override the profile's exposure time (s)")
-    p.add_argument("--key", help="read the frame out in this key's order: the protected frame a keyed camera "
-                   "emits (the preview then shows what anyone without the key sees)")
+    p.add_argument("--key", help="master key file: read the frame out in the order of a fresh capture session "
+                   "under this key (its public nonce is reported as \"session\"): the protected frame a keyed "
+                   "camera emits (the preview then shows what anyone without the key sees)")
     p.add_argument("--scheme", default="pixel", choices=SCHEMES, help="readout scheme with --key (default pixel)")
     p.add_argument("--rotation", action="store_true",
                    help="with --key: the order of frame --frame-index instead of the static order")
@@ -538,6 +567,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="row 7's epoch cap: it trains to convergence, stopping on a validation split (default 200)")
     acc.add_argument("--invariant-patience", type=EPOCHS, default=10,
                      help="row 7: epochs without a better validation accuracy before it stops (default 10)")
+    acc.add_argument("--frame-size", type=int_range(1, 1 << 16), nargs=2, metavar=("H", "W"),
+                     help="expose the scenes at this sensor size (the model reads them through the front end)")
     acc.add_argument("--out", help="also write the table (JSON) here")
     acc.add_argument("--quiet", action="store_true")
     priv = what.add_parser("privacy", help="the privacy table (methods x attacks)",
@@ -556,6 +587,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="demo_out", help="output folder (default demo_out)")
     p.add_argument("--limit", type=int_range(1, 1000), default=1000,
                    help="frames from the sample, 1-1000 (default 1000)")
+    p.add_argument("--frame-size", type=int_range(1, 1 << 16), nargs=2, metavar=("H", "W"),
+                   help="expose the 28x28 scenes at this sensor size, e.g. 280 280 (the 28x28 model reads the "
+                        "frames through the keyed front end); default 28 28")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return parser
 

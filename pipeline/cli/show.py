@@ -56,8 +56,13 @@ def _first_conv_output(model: nn.Module, x: torch.Tensor, kind: type) -> torch.T
 
 
 def show_panels(scene: np.ndarray, config: SensorConfig, key: Key, scheme: str, model: nn.Module,
-                frame_index: int = 0, seed: int = 0) -> tuple[np.ndarray, dict]:
-    """Build the figure. Returns ((H, W, 3) uint8 RGB, facts about it)."""
+                frame_index: int = 0, seed: int = 0,
+                model_hw: tuple[int, int] | None = None) -> tuple[np.ndarray, dict]:
+    """Build the figure. Returns ((H, W, 3) uint8 RGB, facts about it).
+
+    ``model_hw``: the model's input (h, w) when it is smaller than the frame's network input: the plain
+    map is then the model's on the plain front end's output, the keyed one behind the keyed front end.
+    """
     sensor = Sensor(config, seed=seed)
     photons = render_photons(scene, config)
     plain = sensor.expose(photons, frame_index)
@@ -65,15 +70,16 @@ def show_panels(scene: np.ndarray, config: SensorConfig, key: Key, scheme: str, 
     h, w = plain.shape
     shape = input_shape(scheme, h, w)
     order = sensor.readout(key, scheme, h, w)
-    twin = keyed(model, key, shape, torch.from_numpy(order.plane_tables()), mode="fused")
+    twin = keyed(model, key, shape, torch.from_numpy(order.plane_tables()), mode="fused", model_hw=model_hw)
     fmt = FrameFormat.from_config(config, scheme=scheme)
-    plain_in, prot_in = network_input(plain[None], fmt), network_input(protected.data[None], fmt)
+    plain_in, prot_in = network_input(plain[None], fmt, size=model_hw), network_input(protected.data[None], fmt)
     fmap_plain = _first_conv_output(model.eval(), plain_in, nn.Conv2d)[0]
     fmap_keyed = _first_conv_output(twin.eval(), prot_in, KeyedConv2d)[0]
     channel = int(fmap_plain.flatten(1).std(1).argmax())
     layer = next(m for m in twin.modules() if isinstance(m, KeyedConv2d))
     restored = fmap_keyed.flatten(1)[:, torch.argsort(layer.out_perm)].view_as(fmap_plain)
     facts = {"scheme": scheme, "key_fingerprint": key.fingerprint, "frame_shape": [h, w],
+             "model_input": list(model_hw or shape[1:]),
              "feature_channel": channel,
              "keyed_vs_plain_feature_max_abs_diff": float((restored - fmap_plain).abs().max())}
     panels = [_to_panel(scene, "scene"),

@@ -5,6 +5,13 @@ rendered to photons and exposed with the sensor's noise; the network sees
 :func:`pipeline.stream.inputs.network_input` of the plain frames. The keyed twin of the result
 classifies protected frames without retraining.
 
+Sensor and model resolution: ``frame_size`` [H, W] exposes every scene at that sensor resolution
+(:func:`pipeline.stream.sources.fit_scene`) and ``input_size`` [h, w] is the model's input (default: the
+network input of the scenes' own size); when the frames' network input is larger than the model's, the
+plain front end (``network_input(..., size=(h, w))``, INTER_AREA / binning) resamples it, the same front
+end whose keyed twin ``privcam run`` applies to protected frames. The manifest's ``input_shape`` is the
+model's input.
+
 Resumable: the full training state (model, optimiser, scheduler, epoch, best accuracy) is saved
 atomically after every epoch to ``<out>.state``; running again with the same config continues. The
 state is read back with ``weights_only=True`` and checked (:func:`models.checkpoint.load_training_state`).
@@ -34,7 +41,7 @@ from models.checkpoint import (
 from models.plain import MODEL_NAMES, build_model
 from sensor.atomic import check_output_path
 from sensor.config import SensorConfig
-from sensor.configio import check_range, dataclass_from_dict
+from sensor.configio import check_range, check_size, dataclass_from_dict
 from sensor.errors import ConfigError
 from sensor.frame import FrameFormat
 from sensor.readout import SCHEMES
@@ -63,6 +70,8 @@ class TrainConfig:
     limit_train: int | None = None
     limit_test: int | None = None
     out: str = "compact_fashion_mnist_pixel.pt"
+    frame_size: tuple[int, int] | None = None  # [H, W] sensor frames (scenes resampled); None: the scenes' size
+    input_size: tuple[int, int] | None = None  # [h, w] model input; None: the network input of the scenes' size
 
     def __post_init__(self) -> None:
         src = "TrainConfig"
@@ -79,6 +88,8 @@ class TrainConfig:
         for name in ("limit_train", "limit_test"):
             if getattr(self, name) is not None:
                 check_range(src, name, getattr(self, name), 1)
+        for name in ("frame_size", "input_size"):
+            object.__setattr__(self, name, check_size(src, name, getattr(self, name)))
         if not str(self.out).strip() or Path(self.out).suffix != ".pt":
             raise ConfigError(src, "out", "a checkpoint path ending in .pt (its manifest is written beside it "
                               "as .json, the resumable state as .state)", self.out)
@@ -116,20 +127,42 @@ def augment_scenes(images: np.ndarray, rng: np.random.Generator, pad: int = 2) -
     return out
 
 
-def sensor_inputs(images: np.ndarray, sensor: Sensor, scheme: str, first_frame_index: int) -> torch.Tensor:
-    """Scenes -> plain frames -> network input tensor (B, C, h, w) float32."""
-    frames = expose_scenes(images, sensor, first_frame_index)
-    return network_input(frames, FrameFormat.from_config(sensor.config, scheme=scheme))
+def sensor_inputs(images: np.ndarray, sensor: Sensor, scheme: str, first_frame_index: int,
+                  frame_size: tuple[int, int] | None = None,
+                  model_hw: tuple[int, int] | None = None) -> torch.Tensor:
+    """Scenes (B, H, W[, 3]) -> plain frames (at ``frame_size``, default (H, W)) -> network input tensor
+    (B, C, h, w) float32, resampled by the plain front end to ``model_hw`` when given."""
+    frames = expose_scenes(images, sensor, first_frame_index, size=frame_size)
+    return network_input(frames, FrameFormat.from_config(sensor.config, scheme=scheme), size=model_hw)
+
+
+def model_input(cfg: TrainConfig, scene_hw: tuple[int, int]) -> tuple[tuple[int, int, int], tuple[int, int]]:
+    """(network input (C, H, W) of the sensor frames, model input (h, w)) for scenes of ``scene_hw``.
+
+    ConfigError when the model input is larger than the frames' network input (the front end only downscales).
+    """
+    frame = cfg.frame_size or (int(scene_hw[0]), int(scene_hw[1]))
+    c, fh, fw = input_shape(cfg.scheme, *frame)
+    mh, mw = cfg.input_size or input_shape(cfg.scheme, *scene_hw)[1:]
+    if mh > fh or mw > fw:
+        field, got = ("input_size", cfg.input_size) if cfg.input_size else ("frame_size", cfg.frame_size)
+        raise ConfigError("TrainConfig", field, f"a model input ({mh}x{mw}) no larger than the network input of "
+                          f"the {cfg.scheme} scheme on {frame[0]}x{frame[1]} frames ({fh}x{fw}; the front end only "
+                          f"downscales)", list(got))
+    return (c, fh, fw), (mh, mw)
 
 
 @torch.inference_mode()
 def evaluate_plain(model: nn.Module, data: Dataset, sensor: Sensor, scheme: str, batch_size: int = 500,
-                   first_frame_index: int = 10**9, device: torch.device | str = "cpu") -> float:
-    """Accuracy of a plain model on plain (unpermuted) sensor frames of ``data``."""
+                   first_frame_index: int = 10**9, device: torch.device | str = "cpu",
+                   frame_size: tuple[int, int] | None = None, model_hw: tuple[int, int] | None = None) -> float:
+    """Accuracy of a plain model on plain (unpermuted) sensor frames of ``data`` (exposed at ``frame_size``,
+    resampled to ``model_hw`` by the plain front end; see :func:`sensor_inputs`)."""
     model.eval()
     correct = 0
     for start in range(0, len(data), batch_size):
-        x = sensor_inputs(data.images[start:start + batch_size], sensor, scheme, first_frame_index + start)
+        x = sensor_inputs(data.images[start:start + batch_size], sensor, scheme, first_frame_index + start,
+                          frame_size, model_hw)
         pred = model(x.to(device)).argmax(1).cpu()
         correct += int((pred == torch.from_numpy(data.labels[start:start + batch_size])).sum())
     return correct / len(data)
@@ -155,8 +188,7 @@ def train(cfg: TrainConfig, progress: bool = True, device: torch.device | str | 
     test_set = load_dataset(cfg.dataset, "test", cfg.data).subset(cfg.limit_test)
     sensor_cfg = SensorConfig.from_yaml(resolve(cfg.sensor))
     sensor = Sensor(sensor_cfg, seed=cfg.seed)
-    h, w = train_set.images.shape[1:3]
-    c = input_shape(cfg.scheme, h, w)[0]
+    (c, _, _), model_hw = model_input(cfg, train_set.images.shape[1:3])
     num_classes = int(max(train_set.labels.max(), test_set.labels.max())) + 1
     arch = {"name": cfg.model, "in_channels": c, "num_classes": num_classes}
     torch.manual_seed(cfg.seed)
@@ -169,7 +201,7 @@ def train(cfg: TrainConfig, progress: bool = True, device: torch.device | str | 
     epoch0, history, wall_s = 0, [], 0.0
     state = load_training_state(state_path)
     if state is not None:
-        if state["config"] != asdict(cfg):
+        if {**asdict(TrainConfig()), **state["config"]} != asdict(cfg):  # fields added later: their defaults
             raise ConfigError(str(state_path), "config", "the same training config to resume (delete the .state "
                               "file to start over)", "a different config")
         load_state_into(state_path, model, state["model"], f"a plain {cfg.model}")
@@ -191,7 +223,8 @@ def train(cfg: TrainConfig, progress: bool = True, device: torch.device | str | 
             scenes = train_set.images[idx]
             if cfg.augment:
                 scenes = augment_scenes(scenes, rng)
-            x = sensor_inputs(scenes, sensor, cfg.scheme, epoch * len(train_set) + step * cfg.batch_size)
+            x = sensor_inputs(scenes, sensor, cfg.scheme, epoch * len(train_set) + step * cfg.batch_size,
+                              cfg.frame_size, model_hw)
             y = torch.from_numpy(train_set.labels[idx])
             loss = loss_fn(model(x.to(device)), y.to(device))
             opt.zero_grad(set_to_none=True)
@@ -204,7 +237,8 @@ def train(cfg: TrainConfig, progress: bool = True, device: torch.device | str | 
         if not np.isfinite(total_loss) or not all(torch.isfinite(p).all() for p in model.parameters()):
             raise ConfigError(cfg.out, "lr", f"a training run whose loss stays finite (it diverged in epoch "
                               f"{epoch + 1}; no checkpoint was written; try a smaller lr)", cfg.lr)
-        acc = evaluate_plain(model, test_set, sensor, cfg.scheme, device=device)
+        acc = evaluate_plain(model, test_set, sensor, cfg.scheme, device=device, frame_size=cfg.frame_size,
+                             model_hw=model_hw)
         wall_s += time.perf_counter() - t0
         history.append({"epoch": epoch + 1, "loss": total_loss / seen, "test_accuracy": acc, "wall_s": wall_s})
         if progress:
@@ -215,7 +249,8 @@ def train(cfg: TrainConfig, progress: bool = True, device: torch.device | str | 
             "scheduler": sched.state_dict(), "epoch": epoch + 1, "history": history, "wall_s": wall_s})
     final_acc = history[-1]["test_accuracy"] if history else None
     info = {"dataset": cfg.dataset, "train_images": len(train_set), "test_images": len(test_set),
-            "scheme": cfg.scheme, "input_shape": list(input_shape(cfg.scheme, h, w)),
+            "scheme": cfg.scheme, "input_shape": [c, *model_hw],
+            "frame_size": list(cfg.frame_size or train_set.images.shape[1:3]),
             "sensor": sensor_cfg.to_dict(), "sensor_seed": cfg.seed, "plain_test_accuracy": final_acc,
             "epochs": cfg.epochs, "train_wall_s": round(wall_s, 1), "device": str(device),
             "torch_threads": torch.get_num_threads(), "history": history, "train_config": asdict(cfg)}

@@ -42,7 +42,7 @@ from ..stream.run import (
     open_session,
 )
 from ..stream.sinks import PredictionWriter
-from ..stream.sources import scene_items
+from ..stream.sources import frame_hw, scene_items
 from .cluster import ensure_ray, error_text, innermost, ray_info, share_cpus
 from .replay import KeyedBatchPredictor
 
@@ -125,7 +125,7 @@ class CameraActor:
     def run(self) -> dict[str, Any]:
         """Capture the shard; returns the camera's stage stats (and its recording, when recording)."""
         c = self.cfg
-        fmt = asdict(frame_format(c, self.sensor_cfg, *self.data.images.shape[1:3]))
+        fmt = asdict(frame_format(c, self.sensor_cfg, *frame_hw(self.data.images, c.source.frame_size)))
         recorder = None
         if c.output.record:
             recorder = Recorder(camera_recording_path(c.output.record, self.camera), self.sensor_cfg.to_dict(),
@@ -148,7 +148,7 @@ class CameraActor:
 
     def _capture_all(self, fmt: dict[str, Any], recorder: Recorder | None) -> None:
         stats, batch = self.stats, []
-        for item in scene_items(self.data, self.first):
+        for item in scene_items(self.data, self.first, self.cfg.source.frame_size):
             if self._stop.is_set():
                 raise CameraStopped
             t0 = time.perf_counter()
@@ -254,7 +254,7 @@ def run_cameras_on_ray(cfg: RunConfig, cameras: int = 2, actors: int = 2, ray_ad
                                                                                         cfg.source.offset)
     if len(data) == 0:
         raise ConfigError("source", "limit", "at least one item in the selected range", cfg.source.limit)
-    fmt = asdict(frame_format(cfg, sensor_cfg, *data.images.shape[1:3]))
+    fmt = asdict(frame_format(cfg, sensor_cfg, *frame_hw(data.images, cfg.source.frame_size)))
     shards = camera_shards(len(data), cameras, cfg.pipeline.batch_size, cfg.source.offset)
     started = ensure_ray(ray_address)
     try:

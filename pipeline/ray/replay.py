@@ -21,6 +21,7 @@ from sensor.errors import ConfigError, PrivcamError
 from sensor.frame import ProtectedFrame
 from sensor.keys import Key
 
+from ..stream.authcheck import KINDS, session_key
 from ..stream.classifier import FrameFormat, KeyedClassifier
 from ..stream.recording import (
     decode_frame,
@@ -32,7 +33,6 @@ from ..stream.run import (
     build_classifier,
     load_key,
     pick_device,
-    session_key,
 )
 from ..stream.sinks import PREDICTION_FIELDS, PredictionWriter
 from .cluster import DataContextFor, ensure_ray, error_text, ray_info, share_cpus
@@ -192,8 +192,22 @@ class ReorderingSink:
         return out
 
 
+def merge_authentication(reports: list[dict[str, Any]]) -> dict[str, Any]:
+    """The recordings' authentication reports as one: verified and failures summed; per kind, the frames as
+    {"recording", "frame_index"}; details prefixed with the recording."""
+    auths = [(r["recording"], (r["replay_report"] or {}).get("authentication")) for r in reports]
+    auths = [(path, a) for path, a in auths if a]
+    out: dict[str, Any] = {"verified": sum(a["verified"] for _, a in auths),
+                           "failures": sum(a["failures"] for _, a in auths)}
+    for kind in KINDS:
+        out[kind] = [{"recording": path, "frame_index": i} for path, a in auths for i in a[kind]]
+    out["details"] = [f"{path}: {d}" for path, a in auths for d in a["details"]]
+    return out
+
+
 def merge_reports(reports: list[dict[str, Any]]) -> dict[str, Any]:
-    """One replay report for many recordings: counts summed, problems prefixed with the recording."""
+    """One replay report for many recordings: counts summed, problems prefixed with the recording,
+    authentication merged (:func:`merge_authentication`)."""
     known = [r["replay_report"] for r in reports if r["replay_report"]]
     expected = [r["expected_frames"] for r in known]
     return {"frames_read": sum(r["frames_read"] for r in known), "frames_lost": sum(r["frames_lost"] for r in known),
@@ -201,7 +215,8 @@ def merge_reports(reports: list[dict[str, Any]]) -> dict[str, Any]:
             "expected_frames": sum(expected) if expected and None not in expected and len(known) == len(reports)
             else None,
             "problems": [f"{r['recording']}: {p}" for r in reports for p in (r["replay_report"] or {}).get(
-                "problems", [])]}
+                "problems", [])],
+            "authentication": merge_authentication(reports)}
 
 
 # -- replay ------------------------------------------------------------------------------------------------
@@ -266,7 +281,8 @@ def replay_on_ray(paths: list[str], key_file: str, checkpoint: str, out: str | N
         err, interrupted = None, False
         try:
             with DataContextFor(block_bytes):
-                ds = prediction_dataset(RecordingDatasource(headers, batch_size, block_bytes), actors, cpus,
+                source = RecordingDatasource(headers, batch_size, block_bytes, key_file=str(key_file))
+                ds = prediction_dataset(source, actors, cpus,
                                         gpus_per_actor, {"key_file": str(key_file), "checkpoint": str(checkpoint),
                                                          "mode": mode, "device": device, "threads": threads})
                 for table in ds.iter_batches(batch_size=None, batch_format="pyarrow"):

@@ -53,6 +53,7 @@ class KeyedClassifier:
         self.check_fingerprint = check_fingerprint
         static = readout_permutation(key, fmt.scheme, fmt.height, fmt.width).plane_tables()
         shape = input_shape(fmt.scheme, fmt.height, fmt.width)
+        self.model_hw = tuple(model_hw) if model_hw is not None else shape[1:]  # what the network runs at
         self.model = keyed(model.to(self.device).eval(), key, shape, torch.from_numpy(static), mode=mode,
                            device=self.device, model_hw=model_hw)
 
@@ -107,4 +108,5 @@ class KeyedClassifier:
 
     def __repr__(self) -> str:
         return (f"KeyedClassifier(key={self.fingerprint}, scheme={self.fmt.scheme}, "
-                f"rotation={self.fmt.rotation}, mode={self.mode}, device={self.device})")
+                f"rotation={self.fmt.rotation}, mode={self.mode}, device={self.device}, "
+                f"frames={self.fmt.height}x{self.fmt.width}, model_hw={self.model_hw[0]}x{self.model_hw[1]})")

@@ -14,6 +14,7 @@ existing recording or prediction file.
 
 from __future__ import annotations
 
+import itertools
 import os
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -24,24 +25,25 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from models.checkpoint import check_model_input, load_checkpoint, read_manifest
+from models.checkpoint import load_checkpoint, model_input_hw, read_manifest
 from models.keyed import MODES
 from sensor.atomic import check_output_path
 from sensor.config import SensorConfig
-from sensor.configio import check_range, dataclass_from_dict, read_yaml
-from sensor.errors import ConfigError, KeyFileError, PrivcamError
+from sensor.configio import check_range, check_size, dataclass_from_dict, read_yaml
+from sensor.errors import ConfigError, PrivcamError
 from sensor.frame import FrameFormat, FrameMeta, ProtectedFrame
-from sensor.keys import Key, load_key_file, new_session_nonce, parse_nonce
+from sensor.keys import Key, load_key_file, new_session_nonce
 from sensor.rawio import RawFrame
 from sensor.readout import SCHEMES
 from sensor.scene import raw_to_photons, render_photons
 from sensor.sensor import Sensor
 
 from ..resources import DEFAULT_CHECKPOINT, MONO_PROFILE, resolve
+from .authcheck import FrameAuthenticator, session_key  # noqa: F401 - session_key: re-exported
 from .classifier import KeyedClassifier
 from .engine import Batch, Map, Pipeline, RunResult
 from .inputs import input_shape
-from .recording import Recorder, RecordingReader, check_table_format, stream_mismatch
+from .recording import Recorder, RecordingReader, check_recording_format, check_table_format, stream_mismatch
 from .sinks import OUTPUT_SUFFIXES, PredictionWriter
 from .sources import SkipLog, open_source
 
@@ -53,10 +55,15 @@ class SourceSection:
     data: str | None = None
     limit: int | None = 2000
     offset: int = 0
+    frame_size: tuple[int, int] | None = None  # [H, W]: scenes resampled to this sensor resolution
 
     def __post_init__(self) -> None:
         if self.split not in ("train", "test"):
             raise ConfigError("source", "split", "train or test", self.split)
+        object.__setattr__(self, "frame_size", check_size("source", "frame_size", self.frame_size))
+        if self.frame_size is not None and self.dataset == "rawfolder":
+            raise ConfigError("source", "frame_size", "null for dataset rawfolder (raw frames are read at their "
+                              "own size)", list(self.frame_size))
         if self.limit is not None:
             check_range("source", "limit", self.limit, 1)
         check_range("source", "offset", self.offset, 0)
@@ -249,16 +256,22 @@ def summarise(result: RunResult, sink: PredictionWriter, extra: dict[str, Any]) 
 
 
 def build_classifier(cfg: RunConfig, key: Key, fmt: FrameFormat) -> tuple[KeyedClassifier, dict[str, Any]]:
+    """The keyed classifier of ``cfg.model`` for frames of ``fmt``, and the checkpoint's manifest.
+
+    The network runs at the model's input size (the manifest's ``input_shape``): frames whose network
+    input is larger are resampled by the keyed front end (:func:`models.checkpoint.model_input_hw`).
+    """
     model, manifest = load_checkpoint(resolve(cfg.model.checkpoint))
     trained_scheme = manifest.get("scheme")
     representation = {"pixel": "mosaic", "quad": "packed", "plane": "packed"}
     if trained_scheme and representation[trained_scheme] != representation[fmt.scheme]:
         raise ConfigError("key", "scheme", f"a scheme whose network input matches the checkpoint's "
                           f"({trained_scheme})", fmt.scheme)
-    check_model_input(model, manifest, input_shape(fmt.scheme, fmt.height, fmt.width),
-                      f"the {fmt.scheme} scheme on {fmt.height}x{fmt.width} {fmt.cfa} frames", cfg.model.checkpoint)
+    model_hw = model_input_hw(model, manifest, input_shape(fmt.scheme, fmt.height, fmt.width),
+                              f"the {fmt.scheme} scheme on {fmt.height}x{fmt.width} {fmt.cfa} frames",
+                              cfg.model.checkpoint)
     device = pick_device(cfg.model.device)
-    return KeyedClassifier(model, key, fmt, mode=cfg.model.mode, device=device), manifest
+    return KeyedClassifier(model, key, fmt, mode=cfg.model.mode, device=device, model_hw=model_hw), manifest
 
 
 def check_run_outputs(cfg: RunConfig, record: str | None = None, inputs: tuple[str | None, ...] = ()) -> None:
@@ -384,17 +397,6 @@ def _replay_sensor(path: str, reader: RecordingReader, cfg: RunConfig, first: Fr
     return fallback
 
 
-def session_key(where: str, key: Key, session: str) -> Key:
-    """The key of one session's frames (``where``: the recording or source, for messages): derived from a
-    master key, or the session key itself when it is that session's (any other is refused, naming both)."""
-    if not session:
-        return key
-    try:
-        return key.for_session(parse_nonce(session, f"{where}: session"))
-    except KeyFileError as err:
-        raise PrivcamError(f"{where}: {err}") from None
-
-
 def make_recording_hint(path: str) -> str:
     """What to run when a recording is not there (every "not here" error names the command)."""
     return f"make one with privcam record --key KEY --out {path}, or privcam run --key KEY --record {path}"
@@ -402,7 +404,10 @@ def make_recording_hint(path: str) -> str:
 
 def replay_recording(path: str, cfg: RunConfig, progress: bool = True) -> dict[str, Any]:
     """Stream a recording through the keyed classifier. Damaged parts are skipped and reported, and so are
-    frames that do not belong to the stream (another key, size, scheme)."""
+    frames that do not belong to the stream (another key, size, scheme). Every frame's MAC is checked under
+    the recording's session key first (:mod:`pipeline.stream.authcheck`); the summary's
+    ``replay_report["authentication"]`` lists the frames skipped as tampered, spliced, duplicated or
+    unauthenticated, and the reordered ones (classified)."""
     check_run_outputs(cfg, inputs=(path,))
     key = load_key(cfg.key.file)
     if not Path(path).exists():
@@ -415,6 +420,8 @@ def replay_recording(path: str, cfg: RunConfig, progress: bool = True) -> dict[s
 
 
 def _replay(path: str, reader: RecordingReader, key: Key, cfg: RunConfig, progress: bool) -> dict[str, Any]:
+    if reader.recording_format is not None:  # None: the privcam.recording record is damaged
+        check_recording_format(path, reader.recording_format)
     if reader.table_format is not None:  # None: the privcam.recording record is damaged (checked per frame)
         check_table_format(path, reader.table_format)
     recorded = reader.key_fingerprint
@@ -422,19 +429,27 @@ def _replay(path: str, reader: RecordingReader, key: Key, cfg: RunConfig, progre
         raise PrivcamError(f"{path}: recorded with key {recorded}, but {cfg.key.file} has fingerprint "
                            f"{key.fingerprint}; refusing to replay with the wrong key")
     problems: list[str] = []
-    frames = reader.frames()
-    first = next(frames, None)
+    read = reader.frames()
+    first = next(read, None)
     if first is None:
         report = reader.report.to_dict()
         return {"job": "replay", "recording": path, "frames": 0, "replay_report": report, "skipped": 0,
                 "error": "no intact frame in the recording"}
+    # the recording's session; with its metadata record damaged, the first frame's (a wrong guess fails every MAC)
+    auth = FrameAuthenticator(key, reader.session if reader.session is not None else first.meta.session, path)
+    frames = auth.filter(itertools.chain([first], read))
+    first = next(frames, None)
+    if first is None:
+        report = {**reader.report.to_dict(), "authentication": auth.report.to_dict()}
+        return {"job": "replay", "recording": path, "frames": 0, "replay_report": report, "skipped": 0,
+                "error": "no authentic frame in the recording"}
     if recorded is None:
         if first.meta.key_fingerprint != key.fingerprint:
             raise PrivcamError(f"{path}: recorded with key {first.meta.key_fingerprint}, but {cfg.key.file} has "
                                f"fingerprint {key.fingerprint}; refusing to replay with the wrong key")
         problems.append("privcam.recording metadata missing or damaged: the key is checked frame by frame")
     m = first.meta
-    key = session_key(path, key, reader.session if reader.session is not None else m.session)
+    key = auth.session_key
     sensor_cfg = _replay_sensor(path, reader, cfg, m, problems)
     fmt = FrameFormat.from_config(sensor_cfg, scheme=m.scheme, rotation=m.rotation, height=m.height, width=m.width)
     classifier, manifest = build_classifier(cfg, key, fmt)
@@ -461,6 +476,7 @@ def _replay(path: str, reader: RecordingReader, key: Key, cfg: RunConfig, progre
     report["problems"] = problems + report["problems"] + [f"skipped {t}" for t in skips.items]
     if skips.count > len(skips.items):
         report["problems"].append(f"... {skips.count - len(skips.items)} more frames skipped")
+    report["authentication"] = auth.report.to_dict()
     extra = {"job": "replay", "recording": path, "scheme": fmt.scheme, "rotation": fmt.rotation,
              "mode": cfg.model.mode, "device": str(classifier.device), "key_fingerprint": key.fingerprint,
              "checkpoint": cfg.model.checkpoint, "replay_report": report}

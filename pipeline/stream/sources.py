@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import cv2
 import numpy as np
 from tqdm import tqdm
 
@@ -40,20 +41,42 @@ class SkipLog:
                 self.items.append(why)
 
 
+def fit_scene(image: np.ndarray, size: tuple[int, int] | None) -> np.ndarray:
+    """A scene resampled to the sensor's (height, width): OpenCV ``INTER_AREA`` when it shrinks on both
+    axes, ``INTER_LINEAR`` otherwise. (H, W[, 3]) uint8 -> (height, width[, 3]) uint8; unchanged when
+    ``size`` is None or already the scene's size."""
+    if size is None or tuple(image.shape[:2]) == tuple(size):
+        return image
+    h, w = size
+    shrink = h <= image.shape[0] and w <= image.shape[1]
+    out = cv2.resize(image, (w, h), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
+    return out.reshape(h, w, *image.shape[2:])
+
+
+def frame_hw(images: np.ndarray, size: tuple[int, int] | None) -> tuple[int, int]:
+    """The sensor frames' (H, W) for scenes ``images`` (N, H, W[, 3]): ``size`` when given, else the scenes'."""
+    return tuple(size) if size is not None else tuple(images.shape[1:3])
+
+
 def expose_scenes(images: np.ndarray, sensor: Sensor, first_frame_index: int, progress: bool = False,
-                  desc: str = "frames") -> np.ndarray:
-    """Scenes (B, H, W[, 3]) uint8 -> plain sensor frames (B, H, W) uint16; frame n = first + i."""
-    out = np.empty((len(images), *images.shape[1:3]), np.uint16)
+                  desc: str = "frames", size: tuple[int, int] | None = None) -> np.ndarray:
+    """Scenes (B, H, W[, 3]) uint8 -> plain sensor frames (B, H', W') uint16; frame n = first + i.
+
+    ``size``: the sensor's (H', W') (each scene resampled by :func:`fit_scene`); default the scenes' (H, W).
+    """
+    out = np.empty((len(images), *frame_hw(images, size)), np.uint16)
     for i in tqdm(range(len(images)), desc=desc, disable=not progress, unit="frame", leave=False):
-        out[i] = sensor.expose(render_photons(images[i], sensor.config), first_frame_index + i)
+        out[i] = sensor.expose(render_photons(fit_scene(images[i], size), sensor.config), first_frame_index + i)
     return out
 
 
-def scene_items(data: Dataset, first_frame_index: int = 0) -> Iterator[tuple[int, np.ndarray, int | None]]:
-    """(frame index, scene image, label) for each dataset item."""
+def scene_items(data: Dataset, first_frame_index: int = 0,
+                size: tuple[int, int] | None = None) -> Iterator[tuple[int, np.ndarray, int | None]]:
+    """(frame index, scene image, label) for each dataset item; with ``size`` each scene is resampled to
+    the sensor's (H, W) (:func:`fit_scene`), lazily."""
     for i in range(len(data)):
         label = None if data.labels is None else int(data.labels[i])
-        yield first_frame_index + i, data.images[i], label
+        yield first_frame_index + i, fit_scene(data.images[i], size), label
 
 
 def raw_folder_items(files: list[Path], first_frame_index: int = 0,
@@ -74,7 +97,9 @@ def raw_folder_items(files: list[Path], first_frame_index: int = 0,
 def open_source(cfg: Any, skips: SkipLog | None = None) -> tuple[Iterator[tuple[int, Any, int | None]], int,
                                                                   tuple[int, int]]:
     """The configured source as (items, count, frame (H, W)). ``rawfolder`` reads frames lazily; the frame
-    size is the first readable file's. Unreadable items go to ``skips`` (when given)."""
+    size is the first readable file's. Datasets: the scenes' size (for a folder of images, the most common
+    size), or ``source.frame_size`` when set (every scene resampled to it). Unreadable items go to ``skips``
+    (when given)."""
     src = cfg.source
     if src.dataset == "rawfolder":
         if not src.data:
@@ -103,4 +128,4 @@ def open_source(cfg: Any, skips: SkipLog | None = None) -> tuple[Iterator[tuple[
     if skips is not None:
         for why in data.skipped:
             skips.add(why)
-    return scene_items(data, src.offset), len(data), data.images.shape[1:3]
+    return scene_items(data, src.offset, src.frame_size), len(data), frame_hw(data.images, src.frame_size)
