@@ -383,6 +383,7 @@ def cmd_bench(args: argparse.Namespace) -> dict[str, Any]:
 def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
     from sensor.keys import Key, load_key_file
 
+    from ..lab.attacks import ConvergenceBudget
     from ..lab.evaluate import AttackBudget, accuracy_table
     from ..stream.datasets import load_dataset
 
@@ -397,8 +398,11 @@ def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
     train = load_dataset(args.dataset, "train", args.data)
     sensor_cfg = load_sensor_config(args.sensor)
     budget = AttackBudget(train_images=args.attack_train_images, epochs=args.attack_epochs)
+    convergence = ConvergenceBudget(train_images=max(2, args.attack_train_images),
+                                    max_epochs=args.invariant_max_epochs, patience=args.invariant_patience)
     table = accuracy_table(str(resolve(args.checkpoint)), test, train, sensor_cfg, key, args.scheme, budget,
-                           progress=not args.quiet, frame_size=args.frame_size and tuple(args.frame_size))
+                           progress=not args.quiet, convergence=convergence,
+                           frame_size=args.frame_size and tuple(args.frame_size))
     if args.out:
         from sensor.atomic import atomic_path
 
@@ -540,9 +544,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.epilog += "\n\noptions after '--' go to the benchmark itself (see python -m pipeline.bench.WHAT --help)"
 
     p = add("eval", cmd_eval,
-            "Evaluation tables. 'accuracy': plain, no key, fine-tune attack, MLP attack, keyed, wrong key, histogram "
-            "attack, for a static key and per-frame rotation. 'privacy': every protection method (keyed readout, "
-            "EtC, ELE, Image-to-Perturbation) under the same attacks. Run 'privcam eval accuracy --help'.")
+            "Evaluation tables. 'accuracy': plain, no key, fine-tune attack, MLP attack, keyed, wrong key, "
+            "permutation-invariant attack, for a static key and per-frame rotation. 'privacy': every protection "
+            "method (keyed readout, EtC, ELE, Image-to-Perturbation) under the same attacks. "
+            "Run 'privcam eval accuracy --help'.")
     p.epilog += "\n  privcam eval privacy --limit-test 2000 --json"
     what = p.add_subparsers(dest="what", required=True, metavar="TABLE", parser_class=Parser)
     acc = what.add_parser("accuracy", help="the accuracy table", description="The accuracy table.",
@@ -558,6 +563,10 @@ def build_parser() -> argparse.ArgumentParser:
     acc.add_argument("--limit-test", type=COUNT, help="test images (default: the whole test split)")
     acc.add_argument("--attack-train-images", type=COUNT, default=10_000, help="attacker's labelled frames")
     acc.add_argument("--attack-epochs", type=EPOCHS, default=3, help="attacker's epochs (same for both key modes)")
+    acc.add_argument("--invariant-max-epochs", type=EPOCHS, default=200,
+                     help="row 7's epoch cap: it trains to convergence, stopping on a validation split (default 200)")
+    acc.add_argument("--invariant-patience", type=EPOCHS, default=10,
+                     help="row 7: epochs without a better validation accuracy before it stops (default 10)")
     acc.add_argument("--frame-size", type=int_range(1, 1 << 16), nargs=2, metavar=("H", "W"),
                      help="expose the scenes at this sensor size (the model reads them through the front end)")
     acc.add_argument("--out", help="also write the table (JSON) here")

@@ -13,6 +13,8 @@ from sensor.errors import ConfigError
 from sensor.keys import Key
 from sensor.readout import SCHEMES
 
+from ..lab.attacks import ConvergenceBudget
+from ..lab.floors import FloorBudget
 from ..lab.privacy import PrivacyBudget, format_table, privacy_table
 from ..lab.protection import METHOD_NAMES
 from ..resources import COLOUR_PROFILE, DEFAULT_CHECKPOINT, MONO_PROFILE, resolve
@@ -27,7 +29,18 @@ def add_privacy_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sensor", default=MONO_PROFILE)
     p.add_argument("--scheme", default="pixel", choices=SCHEMES, help="readout scheme")
     p.add_argument("--key", help="key file (default: a fresh random key)")
-    p.add_argument("--methods", default=",".join(METHOD_NAMES), help=f"comma list of {', '.join(METHOD_NAMES)}")
+    p.add_argument("--methods", default=",".join(METHOD_NAMES),
+                   help=f"comma list of {', '.join(METHOD_NAMES)}, or none (the floors alone)")
+    p.add_argument("--floors", default=",".join(SCHEMES),
+                   help="readout schemes whose floor attacks run (invariant learner to convergence, jigsaw solver, "
+                   "cross-session known-plaintext), comma list, or none (default all)")
+    p.add_argument("--floor-train-images", type=COUNT, default=20_000,
+                   help="invariant learner's labelled frames, validation split included (default 20000)")
+    p.add_argument("--floor-max-epochs", type=EPOCHS, default=200,
+                   help="invariant learner's epoch cap; it stops earlier on its validation split (default 200)")
+    p.add_argument("--floor-patience", type=EPOCHS, default=10,
+                   help="epochs without a better validation accuracy before the invariant learner stops (default 10)")
+    p.add_argument("--jigsaw-frames", type=COUNT, default=100, help="single test frames per jigsaw run (default 100)")
     p.add_argument("--block", type=int_range(1, 64), default=4, help="EtC/ELE block side, 1-64 (default 4)")
     p.add_argument("--limit-test", type=COUNT, default=2000, help="test images (default 2000)")
     p.add_argument("--attack-train-images", type=COUNT, default=2000, help="attacker's labelled frames (default 2000)")
@@ -65,10 +78,15 @@ def privacy_cli(args: argparse.Namespace) -> dict[str, Any]:
     except ValueError:
         raise ConfigError("--kpa-pairs", "kpa_pairs", "a comma list of integers >= 1 such as 1,2,4,8",
                           args.kpa_pairs) from None
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    methods = [] if args.methods.strip() == "none" else [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = [m for m in methods if m not in METHOD_NAMES]
-    if unknown or not methods:
-        raise ConfigError("--methods", "methods", f"a comma list of {', '.join(METHOD_NAMES)}", args.methods)
+    if unknown or (not methods and args.methods.strip() != "none"):
+        raise ConfigError("--methods", "methods", f"a comma list of {', '.join(METHOD_NAMES)}, or none",
+                          args.methods)
+    floors = floor_budget(args, kpa_pairs)
+    if not methods and floors is None:
+        raise ConfigError("--methods", "methods", "some methods when --floors is none (nothing to measure)",
+                          args.methods)
     if args.threads:
         import numba
 
@@ -85,7 +103,7 @@ def privacy_cli(args: argparse.Namespace) -> dict[str, Any]:
     table = privacy_table(str(resolve(args.checkpoint)), load_dataset(args.dataset, "test", args.data),
                           load_dataset(args.dataset, "train", args.data), sensor_cfg, key,
                           args.scheme, budget, methods, args.cifar, SensorConfig.from_yaml(resolve(args.cifar_sensor)),
-                          args.cifar_scheme, args.block, progress=not args.quiet)
+                          args.cifar_scheme, args.block, progress=not args.quiet, floors=floors)
     if args.out:
         with atomic_path(args.out) as tmp:
             tmp.write_text(json.dumps(table, indent=2) + "\n")
@@ -93,3 +111,18 @@ def privacy_cli(args: argparse.Namespace) -> dict[str, Any]:
         return table
     print(format_table(table))
     return {"out": args.out}
+
+
+def floor_budget(args: argparse.Namespace, kpa_pairs: tuple[int, ...]) -> FloorBudget | None:
+    """The floors' budget from ``--floors``, ``--floor-*``, ``--jigsaw-frames`` and ``--kpa-pairs`` (None: none)."""
+    if args.floors.strip() == "none":
+        return None
+    schemes = tuple(s.strip() for s in args.floors.split(",") if s.strip())
+    if not schemes or any(s not in SCHEMES for s in schemes):
+        raise ConfigError("--floors", "floors", f"a comma list of {', '.join(SCHEMES)}, or none", args.floors)
+    if args.floor_train_images < 2:
+        raise ConfigError("--floor-train-images", "floor_train_images", "at least 2 (a validation split is held out)",
+                          args.floor_train_images)
+    invariant = ConvergenceBudget(train_images=args.floor_train_images, max_epochs=args.floor_max_epochs,
+                                  patience=args.floor_patience, seed=args.seed)
+    return FloorBudget(schemes=schemes, invariant=invariant, jigsaw_frames=args.jigsaw_frames, kpa_pairs=kpa_pairs)

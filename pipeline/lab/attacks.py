@@ -8,6 +8,8 @@
   reconstruct held-out frames, report SSIM and PSNR against the originals.
 * :func:`finetune_attack` and :func:`mlp_attack`: the classifier attacks of ``privcam eval accuracy``
   (:mod:`pipeline.lab.evaluate`), on any protection's frames.
+* :func:`invariant_features` and :func:`invariant_attack`: per readout scheme, what every permutation
+  of the scheme keeps, and an MLP trained on it to convergence (:func:`train_to_convergence`).
 * :func:`ssim` and :func:`psnr` in numpy. SSIM is Wang et al. 2004 with an 11-tap Gaussian window
   (sigma 1.5, truncated at 3.5 sigma), K1 = 0.01, K2 = 0.03, population covariances, averaged over
   the positions where the window fits inside the image; this equals scikit-image's
@@ -420,3 +422,158 @@ def finetune_attack(checkpoint: str, x_train: torch.Tensor, y_train: np.ndarray,
     return {"accuracy": accuracy(model, x_test, y_test), "wall_s": round(secs, 1)}
 
 
+
+
+# ----------------------------------------------------------------------------------------------
+# Permutation-invariant learners: what no readout permutation of a scheme can hide
+# ----------------------------------------------------------------------------------------------
+
+INVARIANT_FEATURES = {
+    "pixel": "sorted values of the whole frame",
+    "quad": "the bag of 2x2 cells, sorted by (cell sum, then its four values)",
+    "plane": "sorted values of each of the four CFA planes (2x2 phases)",
+}
+
+
+def invariant_features(frames: np.ndarray, scheme: str) -> np.ndarray:
+    """Features of each frame that every readout permutation of ``scheme`` leaves unchanged.
+
+    * pixel: the H*W values sorted (the histogram);
+    * quad: the (H/2)(W/2) 2x2 cells, each kept whole (top-left, top-right, bottom-left,
+      bottom-right), sorted lexicographically by (cell sum, values): a canonical order of the bag;
+    * plane: each packed plane (phase (dy, dx) = divmod(k, 2)) sorted on its own, planes in order.
+
+    Args:
+        frames: (N, H, W) integer frames (H, W even for quad and plane).
+
+    Returns:
+        (N, H*W) array of the frames' dtype.
+    """
+    frames = np.asarray(frames)
+    if frames.ndim != 3 or not np.issubdtype(frames.dtype, np.integer):
+        raise ValueError(f"frames: expected an (N, H, W) integer array, got {frames.dtype} {frames.shape}")
+    if scheme not in INVARIANT_FEATURES:
+        raise ValueError(f"scheme: expected one of {', '.join(INVARIANT_FEATURES)}, got {scheme!r}")
+    n, h, w = frames.shape
+    if scheme == "pixel":
+        return np.sort(frames.reshape(n, h * w), axis=1)
+    if h % 2 or w % 2:
+        raise ValueError(f"frames: the {scheme} scheme needs an even height and width, got {h}x{w}")
+    cells = frames.reshape(n, h // 2, 2, w // 2, 2)
+    if scheme == "plane":
+        return np.sort(cells.transpose(0, 2, 4, 1, 3).reshape(n, 4, -1), axis=2).reshape(n, h * w)
+    bag = cells.transpose(0, 1, 3, 2, 4).reshape(n, -1, 4)
+    total = bag.sum(axis=2, dtype=np.int64)
+    order = np.lexsort((bag[..., 3], bag[..., 2], bag[..., 1], bag[..., 0], total), axis=-1)
+    return np.take_along_axis(bag, order[..., None], axis=1).reshape(n, h * w)
+
+
+@dataclass(frozen=True)
+class ConvergenceBudget:
+    """Training to convergence: Adam with early stopping on a held-out split of the attacker's frames
+    (the weights of the best validation epoch are kept)."""
+
+    train_images: int = 20_000  # labelled frames, validation split included
+    max_epochs: int = 200
+    patience: int = 10  # epochs without a better validation accuracy before stopping
+    val_fraction: float = 0.1
+    batch_size: int = 256
+    lr: float = 1e-3
+    hidden: int = 512
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("max_epochs", "patience", "batch_size", "hidden"):
+            check_range("ConvergenceBudget", name, getattr(self, name), 1)
+        check_range("ConvergenceBudget", "train_images", self.train_images, 2)  # a validation split is held out
+        check_range("ConvergenceBudget", "val_fraction", self.val_fraction, 0, 0.5, low_open=True)
+        check_range("ConvergenceBudget", "lr", self.lr, 0, 10, low_open=True)
+        check_range("ConvergenceBudget", "seed", self.seed, 0, 2**32 - 1)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"train_images": self.train_images, "max_epochs": self.max_epochs, "patience": self.patience,
+                "val_fraction": self.val_fraction, "batch_size": self.batch_size, "lr": self.lr,
+                "hidden": self.hidden, "optimizer": "adam", "early_stopping": "validation accuracy"}
+
+
+def train_to_convergence(model: nn.Module, x: torch.Tensor, y: np.ndarray, budget: ConvergenceBudget,
+                         progress: bool = False, desc: str = "converge") -> dict[str, Any]:
+    """Train ``model`` (Adam) on a (1 - val_fraction) split of (x, y), stop after ``patience`` epochs
+    without a better validation accuracy, and load the best epoch's weights.
+
+    Args:
+        x: (N, ...) inputs; y: (N,) labels, N >= 2.
+
+    Returns:
+        ``{"epochs_run", "best_epoch", "val_accuracy", "fit_images", "val_images", "wall_s"}``.
+    """
+    if len(x) != len(y) or len(x) < 2:
+        raise ValueError(f"x, y: expected the same number >= 2 of items, got {len(x)} and {len(y)}")
+    torch.manual_seed(budget.seed)
+    gen = torch.Generator().manual_seed(budget.seed)
+    perm = torch.randperm(len(x), generator=gen)
+    n_val = max(1, int(round(len(x) * budget.val_fraction)))
+    val, fit = perm[:n_val], perm[n_val:]
+    labels = torch.from_numpy(np.asarray(y, np.int64))
+    x_val, y_val = x[val], labels[val].numpy()
+    opt = torch.optim.Adam(model.parameters(), lr=budget.lr)
+    loss_fn = nn.CrossEntropyLoss()
+    best, best_epoch, best_state, epoch = -1.0, 0, None, 0
+    t0 = time.perf_counter()
+    bar = tqdm(total=budget.max_epochs, desc=desc, disable=not progress, leave=False)
+    for epoch in range(1, budget.max_epochs + 1):
+        model.train()
+        order = fit[torch.randperm(len(fit), generator=gen)]
+        for s in range(0, len(order), budget.batch_size):
+            idx = order[s:s + budget.batch_size]
+            loss = loss_fn(model(x[idx]), labels[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        acc = accuracy(model, x_val, y_val)
+        bar.update(1)
+        if acc > best:
+            best, best_epoch = acc, epoch
+            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        elif epoch - best_epoch >= budget.patience:
+            break
+    bar.close()
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    return {"epochs_run": epoch, "best_epoch": best_epoch, "val_accuracy": best, "fit_images": len(fit),
+            "val_images": n_val, "wall_s": round(time.perf_counter() - t0, 1)}
+
+
+def invariant_attack(train_frames: np.ndarray, y_train: np.ndarray, test_frames: np.ndarray, y_test: np.ndarray,
+                     scheme: str, num_classes: int, budget: ConvergenceBudget, *, max_dn: int, black_level: int = 0,
+                     progress: bool = False) -> dict[str, Any]:
+    """The permutation-invariant learner of ``scheme``: an MLP on :func:`invariant_features`
+    (normalised to ``(dn - black_level) / (max_dn - black_level)``), trained to convergence.
+
+    Any readout permutation of the scheme (static or rotating, any key) gives the same features, so
+    this is a floor no key can push the attack below.
+
+    Args:
+        train_frames: (N, H, W) protected frames with labels y_train (N,) (the first
+            ``budget.train_images`` are used); test_frames: (M, H, W) with y_test (M,).
+
+    Returns:
+        accuracy on the test frames, the features, the budget, epochs used, model size, wall seconds.
+    """
+    n = min(budget.train_images, len(train_frames))
+    scale = np.float32(1.0 / max(max_dn - black_level, 1))
+
+    def feats(frames: np.ndarray) -> torch.Tensor:
+        f = invariant_features(frames, scheme).astype(np.float32)
+        return torch.from_numpy((f - np.float32(black_level)) * scale)
+
+    x_train, x_test = feats(train_frames[:n]), feats(test_frames)
+    torch.manual_seed(budget.seed)
+    model = mlp(x_train.shape[1], budget.hidden, num_classes)
+    log = train_to_convergence(model, x_train, np.asarray(y_train[:n]), budget, progress,
+                               f"{scheme}: invariant learner")
+    return {"scheme": scheme, "features": INVARIANT_FEATURES[scheme], "accuracy": accuracy(model, x_test, y_test),
+            "test_images": len(test_frames),
+            "budget": {**budget.to_dict(), "train_images": n, **log,
+                       "model": f"MLP {x_train.shape[1]}-{budget.hidden}-{budget.hidden}-{num_classes}",
+                       "parameters": sum(p.numel() for p in model.parameters())}}

@@ -17,6 +17,10 @@ For each method (:data:`pipeline.lab.protection.METHOD_NAMES`) one row of:
 * ``throughput_frames_per_s``: the protection stage alone, steady state (static tables built once;
   rotating keys build one table per frame, inside the timing).
 
+With a :class:`pipeline.lab.floors.FloorBudget` the Fashion-MNIST table also gets ``floors``: per
+readout scheme, the invariant learner to convergence, the jigsaw solver on single frames, and
+known-plaintext across sessions (:mod:`pipeline.lab.floors`).
+
 Frames are the sensor's real output (noise included) and images are metrics' "originals": SSIM and
 PSNR are computed on the raw mosaic in DN with ``data_range = max_dn - black_level``. The test,
 attacker and I2P-training frames come from disjoint images and frame indices.
@@ -67,6 +71,7 @@ from .attacks import (
     ssim,
 )
 from .evaluate import ATTACK_FRAME_BASE, TEST_FRAME_BASE, AttackBudget, accuracy
+from .floors import FloorBudget, floor_table, format_floors
 from .protection import (
     METHOD_NAMES,
     I2PTraining,
@@ -283,7 +288,7 @@ def evaluate_method(protection: Protection, test: Frames, attack: Frames, spec: 
 
 def _fashion_table(checkpoint: str, test: Dataset, train: Dataset, sensor_cfg: SensorConfig, key: Key, scheme: str,
                    budget: PrivacyBudget, methods: Sequence[str], block: int, progress: bool,
-                   sensor_seed: int) -> dict[str, Any]:
+                   sensor_seed: int, floors: FloorBudget | None = None) -> dict[str, Any]:
     t0 = time.perf_counter()
     sensor, spec = Sensor(sensor_cfg, seed=sensor_seed), FrameFormat.from_config(sensor_cfg)
     test = test.subset(budget.test_images)
@@ -307,12 +312,20 @@ def _fashion_table(checkpoint: str, test: Dataset, train: Dataset, sensor_cfg: S
         protection = build_protection(method, key, spec, scheme, block, i2p)
         rows.append(evaluate_method(protection, test_frames, attack_frames, spec, budget, checkpoint, model,
                                     num_classes, progress))
+    floor = None
+    if floors is not None:
+        n_floor = max(floors.invariant.train_images, max(floors.kpa_pairs) * floors.kpa_indices)
+        floor_set = train.subset(n_floor)
+        floor_plain = (attack_frames.plain if len(floor_set) <= len(attack_set) else
+                       expose_scenes(floor_set.images, sensor, ATTACK_FRAME_BASE, progress, "floor attacker frames"))
+        floor = floor_table(test_frames.plain, test.labels, floor_plain[:len(floor_set)], floor_set.labels, key, spec,
+                            floors, num_classes, model, TEST_FRAME_BASE, ATTACK_FRAME_BASE, progress)
     return {"dataset": test.name, "sensor": sensor_cfg.name, "scheme": scheme, "test_images": len(test),
             "attacker_images": len(attack_set), "chance": 1.0 / num_classes, "checkpoint": str(checkpoint),
             "checkpoint_sha256": manifest.get("sha256"), "plain_accuracy": plain_acc,
             "i2p_training": None if i2p is None else {**budget.i2p_training().to_dict(), **i2p_log,
                                                       "train_images": budget.i2p_train_images},
-            "methods": rows, "not_measured": None, "wall_s": round(time.perf_counter() - t0, 1)}
+            "methods": rows, "floors": floor, "not_measured": None, "wall_s": round(time.perf_counter() - t0, 1)}
 
 
 def _cifar_table(source: str | os.PathLike, sensor_cfg: SensorConfig, key: Key, scheme: str, budget: PrivacyBudget,
@@ -342,7 +355,7 @@ def privacy_table(checkpoint: str | os.PathLike, test: Dataset, train: Dataset, 
                   scheme: str = "pixel", budget: PrivacyBudget | None = None,
                   methods: Sequence[str] = METHOD_NAMES, cifar: str | os.PathLike | None = None,
                   cifar_sensor_cfg: SensorConfig | None = None, cifar_scheme: str = "quad", block: int = 4,
-                  progress: bool = True, sensor_seed: int = 0) -> dict[str, Any]:
+                  progress: bool = True, sensor_seed: int = 0, floors: FloorBudget | None = None) -> dict[str, Any]:
     """Method x {accuracies, attacks, similarity, throughput} on ``test`` (and CIFAR-10 if given).
 
     Args:
@@ -352,13 +365,15 @@ def privacy_table(checkpoint: str | os.PathLike, test: Dataset, train: Dataset, 
         methods: any of :data:`METHOD_NAMES`.
         cifar: foolbox's wheel or a folder with its ``cifar10_*.png`` (None: skip CIFAR-10).
         cifar_sensor_cfg: the colour sensor for CIFAR-10 (default: configs/sensors/default.yaml).
+        floors: budget of the floor attacks on Fashion-MNIST (:mod:`pipeline.lab.floors`; None: not run).
+            With floors, ``methods`` may be empty (the floors alone).
 
     Returns:
         JSON-ready dict: ``{"tables": [per dataset: {..., "methods": [rows]}], "budget", ...}``.
     """
     budget = budget or PrivacyBudget()
     unknown = [m for m in methods if m not in METHOD_NAMES]
-    if unknown or not methods:
+    if unknown or not (methods or floors):
         raise ValueError(f"methods: expected some of {', '.join(METHOD_NAMES)}, got {list(methods)}")
     if isinstance(block, bool) or not isinstance(block, int) or not 1 <= block <= min(test.images.shape[1:3]):
         raise ConfigError("privacy", "block", f"an integer in [1, {min(test.images.shape[1:3])}] (the frame side)",
@@ -369,8 +384,8 @@ def privacy_table(checkpoint: str | os.PathLike, test: Dataset, train: Dataset, 
                       f"{sensor_cfg.cfa} frames", checkpoint)
     t0 = time.perf_counter()
     tables = [_fashion_table(str(checkpoint), test, train, sensor_cfg, key, scheme, budget, methods, block, progress,
-                             sensor_seed)]
-    if cifar is not None:
+                             sensor_seed, floors)]
+    if cifar is not None and methods:
         cfg = cifar_sensor_cfg or SensorConfig.from_yaml(resolve(COLOUR_PROFILE))
         tables.append(_cifar_table(cifar, cfg, key, cifar_scheme, budget, methods, block, progress, sensor_seed))
     return {"tables": tables, "budget": budget.to_dict(), "block": block, "key_fingerprint": key.fingerprint,
@@ -399,7 +414,8 @@ def format_table(table: dict[str, Any]) -> str:
                      f"plain accuracy {_fmt(t['plain_accuracy'])}, chance {t['chance']:.3f})")
         if t["not_measured"]:
             lines.append(f"  note: {t['not_measured']}")
-        lines.append(head)
+        if t["methods"]:
+            lines.append(head)
         for r in t["methods"]:
             kpa, dec = r["known_plaintext_recovered"] or {}, r["known_plaintext_decrypt_ssim"] or {}
             lines.append(f"  {r['method']:<17}{_fmt(r['authorised_accuracy']):>6}{_fmt(r['unauthorised_accuracy']):>7}"
@@ -409,5 +425,7 @@ def format_table(table: dict[str, Any]) -> str:
                          + "".join(f"{_fmt(dec.get(k), '.2f'):>6}" for k in pairs)
                          + f"{_fmt(r['inversion_ssim']):>8}{_fmt(r['inversion_psnr'], '.2f'):>8}"
                          f"{_fmt(r['protected_ssim']):>9}{_fmt(r['throughput_frames_per_s'], '.0f'):>10}")
+        if t.get("floors"):
+            lines.append(format_floors(t["floors"]))
     lines.append(f"total {table['wall_s']} s, key {table['key_fingerprint']}")
     return "\n".join(lines)
