@@ -33,7 +33,7 @@ import numpy as np
 
 from pipeline.bench.common import write_json
 from sensor.config import SensorConfig
-from sensor.keys import Key
+from sensor.keys import Key, new_session_nonce
 from sensor.readout import SCHEMES, readout_permutation
 from sensor.scene import render_photons
 from sensor.sensor import Sensor
@@ -79,7 +79,8 @@ def adc_numpy_baseline(sensor: Sensor, photons: np.ndarray, frame_index: int) ->
 def measure(height: int, width: int, repeat: int) -> dict[str, Any]:
     """All cases for one frame size."""
     cfg = SensorConfig()  # the default profile: 12-bit RGGB
-    sensor, key = Sensor(cfg, seed=0), Key.generate()
+    sensor = Sensor(cfg, seed=0)
+    key = Key.generate().for_session(new_session_nonce())  # rotation needs a session key
     photons = render_photons(scene(height, width), cfg)
     plain = sensor.expose(photons, 0)
     dst, out = np.empty_like(plain), np.empty_like(plain)
