@@ -29,6 +29,7 @@ from typing import Any
 
 _END = object()
 _POLL_S = 0.05
+_HAND_OVER_S = 10.0  # longest wait for the next stage to take a failed micro-batch's finished items
 
 
 @dataclass
@@ -102,10 +103,30 @@ def chunks(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
         yield chunk
 
 
+class PartialResult(Exception):
+    """A micro-batch stage failed part-way: ``results`` were finished before ``cause`` was raised."""
+
+    def __init__(self, results: list[Any], cause: Exception) -> None:
+        super().__init__(str(cause))
+        self.results, self.cause = results, cause
+
+
 def each(fn: Callable[[Any], Any]) -> Callable[[list[Any]], list[Any]]:
-    """A 1 -> 1 function over a micro-batch: ``fn`` on every item in order, dropping None results."""
+    """A 1 -> 1 function over a micro-batch: ``fn`` on every item in order, dropping None results. When
+    ``fn`` fails on an item, the items finished before it are not lost: :class:`PartialResult` carries them
+    (the engine hands them on before it reports the error)."""
     def over(items: list[Any]) -> list[Any]:
-        return [r for r in map(fn, items) if r is not None]
+        out = []
+        for item in items:
+            try:
+                result = fn(item)
+            except Exception as err:
+                if out:
+                    raise PartialResult(out, err) from err
+                raise
+            if result is not None:
+                out.append(result)
+        return out
     return over
 
 
@@ -208,6 +229,9 @@ class Pipeline:
             t0 = time.perf_counter()
             try:
                 result = stage.fn(item)
+            except PartialResult as partial:
+                self._hand_over(partial.results, out, stats)
+                raise partial.cause from None
             finally:
                 stats.busy_s += time.perf_counter() - t0
                 if stage.lock is not None:
@@ -220,6 +244,17 @@ class Pipeline:
                     continue  # a micro-batch whose items were all dropped
                 self._put(out, result, stats)
         self._put(out, _END, stats)
+
+    def _hand_over(self, results: list[Any], out: queue.Queue, stats: StageStats) -> None:
+        """Before a stage reports an error: pass on what it finished, and give the next stage up to
+        :data:`_HAND_OVER_S` to take it (a stage finishes an item it has taken even after a stop, so a
+        recorder writes those frames)."""
+        stats.items_out += 1
+        stats.frames_out += len(results)
+        self._put(out, results, stats)
+        deadline = time.perf_counter() + _HAND_OVER_S
+        while not out.empty() and not self._stop.is_set() and time.perf_counter() < deadline:
+            time.sleep(_POLL_S / 10)
 
     def _batch_body(self, stage: Batch, inq: queue.Queue, out: queue.Queue, stats: StageStats) -> None:
         pending: list[Any] = []
