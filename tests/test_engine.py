@@ -119,3 +119,28 @@ def test_ctrl_c_in_the_sink_stops_cleanly():
 def test_bad_queue_size():
     with pytest.raises(ValueError, match="queue_size"):
         Pipeline([], [], print, queue_size=0)
+
+
+def test_a_micro_batch_that_fails_part_way_hands_on_what_it_finished():
+    """Items 0-2 of the failing micro-batch [0..4] reach the next stage (a recorder) before the error stops
+    the run; the error is the stage's own."""
+    from pipeline.stream.engine import each
+
+    def capture(x: int) -> int:
+        if x == 3:
+            raise RuntimeError("sensor broke at 3")
+        return x
+
+    recorded: list[int] = []
+
+    def record(items: list[int]) -> list[int]:
+        recorded.extend(items)
+        return items
+
+    result = Pipeline([[0, 1, 2, 3, 4]], [Map("sensor", each(capture)), Map("recorder", record)],
+                      lambda _: None).run()
+    assert isinstance(result.error, RuntimeError) and "sensor broke at 3" in str(result.error)
+    assert recorded == [0, 1, 2]
+    assert each(capture)([0, 1]) == [0, 1]
+    with pytest.raises(RuntimeError, match="sensor broke"):
+        each(capture)([3, 4])  # nothing finished before the failure: the error itself
