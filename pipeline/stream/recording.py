@@ -567,20 +567,24 @@ class RecordingReader:
         """The recording layout: 1 when the recording predates format 2 (no ``recording_format`` in its
         ``privcam.recording`` record, or a ``privcam-frame-v1`` channel), None when that record is missing
         or damaged and no channel record tells."""
-        record = self.metadata.get("privcam.recording")
-        if record is None:
-            return 1 if any(enc == V1_ENCODING for _, enc in self.channels.values()) else None
-        text = record.get("recording_format", "1")
-        return int(text) if text.isdigit() else -1
+        version = self._version("recording_format")
+        if version is None and any(enc == V1_ENCODING for _, enc in self.channels.values()):
+            return 1
+        return version
 
     @property
     def table_format(self) -> int | None:
         """The readout-table derivation the frames were protected with: 1 when the recording predates it,
         None when the ``privcam.recording`` record is missing or damaged."""
+        return self._version("table_format")
+
+    def _version(self, name: str) -> int | None:
+        """A version field of the ``privcam.recording`` record: 1 when absent (older recordings), -1 when
+        not a number, None when the record itself is missing or damaged."""
         record = self.metadata.get("privcam.recording")
         if record is None:
             return None
-        text = record.get("table_format", "1")
+        text = record.get(name, "1")
         return int(text) if text.isdigit() else -1
 
     @property
