@@ -1,5 +1,6 @@
 """The in-kernel noise generator: Philox4x32-10 against Random123's known answers, the kernels
-against their references, and Poisson statistics over the whole range of means."""
+against their references (every path of the ziggurat), the normals' distribution, and Poisson
+statistics over the whole range of means."""
 
 from __future__ import annotations
 
@@ -8,12 +9,23 @@ import pytest
 
 from sensor.noise import (
     INVERSION_BELOW,
+    M52,
     NORMAL_FROM,
+    ZIG_KI,
+    ZIG_R,
+    normal_nb,
     philox4x32,
     philox4x32_ref,
     pixel_noise,
     pixel_noise_ref,
     poisson_nb,
+    row_blocks,
+    row_blocks_ref,
+    row_ziggurat_fast,
+    row_ziggurat_fast_ref,
+    ziggurat_normal,
+    ziggurat_normal_ref,
+    ziggurat_tables,
 )
 
 # Random123 kat_vectors, "philox4x32 10": counter (4 words), key (2 words) -> output (4 words).
@@ -31,6 +43,78 @@ def test_philox_matches_random123_known_answers(counter, key, want):
     assert tuple(int(v) for v in got) == want
     ref = philox4x32_ref(np.array(counter, np.uint32), np.array(key, np.uint32))
     assert tuple(int(v) for v in ref) == want
+
+
+def test_row_blocks_equal_philox_per_pixel():
+    out = np.zeros((4, 40), np.uint32)
+    args = (7, 2**32 - 1, 0xDEADBEEF, 0x01234567)
+    row_blocks(np.uint64(2**32 - 20), 37, np.uint64(3), *(np.uint64(a) for a in args), out)
+    want = row_blocks_ref(2**32 - 20, 37, 3, *args)
+    assert np.array_equal(out[:, :37], want) and not out[:, 37:].any()
+    one = philox4x32(np.uint64((2**32 - 20 + 5) % 2**32), np.uint64(3), *(np.uint64(a) for a in args))
+    assert tuple(int(v) for v in one) == tuple(int(v) for v in want[:, 5])
+
+
+def test_row_ziggurat_fast_path_equals_reference():
+    words = np.random.default_rng(3).integers(0, 2**32, (4, 5000), dtype=np.uint32)
+    z, fast = np.zeros((2, 5000)), np.zeros((2, 5000), bool)
+    row_ziggurat_fast(words, 5000, z, fast)
+    z_ref, fast_ref = row_ziggurat_fast_ref(words)
+    assert np.array_equal(fast, fast_ref) and np.all((0.975 < fast.mean(1)) & (fast.mean(1) < 0.995))
+    assert np.array_equal(z[fast], z_ref[fast])
+    for c in np.flatnonzero(fast.all(0))[:50]:  # the fast path's value is the whole draw's
+        w = [int(v) for v in words[:, c]]
+        assert z[0, c] == ziggurat_normal_ref((w[0] << 32) | w[1], c, 1, 0, 0, 5, 6)
+        assert z[1, c] == ziggurat_normal_ref((w[2] << 32) | w[3], c, 1, 0, 0, 5, 6)
+
+
+def _word(idx: int, sign: int, rabs: int) -> int:
+    return (rabs << 9) | (sign << 8) | idx
+
+
+def test_ziggurat_kernel_equals_reference_on_every_path():
+    """Words built to take each path: the fast return, a wedge (accepted, or rejected and restarted
+    from the block's second word) and the base layer's tail beyond ZIG_R."""
+    tail = [_word(0, s, M52 - k) for s in (0, 1) for k in range(40)]  # layer 0, outside its rectangle
+    wedge = [_word(i, s, M52 - k) for i in (1, 2, 77, 200, 255) for s in (0, 1) for k in range(40)]
+    fast = [_word(i, 0, 0) for i in range(1, 256)]
+    seen_tail = 0
+    for n, word in enumerate(tail + wedge + fast):
+        args = (n, 3, 9, 0, 0xDEADBEEF, 0x01234567)
+        got = ziggurat_normal(np.uint64(word), *(np.uint64(a) for a in args))
+        want = ziggurat_normal_ref(word, *args)
+        assert got == want, (hex(word), got, want)
+        if word in tail:
+            assert abs(got) >= ZIG_R and (got < 0) == bool((word >> 8) & 1)
+            seen_tail += 1
+    assert seen_tail == 80
+    assert all(int(k) < 2**52 for k in ZIG_KI) and int(ZIG_KI[0]) < M52 - 40  # those words leave layer 0
+
+
+def test_ziggurat_tables_are_numpys():
+    """The 256-layer tables agree with numpy's published ki_double (first entries, to rounding of v)."""
+    ki, wi, fi = ziggurat_tables()
+    assert abs(int(ki[0]) - 0x000EF33D8025EF6A) < 2**14 and ki[1] == 0
+    assert abs(int(ki[2]) - 0x000C08BE98FBC6A8) < 2**14
+    assert fi[0] == 1.0 and np.all(np.diff(fi) < 0) and np.all(np.diff(wi[1:]) > 0)
+
+
+def test_normals_are_standard_normal():
+    from scipy import stats
+
+    n = 2_000_000
+    z = normal_nb(n, 5, 8)
+    assert abs(z.mean()) < 5 / np.sqrt(n) and abs(z.var() - 1) < 5 * np.sqrt(2 / n)
+    assert stats.kstest(z[:400_000], "norm").pvalue > 1e-4
+    # the tail beyond the base layer (drawn by the tail method): P(|z| > r) = 2 sf(r), about 2.6e-4
+    expected = 2 * stats.norm.sf(ZIG_R) * n
+    assert abs(np.sum(np.abs(z) > ZIG_R) - expected) < 5 * np.sqrt(expected)
+    # a fine histogram against the normal's probabilities (chi-square over 200 bins in [-4, 4])
+    edges = np.linspace(-4, 4, 201)
+    obs = np.histogram(z, edges)[0]
+    exp = n * np.diff(stats.norm.cdf(edges))
+    chi2 = float(((obs - exp) ** 2 / exp).sum())
+    assert stats.chi2.sf(chi2, 199) > 1e-4, chi2
 
 
 @pytest.mark.parametrize("lam", [0.0, 0.02, 1.5, INVERSION_BELOW - 1e-9, INVERSION_BELOW, 37.5, 640.0,
