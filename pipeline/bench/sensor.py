@@ -9,7 +9,10 @@ For each frame size (RGGB, the default 12-bit profile, a random natural-looking 
   kernel); ``adc_numpy_baseline``: the same chain with numpy's own generator (Philox ``poisson``
   and ``standard_normal``, single-threaded) and numpy arithmetic, i.e. the pre-kernel implementation;
   the bit-exact Python reference of the kernel is a per-pixel loop for tests, timed on a 64 x 64
-  crop only (``adc_python_reference_ns_per_pixel``);
+  crop only (``adc_python_reference_ns_per_pixel``); ``adc_kernel_flat_2000e`` and
+  ``adc_kernel_flat_300e``: the kernel on flat frames of about 2000 and 300 mean electrons, the cost
+  of its two paths (normal approximation from 1000 e-, PTRS below), which with the scene's share
+  of pixels below 1000 e- (``share_below_normal_from``) explains ``adc_kernel``;
 * per scheme: ``readout_static`` (the keyed readout with cached tables), ``tables_static`` (building
   one frame's tables: AES-256-CTR keystreams + Fisher-Yates + the kernels' layout), and
   ``readout_rotating`` (a fresh frame index each call: its tables, then its readout);
@@ -34,6 +37,7 @@ import numpy as np
 from pipeline.bench.common import write_json
 from sensor.config import SensorConfig
 from sensor.keys import Key, new_session_nonce
+from sensor.noise import NORMAL_FROM
 from sensor.readout import SCHEMES, readout_permutation
 from sensor.scene import render_photons
 from sensor.sensor import Sensor
@@ -85,9 +89,13 @@ def measure(height: int, width: int, repeat: int) -> dict[str, Any]:
     plain = sensor.expose(photons, 0)
     dst, out = np.empty_like(plain), np.empty_like(plain)
     counter = iter(range(1, 1 << 40))
+    mean_qe = float(sensor.mean_electrons(np.ones((height, width))).mean())  # electrons per photon
+    flat = {e: np.full((height, width), e / mean_qe) for e in (2000, 300)}
     cases: dict[str, Callable[[], object]] = {
         "memcpy": lambda: np.copyto(dst, plain),
         "adc_kernel": lambda: sensor.expose(photons, 1),
+        "adc_kernel_flat_2000e": lambda: sensor.expose(flat[2000], 1),
+        "adc_kernel_flat_300e": lambda: sensor.expose(flat[300], 1),
         "adc_numpy_baseline": lambda: adc_numpy_baseline(sensor, photons, 1),
     }
     for scheme in SCHEMES:
@@ -110,6 +118,7 @@ def measure(height: int, width: int, repeat: int) -> dict[str, Any]:
              "frames_per_s": round(1 / s, 2), "ratio_to_memcpy": round(memcpy / s, 4)} for name, s in secs.items()]
     return {"height": height, "width": width, "cfa": cfg.cfa, "bit_depth": cfg.bit_depth,
             "mean_electrons": round(float(sensor.mean_electrons(photons).mean()), 1),
+            "share_below_normal_from": round(float((sensor.mean_electrons(photons) < NORMAL_FROM).mean()), 3),
             "adc_kernel_vs_numpy_baseline": round(secs["adc_numpy_baseline"] / secs["adc_kernel"], 2),
             "adc_python_reference_ns_per_pixel": round(ref_ns, 1), "results": rows}
 
@@ -124,7 +133,8 @@ def print_table(report: dict[str, Any]) -> None:
     for size in report["sizes"]:
         print(f"{size['height']}x{size['width']} {size['cfa']} {size['bit_depth']}-bit, mean "
               f"{size['mean_electrons']} e-; ADC kernel {size['adc_kernel_vs_numpy_baseline']}x the numpy "
-              f"baseline; Python reference {size['adc_python_reference_ns_per_pixel']} ns/pixel")
+              f"baseline; Python reference {size['adc_python_reference_ns_per_pixel']} ns/pixel; "
+              f"{size['share_below_normal_from']:.0%} of pixels below {NORMAL_FROM:g} e- (PTRS)")
         print(f"  {'case':28s} {'ms':>9s} {'Mpix/s':>9s} {'frames/s':>9s} {'x memcpy':>9s}")
         for r in size["results"]:
             print(f"  {r['name']:28s} {r['ms']:9.2f} {r['mpix_per_s']:9.1f} {r['frames_per_s']:9.2f} "
