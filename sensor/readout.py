@@ -121,14 +121,23 @@ class ReadoutPermutation:
             raise ValueError("out: overlaps frame without being frame itself")
         return aligned(src), dst
 
-    def forward(self, frame: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    def forward(self, frame: np.ndarray, out: np.ndarray | None = None, scratch: np.ndarray | None = None
+                ) -> np.ndarray:
         """Protect: the permuted readout of frame (H, W) or (B, H, W) uint16, same shape back.
 
         ``out`` (same shape, C-contiguous) receives the result; it may be ``frame`` itself.
+        ``scratch``: a buffer of at least frame.size uint16 the caller owns and no other thread uses
+        meanwhile (a camera reading out a new permutation every frame reuses one instead of faulting
+        in a frame-sized buffer per frame); default this permutation's own.
         """
         src, dst = self._prepare(frame, out)
-        with self._scratch(src) as scratch:
+        if scratch is not None:
+            if not isinstance(scratch, np.ndarray) or scratch.dtype != np.uint16 or scratch.size < src.size:
+                raise ValueError(f"scratch: expected a uint16 array of at least {src.size} elements")
             forward_units(unit_view(src, self.scheme), self.kernel_tables(), unit_view(dst, self.scheme), scratch)
+            return dst if frame.ndim == 3 else dst[0]
+        with self._scratch(src) as own:
+            forward_units(unit_view(src, self.scheme), self.kernel_tables(), unit_view(dst, self.scheme), own)
         return dst if frame.ndim == 3 else dst[0]
 
     def inverse(self, frame: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:

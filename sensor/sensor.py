@@ -14,6 +14,7 @@ a frame is the same on every call and every thread count.
 
 from __future__ import annotations
 
+import threading
 import time
 
 import numpy as np
@@ -59,6 +60,7 @@ class Sensor:
         self.seed = check_seed(seed)
         self._maps: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}
         self._readouts: dict[tuple[str, str, int, int], ReadoutPermutation] = {}
+        self._scratch = threading.local()  # each capturing thread's readout scratch (rotation: reused)
 
     def __repr__(self) -> str:
         return f"Sensor({self.config.name!r}, seed={self.seed})"
@@ -150,7 +152,24 @@ class Sensor:
                          height=h, width=w, capture_time_ns=time.time_ns() if capture_time_ns is None
                          else int(capture_time_ns), label=None if label is None else int(label),
                          session=key.session)
-        return sign_frame(key, ProtectedFrame(order.forward(plain, out=plain), meta))
+        return sign_frame(key, ProtectedFrame(order.forward(plain, out=plain, scratch=self._scratch_for(plain.size)),
+                                              meta))
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        del state["_scratch"]  # per-thread buffers stay with their threads
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._scratch = threading.local()
+
+    def _scratch_for(self, size: int) -> np.ndarray:
+        """This thread's readout scratch, at least ``size`` uint16 (grown when a larger frame comes)."""
+        buf = getattr(self._scratch, "buf", None)
+        if buf is None or buf.size < size:
+            buf = self._scratch.buf = np.empty(size, np.uint16)
+        return buf
 
 
 def check_unique_rotation(key: Key, frame_index: int | None) -> None:

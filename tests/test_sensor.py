@@ -8,6 +8,7 @@ import pytest
 
 from sensor.adc import electron_mean_nb, electron_mean_ref, expose_nb, expose_ref
 from sensor.config import SensorConfig
+from sensor.keys import Key
 from sensor.ptc import default_exposures_s, photon_transfer
 from sensor.sensor import Sensor
 
@@ -200,3 +201,21 @@ def test_rotation_needs_a_session_key_and_an_explicit_frame_index():
     b = sensor.capture(photons, master.for_session(bytes(15) + b"\x01"), frame_index=3, rotation=True)
     assert not np.array_equal(a.data, b.data), "frame 3 of two sessions must be read out in different orders"
     assert master.for_session(bytes(16)).subkey("readout/pixel/frame", 3) != master.subkey("readout/pixel/frame", 3)
+
+
+def test_rotating_captures_reuse_one_scratch_and_equal_their_permutations():
+    """Each rotating frame has its own permutation; the sensor reads them all out through one
+    per-thread scratch (grown for a larger frame) and each frame is what its permutation gives."""
+    from sensor.readout import readout_permutation
+
+    sensor = Sensor(SensorConfig(), seed=2)
+    key = Key(bytes(range(32))).for_session(bytes(16))
+    for n, (h, w) in enumerate([(8, 12), (8, 12), (16, 20), (8, 12)]):
+        photons = np.random.default_rng(n).uniform(0, 3e3, (h, w))
+        for scheme in ("pixel", "quad", "plane"):
+            got = sensor.capture(photons, key, n, scheme=scheme, rotation=True).data
+            want = readout_permutation(key, scheme, h, w, n).forward(sensor.expose(photons, n))
+            assert np.array_equal(got, want), (n, scheme)
+    assert sensor._scratch.buf.size == 16 * 20
+    with pytest.raises(ValueError, match="scratch"):
+        readout_permutation(key, "pixel", 8, 12).forward(np.zeros((8, 12), np.uint16), scratch=np.zeros(5, np.uint16))
