@@ -15,9 +15,15 @@ def test_bench_pipeline_small_case_reports_every_measurement(tmp_path):
     for key in ("sensor_alone", "model_alone", "serial", "pipeline"):
         assert row[f"{key}_frames_per_s"] > 0
     assert row["predictions_equal_serial"] is True
-    assert row["threads"]["source"] == "auto" and row["threads"]["mode"] in ("split", "turns")
+    assert row["threads"]["source"] == "auto" and row["threads"]["mode"] in ("split", "serial")
     if "pipeline_split" in row:
         assert row["pipeline_split"]["threads"]["mode"] == "split"
+    others = {"split", "serial", "turns"} - {row["threads"]["mode"]}  # each mode auto turned down, compared
+    if row["threads"]["cores"] < 2:
+        others.discard("split")  # no split of one core
+    for mode in others:
+        assert row[f"pipeline_{mode}"]["threads"]["mode"] == mode and row[f"pipeline_{mode}"]["frames_per_s"] > 0
+    assert row["pipeline_turns"]["predictions_equal_serial"] is True  # every core for the model, as serially
     rss = row["peak_rss"]
     assert rss["32_frames"]["frames"] == 32 and rss["320_frames"]["frames"] == 320
     assert rss["32_frames"]["peak_rss_bytes"] > 0 and rss["ratio_10n_to_n"] > 0
