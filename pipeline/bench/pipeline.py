@@ -28,9 +28,11 @@ The alone and serial runs each run in a fresh thread, as the pipeline's stages d
 parallel regions launched from the main thread were much slower on a loaded machine: see
 :func:`pipeline.stream.budget.in_fresh_thread`).
 
-Ratios: pipeline / serial, and pipeline / the slower stage alone. ``predictions_equal_serial`` says
-whether the pipeline's predictions equal the serial ones bit for bit (same batches; the same torch thread
-count unless the budget splits the cores).
+Each round runs them in another order (rotated by one), so that no run always follows the same one.
+Ratios: pipeline / serial (of the bests, and the median over the rounds of each round's ratio), and
+pipeline / the slower stage alone. ``predictions_equal_serial`` says whether the pipeline's predictions
+equal the serial ones bit for bit (same batches; the same torch thread count unless the budget splits
+the cores).
 
 Peak RSS (``--rss``, default on): the pipeline alone over N and over 10N frames, each in a fresh
 subprocess with the case's budget. After the setup (imports, scenes, model) and a 2-frame warm-up, the
@@ -50,6 +52,7 @@ import json
 import os
 import platform
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -154,6 +157,18 @@ def batched(items: list[Any], size: int) -> Iterator[list[Any]]:
     return (items[i:i + size] for i in range(0, len(items), size))
 
 
+def rotated(items: list[Any], shift: int) -> list[Any]:
+    """``items`` rotated left by ``shift`` (modulo their number)."""
+    k = shift % len(items) if items else 0
+    return items[k:] + items[:k]
+
+
+def per_round_ratio(serial_s: list[float], other_s: list[float]) -> float:
+    """Median over the rounds of serial time / other time (each round's pair ran minutes apart at most):
+    steadier than the ratio of the bests when the machine's load changes between rounds."""
+    return statistics.median(a / b for a, b in zip(serial_s, other_s, strict=True))
+
+
 def other_budgets(budget: ThreadBudget, cores: int) -> dict[str, ThreadBudget]:
     """The modes ``budget`` is not, each with a budget to compare it with: split 1 + (cores - 1) (none on
     one core); serial and turns with ``budget``'s threads, or when it splits, the model on every core and
@@ -197,15 +212,19 @@ def run_case(name: str, rotation: bool, frames: int, rounds: int, rss: bool, rss
         for batch in batched(items, case.batch):
             serial_preds.extend(setup.classifier([setup.capture(it) for it in batch]))
 
-    for _ in range(rounds):  # interleaved, best of each: robust to a busy shared machine
-        timed("sensor_alone", lambda: [setup.capture(it) for it in items])
-        timed("model_alone", lambda: [setup.classifier(batch) for batch in batched(captured, case.batch)])
-        timed("serial", serial)
-        pipeline_preds.clear()
-        timings["pipeline"].append(setup.pipeline(frames, budget, pipeline_preds.extend))
-        for mode, other in others.items():
-            other_preds[mode].clear()
-            timings[f"pipeline_{mode}"].append(setup.pipeline(frames, other, other_preds[mode].extend))
+    def piped(key: str, plan: ThreadBudget, preds: list[dict]) -> Callable[[], None]:
+        def run() -> None:
+            preds.clear()
+            timings[key].append(setup.pipeline(frames, plan, preds.extend))
+        return run
+
+    runs = [lambda: timed("sensor_alone", lambda: [setup.capture(it) for it in items]),
+            lambda: timed("model_alone", lambda: [setup.classifier(batch) for batch in batched(captured, case.batch)]),
+            lambda: timed("serial", serial), piped("pipeline", budget, pipeline_preds),
+            *(piped(f"pipeline_{mode}", other, other_preds[mode]) for mode, other in others.items())]
+    for r in range(rounds):  # interleaved, best of each: robust to a busy shared machine
+        for run in rotated(runs, r):  # no run always follows the same one (it may inherit its memory state)
+            run()
     fps = {k: frames / min(v) for k, v in timings.items()}
     slowest = min(fps["sensor_alone"], fps["model_alone"])
     row: dict[str, Any] = {
@@ -216,6 +235,7 @@ def run_case(name: str, rotation: bool, frames: int, rounds: int, rss: bool, rss
         else f"{SCENE_POOL} photon maps rendered before timing, cycled",
         **{f"{k}_frames_per_s": round(v, 2) for k, v in fps.items()},
         "pipeline_vs_serial": round(fps["pipeline"] / fps["serial"], 3),
+        "pipeline_vs_serial_per_round_median": round(per_round_ratio(timings["serial"], timings["pipeline"]), 3),
         "pipeline_vs_slowest_stage": round(fps["pipeline"] / slowest, 3),
         "slowest_stage": "sensor" if fps["sensor_alone"] <= fps["model_alone"] else "model",
         "predictions_equal_serial": pipeline_preds == serial_preds,
@@ -223,7 +243,9 @@ def run_case(name: str, rotation: bool, frames: int, rounds: int, rss: bool, rss
     for mode, other in others.items():  # what the modes auto turned down would give (see predictions_equal_serial)
         key = f"pipeline_{mode}"
         row[key] = {"threads": other.to_dict(), "frames_per_s": round(fps[key], 2),
-                    "vs_serial": round(fps[key] / fps["serial"], 3), "vs_slowest_stage": round(fps[key] / slowest, 3),
+                    "vs_serial": round(fps[key] / fps["serial"], 3),
+                    "vs_serial_per_round_median": round(per_round_ratio(timings["serial"], timings[key]), 3),
+                    "vs_slowest_stage": round(fps[key] / slowest, 3),
                     "predictions_equal_serial": other_preds[mode] == serial_preds}
     if rss:
         n_rss = rss_frames or RSS_BATCHES * case.batch
@@ -317,7 +339,8 @@ def main(argv: list[str] | None = None) -> dict:
             rss = row.get("peak_rss", {}).get("ratio_10n_to_n")
             print(f"{name:<24} rot={str(rotation):<5} sensor {row['sensor_alone_frames_per_s']:8.1f}  model "
                   f"{row['model_alone_frames_per_s']:8.1f}  serial {row['serial_frames_per_s']:8.1f}  pipeline "
-                  f"{row['pipeline_frames_per_s']:8.1f} f/s  x{row['pipeline_vs_serial']:.2f} serial  "
+                  f"{row['pipeline_frames_per_s']:8.1f} f/s  x{row['pipeline_vs_serial']:.2f} serial (rounds: "
+                  f"x{row['pipeline_vs_serial_per_round_median']:.2f})  "
                   f"x{row['pipeline_vs_slowest_stage']:.2f} slowest  {row['threads']['mode']} "
                   f"{row['threads']['sensor']}+{row['threads']['model']}  rss 10N/N {rss}", flush=True)
             for mode in MODES:
@@ -325,7 +348,8 @@ def main(argv: list[str] | None = None) -> dict:
                     sp = row[f"pipeline_{mode}"]
                     label = f"{mode} {sp['threads']['sensor']}+{sp['threads']['model']}:"
                     print(f"{'':<24} {'':<9} {label:<11} pipeline {sp['frames_per_s']:8.1f} f/s  "
-                          f"x{sp['vs_serial']:.2f} serial  x{sp['vs_slowest_stage']:.2f} slowest  "
+                          f"x{sp['vs_serial']:.2f} serial (rounds: x{sp['vs_serial_per_round_median']:.2f})  "
+                          f"x{sp['vs_slowest_stage']:.2f} slowest  "
                           f"predictions equal serial: {sp['predictions_equal_serial']}", flush=True)
     result = {"benchmark": "pipeline",
               "machine": {"platform": platform.platform(), "cores": machine_cores(), "cpus": os.cpu_count(),
