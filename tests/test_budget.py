@@ -1,5 +1,5 @@
-"""The pipeline's thread budget (config, choice from measured costs) and the engine's micro-batch and
-turn-taking stages."""
+"""The pipeline's thread budget (config, choice from measured costs), the engine's micro-batch and
+turn-taking stages, and the serial mode's one stage."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import threading
 import pytest
 
 from pipeline.stream.budget import StageCosts, ThreadBudget, amdahl, choose_budget, parse_threads
-from pipeline.stream.engine import Batch, Map, Pipeline, chunks, each
+from pipeline.stream.engine import Batch, Map, Pipeline, RunResult, chunks, each
 from pipeline.stream.run import RunConfig
-from pipeline.stream.stages import micro_batch_size
+from pipeline.stream.stages import auto_budget, live_stages, micro_batch_size
 from sensor.errors import ConfigError
 
 
@@ -20,8 +20,12 @@ def test_threads_config_auto_or_a_budget_that_adds_up_to_the_machine():
     assert (budget.mode, budget.sensor, budget.model, budget.source) == ("split", 1, 1, "config")
     turns = parse_threads({"sensor": 2, "model": 2, "mode": "turns"}, cores=2)
     assert (turns.mode, turns.sensor, turns.model) == ("turns", 2, 2)
+    serial = parse_threads({"sensor": 1, "model": 2, "mode": "serial"}, cores=2)
+    assert (serial.mode, serial.sensor, serial.model, serial.source) == ("serial", 1, 2, "config")
     bad = [({"sensor": 2, "model": 1}, "threads"), ({"sensor": 0, "model": 1}, "threads.sensor"),
            ({"sensor": 1, "model": 3, "mode": "turns"}, "threads.model"),
+           ({"sensor": 3, "model": 2, "mode": "serial"}, "threads.sensor"),
+           ({"sensor": 2, "model": 2, "mode": "Serial"}, "threads.mode"),
            ({"sensor": 1, "model": True}, "threads.model"), ({"sensor": 1}, "threads.model"),
            ({"sensor": 1, "model": 1, "numba": 2}, "threads.numba"),
            ({"sensor": 1, "model": 1, "mode": "fast"}, "threads.mode"), ("fast", "threads"), (4, "threads")]
@@ -29,6 +33,12 @@ def test_threads_config_auto_or_a_budget_that_adds_up_to_the_machine():
         with pytest.raises(ConfigError) as err:
             parse_threads(value, cores=2)
         assert err.value.field == field, value
+    with pytest.raises(ConfigError, match="split, serial, turns|split.*serial.*turns"):
+        parse_threads({"sensor": 1, "model": 1, "mode": "fused"}, cores=2)
+    with pytest.raises(ConfigError, match=r"mode: split\|serial\|turns"):
+        parse_threads("all", cores=2)
+    with pytest.raises(ConfigError, match="or mode: serial"):
+        parse_threads({"sensor": 2, "model": 2}, cores=2)
 
 
 def test_run_config_validates_threads_and_micro_batch_naming_the_field():
@@ -56,18 +66,24 @@ def test_budget_choice_from_measured_costs():
     assert amdahl(1.0, 0.25, 4, 2) == pytest.approx(0.5)  # perfectly parallel: Amdahl's p = 1
     balanced = choose_budget(StageCosts(2, sensor_1=1.0, sensor_all=0.6, model_1=1.0, model_all=0.6))
     assert (balanced.mode, balanced.sensor, balanced.model, balanced.source) == ("split", 1, 1, "auto")
-    assert balanced.estimate["split 1+1"] == pytest.approx(1.0) and balanced.estimate["turns"] == pytest.approx(1 / 1.2)
+    assert balanced.estimate["split 1+1"] == pytest.approx(1.0)
+    assert balanced.estimate["serial"] == pytest.approx(1 / 1.2)
+    # where turns used to win (one stage dominates), the stages now run serially in one thread
     dominant = choose_budget(StageCosts(2, sensor_1=1.0, sensor_all=0.55, model_1=0.1, model_all=0.06))
-    assert (dominant.mode, dominant.sensor, dominant.model) == ("turns", 2, 2)
+    assert (dominant.mode, dominant.sensor, dominant.model) == ("serial", 2, 2)
+    assert dominant.estimate["serial"] == pytest.approx(1 / 0.61)
+    assert dominant.estimate["serial"] > dominant.estimate["split 1+1"]
     small_frames = choose_budget(StageCosts(2, sensor_1=0.3, sensor_all=0.5, model_1=10.0, model_all=5.0))
-    assert (small_frames.mode, small_frames.sensor, small_frames.model) == ("turns", 1, 2)
+    assert (small_frames.mode, small_frames.sensor, small_frames.model) == ("serial", 1, 2)
     four = choose_budget(StageCosts(4, sensor_1=3.0, sensor_all=1.0, model_1=1.0, model_all=0.4))
     assert (four.mode, four.sensor, four.model) == ("split", 3, 1)
     one = choose_budget(StageCosts(1, 1.0, 1.0, 1.0, 1.0))
-    assert (one.mode, one.sensor, one.model) == ("turns", 1, 1)
+    assert (one.mode, one.sensor, one.model) == ("serial", 1, 1)
+    tie = choose_budget(StageCosts(2, sensor_1=1.0, sensor_all=0.5, model_1=1.0, model_all=0.5))
+    assert tie.estimate["serial"] == pytest.approx(tie.estimate["split 1+1"]) and tie.mode == "serial"
     report = balanced.to_dict()
     assert report["mode"] == "split" and report["measured"]["sensor_s_per_frame_1_thread"] == 1.0
-    assert set(report["estimated_frames_per_s"]) == {"turns", "split 1+1"}
+    assert set(report["estimated_frames_per_s"]) == {"serial", "split 1+1"}
 
 
 def test_micro_batches_are_recut_into_batches_of_exactly_the_model_size():
@@ -104,3 +120,104 @@ def test_stages_sharing_a_lock_take_turns_and_setup_runs_in_the_stage_thread():
     assert state["most"] == 1, "two stages holding the same lock ran at once"
     assert sorted(state["setup"]) == ["privcam-a", "privcam-b"]
     assert ThreadBudget(2, 2, "turns", 2).to_dict()["mode"] == "turns"
+
+
+class FakeClassifier:
+    """Stands in for :class:`KeyedClassifier` over int "frames": keeps the batches it classified and the
+    numba thread count each batch ran at."""
+
+    def __init__(self) -> None:
+        self.batches: list[list[int]] = []
+        self.numba_threads: list[int] = []
+
+    def prepare(self, frames: list[int]) -> list[int]:
+        import numba
+
+        self.batches.append(list(frames))
+        self.numba_threads.append(numba.get_num_threads())
+        return frames
+
+    def predict(self, frames: list[int]) -> list[dict[str, int]]:
+        return [{"frame_index": f, "pred": f % 3} for f in frames]
+
+    def __call__(self, frames: list[int]) -> list[dict[str, int]]:
+        return self.predict(self.prepare(frames))
+
+
+def run_live(mode: str, n: int, fail_at: int | None = None, interrupt_after: int | None = None
+             ) -> tuple[list[dict], list[int], list[int], FakeClassifier, RunResult]:
+    """``live_stages`` in ``mode`` over scenes 0..n-1 (micro-batches of 3, model batches of 4, scene 5
+    skipped by the capture, scene ``fail_at`` raising, Ctrl-C in the sink after ``interrupt_after``
+    batches): (predictions, recorded frames, the numba threads each capture ran at, the classifier, the
+    run's result)."""
+    import numba
+
+    recorded: list[int] = []
+    capture_threads: list[int] = []
+
+    def capture(scene: int) -> int | None:
+        if scene == fail_at:
+            raise RuntimeError(f"sensor broke at {scene}")
+        capture_threads.append(numba.get_num_threads())
+        return None if scene == 5 else scene
+
+    def record(frame: int) -> int:
+        recorded.append(frame)
+        return frame
+
+    classifier, out = FakeClassifier(), []
+
+    def sink(rows: list[dict]) -> None:
+        if interrupt_after is not None and len(out) >= 4 * interrupt_after:
+            raise KeyboardInterrupt
+        out.extend(rows)
+
+    budget = ThreadBudget(1, 2, mode, 2) if mode != "split" else ThreadBudget(1, 1, "split", 2)
+    stages = live_stages(capture, classifier, budget, 4, 30.0, record)
+    result = Pipeline(chunks(range(n), 3), stages, sink).run()
+    return out, recorded, capture_threads, classifier, result
+
+
+def test_serial_mode_is_one_stage_that_makes_the_batches_the_stages_make():
+    """The serial mode: one thread does the capture, the recording (every frame, in order) and the model's
+    batches (exactly the batch size, the short one last), and predicts what the threaded stages predict;
+    numba runs on the sensor's share for the capture and on the model's for the batches."""
+    import numba
+
+    out, recorded, capture_threads, classifier, result = run_live("serial", 23)
+    assert result.error is None
+    assert [s.name for s in result.stages] == ["source", "serial", "sink"]
+    frames = [i for i in range(23) if i != 5]
+    assert recorded == frames
+    assert classifier.batches == [frames[i:i + 4] for i in range(0, 22, 4)]
+    turns_out, turns_recorded, _, turns_classifier, _ = run_live("turns", 23)
+    assert out == turns_out and recorded == turns_recorded and classifier.batches == turns_classifier.batches
+    assert set(capture_threads) == {1}
+    assert set(classifier.numba_threads) == {min(2, numba.config.NUMBA_NUM_THREADS)}
+    parts = result.stages[1].to_dict()["busy_s_parts"]
+    assert set(parts) == {"sensor", "model"}
+
+
+def test_serial_mode_failing_capture_mid_batch_records_the_frames_before_it():
+    out, recorded, _, classifier, result = run_live("serial", 23, fail_at=10)
+    assert isinstance(result.error, RuntimeError) and "sensor broke at 10" in str(result.error)
+    assert recorded == [0, 1, 2, 3, 4, 6, 7, 8, 9], "a frame captured before the failure was not recorded"
+    assert classifier.batches == [[0, 1, 2, 3], [4, 6, 7, 8]]
+    assert [row["frame_index"] for row in out] == [0, 1, 2, 3, 4, 6, 7, 8]
+
+
+def test_auto_budget_runs_serially_when_nothing_can_be_measured():
+    one_core = auto_budget(lambda: pytest.fail("nothing to measure on one core"), None, 8, cores=1)
+    assert (one_core.mode, one_core.sensor, one_core.model, one_core.source) == ("serial", 1, 1, "auto")
+    no_scene = auto_budget(lambda: None, None, 8, cores=2)
+    assert (no_scene.mode, no_scene.sensor, no_scene.model) == ("serial", 2, 2)
+
+
+def test_serial_mode_interrupted_loses_no_captured_frame():
+    """Ctrl-C in the sink after two batches: every frame the serial stage captured was recorded, in order,
+    and the predictions that reached the sink are those of the first batches."""
+    out, recorded, capture_threads, classifier, result = run_live("serial", 3000, interrupt_after=2)
+    assert result.interrupted and result.error is None
+    captured = [i for i in range(len(capture_threads)) if i != 5]  # one count per scene captured, in order
+    assert recorded == captured and len(recorded) < 2999
+    assert [row["frame_index"] for row in out] == sum(classifier.batches[:2], [])

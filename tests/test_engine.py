@@ -144,3 +144,104 @@ def test_a_micro_batch_that_fails_part_way_hands_on_what_it_finished():
     assert each(capture)([0, 1]) == [0, 1]
     with pytest.raises(RuntimeError, match="sensor broke"):
         each(capture)([3, 4])  # nothing finished before the failure: the error itself
+
+
+# -- Serial: item work, batching and batch work in one thread ------------------------------------------
+
+
+def test_serial_stage_makes_the_batches_of_the_three_stage_chain_in_one_thread():
+    """Micro-batches that do not divide the batch size, a dropped item, and a final short batch: the batch
+    function sees exactly the batches Map(each) -> Batch(flatten) -> Map makes, in order, in one thread."""
+    from pipeline.stream.engine import Serial, chunks, each
+
+    threads: set[str] = set()
+
+    def double(x: int) -> int | None:
+        threads.add(threading.current_thread().name)
+        return None if x == 7 else 2 * x
+
+    def total(batch: list[int]) -> list[int]:
+        threads.add(threading.current_thread().name)
+        return list(batch)
+
+    chained: list[list[int]] = []
+    stages = [Map("double", each(double)), Batch("batcher", 4, BOUND_S, flatten=True), Map("total", total)]
+    assert Pipeline(chunks(range(23), 3), stages, chained.append).run().error is None
+    threads.clear()
+    out: list[list[int]] = []
+    result = Pipeline(chunks(range(23), 3), [Serial("serial", each(double), 4, total, BOUND_S,
+                                                    parts=("double", "total"))], out.append).run()
+    assert result.error is None
+    assert out == chained and [len(b) for b in out] == [4, 4, 4, 4, 4, 2]
+    assert sum(out, []) == [2 * i for i in range(23) if i != 7]
+    assert threads == {"privcam-serial"}, "the item and the batch work ran in other threads"
+    stats = result.stages[1]
+    assert (stats.name, stats.items_in, stats.items_out, stats.frames_out) == ("serial", 8, 6, 22)
+    assert set(stats.to_dict()["busy_s_parts"]) == {"double", "total"}
+    assert not privcam_threads()
+
+
+def test_serial_stage_flushes_a_short_batch_on_timeout_for_a_slow_source():
+    """As test_batch_flushes_on_timeout_for_a_slow_source, through a Serial stage: each item waits until
+    its batch reached the sink, which only the timeout can make happen."""
+    from pipeline.stream.engine import Serial
+
+    flushed = [threading.Event() for _ in range(3)]
+    waited = []
+
+    def trickle():
+        for i in range(3):
+            yield [i]
+            waited.append(flushed[i].wait(BOUND_S if all(waited) else 0))
+
+    out = []
+
+    def sink(batch):
+        out.append(batch)
+        next(e for e in flushed + [threading.Event()] if not e.is_set()).set()
+
+    result = run_bounded(Pipeline(trickle(), [Serial("serial", list, 100, list, timeout_s=0.05)], sink))
+    assert result.error is None
+    assert waited == [True, True, True], "a pending batch was not flushed while the source was idle"
+    assert out == [[0], [1], [2]]
+
+
+def test_serial_stage_failing_part_way_keeps_the_work_done_before_the_failure():
+    """Item 6 fails inside the micro-batch [4, 5, 6, 7]: items 0-5 were recorded (the item work, in order),
+    the full batch [0..3] reached the sink, and the error is the item's own; no thread is left."""
+    from pipeline.stream.engine import Serial, chunks, each
+
+    recorded: list[int] = []
+
+    def capture_and_record(x: int) -> int:
+        if x == 6:
+            raise RuntimeError("sensor broke at 6")
+        recorded.append(x)
+        return x
+
+    out: list[list[int]] = []
+    result = run_bounded(Pipeline(chunks(range(12), 4), [Serial("serial", each(capture_and_record), 4, list,
+                                                                BOUND_S)], out.append))
+    assert isinstance(result.error, RuntimeError) and "sensor broke at 6" in str(result.error)
+    assert recorded == [0, 1, 2, 3, 4, 5]
+    assert out == [[0, 1, 2, 3]]
+    assert not privcam_threads()
+
+
+def test_serial_stage_stops_on_ctrl_c_in_the_sink_and_refuses_unknown_stages():
+    from pipeline.stream.engine import Serial
+
+    seen = []
+
+    def sink(item):
+        seen.append(item)
+        if len(seen) == 2:
+            raise KeyboardInterrupt
+
+    result = run_bounded(Pipeline(([i] for i in range(10_000)), [Serial("serial", list, 2, list, BOUND_S)], sink))
+    assert result.interrupted and result.error is None and result.items_out == 1
+    assert not privcam_threads()
+    with pytest.raises(ValueError, match="size"):
+        Serial("serial", list, 0, list)
+    with pytest.raises(TypeError, match="Map, Batch or Serial"):
+        Pipeline([], [lambda x: x], print)

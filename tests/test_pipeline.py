@@ -272,11 +272,12 @@ def test_a_session_key_file_replays_its_session_and_refuses_others(world, tmp_pa
     assert "--session-of and --nonce go together" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("mode", ["split", "turns"])
+@pytest.mark.parametrize("mode", ["split", "turns", "serial"])
 def test_micro_batches_and_a_thread_budget_give_the_serial_predictions_bit_for_bit(world, tmp_path, mode):
     """A run with micro-batches that do not divide the model batch, a thread budget and the tables stage
-    writes the predictions the classifier gives on the same frames serially, in batches of the same size
-    at the same torch thread count, bit for bit; it records every frame; the summary reports the budget."""
+    (or, in serial mode, capture, recorder, batches and model in one stage) writes the predictions the
+    classifier gives on the same frames serially, in batches of the same size at the same torch thread
+    count, bit for bit; it records every frame, in order; the summary reports the budget."""
     from pipeline.stream.budget import machine_cores, torch_threads
     from pipeline.stream.run import build_classifier, capture_stage, load_key
 
@@ -284,7 +285,7 @@ def test_micro_batches_and_a_thread_budget_give_the_serial_predictions_bit_for_b
     if mode == "split" and cores < 2:
         pytest.skip("a split needs two cores")
     threads = {"sensor": 1, "model": cores - 1} if mode == "split" else {"sensor": cores, "model": cores,
-                                                                          "mode": "turns"}
+                                                                          "mode": mode}
 
     preds, rec = tmp_path / "live.jsonl", tmp_path / "live.mcap"
     cfg = config(world, key={"rotation": True}, output={"predictions": str(preds), "record": str(rec)},
@@ -295,8 +296,11 @@ def test_micro_batches_and_a_thread_budget_give_the_serial_predictions_bit_for_b
                                   "model": threads["model"], "cores": summary["threads"]["cores"],
                                   "source": "config"}
     assert summary["micro_batch"] == 3
-    sensor_stage = next(s for s in summary["stages"] if s["name"] == "sensor")
+    sensor_stage = next(s for s in summary["stages"] if s["name"] == ("serial" if mode == "serial" else "sensor"))
     assert sensor_stage["items_in"] == -(-N_FRAMES // 3) and sensor_stage["frames_out"] == N_FRAMES
+    if mode == "serial":
+        assert [s["name"] for s in summary["stages"]] == ["source", "serial", "sink"]
+        assert sensor_stage["items_out"] == -(-N_FRAMES // cfg.pipeline.batch_size)  # one item per model batch
     frames = list(RecordingReader(rec).frames())
     assert [f.meta.frame_index for f in frames] == list(range(N_FRAMES))
 
@@ -322,12 +326,12 @@ def test_auto_thread_budget_is_measured_and_reported(world):
     summary = run_pipeline(config(world), progress=False)
     assert summary["error"] is None and summary["frames"] == N_FRAMES
     threads = summary["threads"]
-    assert threads["source"] == "auto" and threads["mode"] in ("split", "turns")
+    assert threads["source"] == "auto" and threads["mode"] in ("split", "serial")
     assert threads["sensor"] >= 1 and threads["model"] >= 1
     if threads["mode"] == "split":
         assert threads["sensor"] + threads["model"] <= threads["cores"]
     measured = threads["measured"]
     assert measured["cores"] == threads["cores"]
     assert all(measured[k] > 0 for k in measured if k.endswith("thread") or k.endswith("threads"))
-    assert "turns" in threads["estimated_frames_per_s"]
+    assert "serial" in threads["estimated_frames_per_s"]
     assert summary["micro_batch"] == 8  # auto: about a megapixel of 28x28 frames, capped by the model batch

@@ -16,18 +16,23 @@ For each case and rotation setting, timed interleaved over ``--rounds`` rounds (
 * ``model_alone``: the model stage (network input, per-frame tables, keyed net) on the captured frames
   in batches, torch on every core;
 * ``serial``: capture a batch, classify it, in one thread (every core for each);
-* ``pipeline``: :func:`pipeline.stream.stages.live_stages` (micro-batches, the tables stage, the thread
-  budget) with the budget that ``auto`` chooses (measured once per case, before the rounds);
-* ``pipeline_split``: the same with a split budget (sensor 1 thread, model the rest) when ``auto`` chose
-  to take turns: what the split would give, and whether its predictions still equal the serial ones.
+* ``pipeline``: :func:`pipeline.stream.stages.live_stages` (micro-batches, the thread budget; the tables
+  stage, or in ``serial`` mode one stage for the sensor and the model) with the budget that ``auto``
+  chooses (measured once per case, before the rounds);
+* ``pipeline_<mode>`` for each mode ``auto`` did not choose (:func:`other_budgets`): ``split`` (sensor 1
+  thread, model the rest), ``serial`` and ``turns`` (the chosen budget's threads, or every core for the
+  model): what each would give in the same rounds, and whether its predictions still equal the serial
+  ones (``turns`` is what ``auto`` chose before the ``serial`` mode existed).
 
 The alone and serial runs each run in a fresh thread, as the pipeline's stages do (numba and torch
 parallel regions launched from the main thread were much slower on a loaded machine: see
 :func:`pipeline.stream.budget.in_fresh_thread`).
 
-Ratios: pipeline / serial, and pipeline / the slower stage alone. ``predictions_equal_serial`` says
-whether the pipeline's predictions equal the serial ones bit for bit (same batches; the same torch thread
-count unless the budget splits the cores).
+Each round runs them in another order (rotated by one), so that no run always follows the same one.
+Ratios: pipeline / serial (of the bests, and the median over the rounds of each round's ratio), and
+pipeline / the slower stage alone. ``predictions_equal_serial`` says whether the pipeline's predictions
+equal the serial ones bit for bit (same batches; the same torch thread count unless the budget splits
+the cores).
 
 Peak RSS (``--rss``, default on): the pipeline alone over N and over 10N frames, each in a fresh
 subprocess with the case's budget. After the setup (imports, scenes, model) and a 2-frame warm-up, the
@@ -47,6 +52,7 @@ import json
 import os
 import platform
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -60,7 +66,7 @@ import torch
 from models.plain import build_model
 from pipeline.bench.common import write_json
 from pipeline.resources import resolve
-from pipeline.stream.budget import ThreadBudget, in_fresh_thread, machine_cores, torch_threads
+from pipeline.stream.budget import MODES, ThreadBudget, in_fresh_thread, machine_cores, torch_threads
 from pipeline.stream.classifier import KeyedClassifier
 from pipeline.stream.engine import Pipeline, chunks
 from pipeline.stream.inputs import input_shape
@@ -151,6 +157,35 @@ def batched(items: list[Any], size: int) -> Iterator[list[Any]]:
     return (items[i:i + size] for i in range(0, len(items), size))
 
 
+def rotated(items: list[Any], shift: int) -> list[Any]:
+    """``items`` rotated left by ``shift`` (modulo their number)."""
+    k = shift % len(items) if items else 0
+    return items[k:] + items[:k]
+
+
+def per_round_ratio(serial_s: list[float], other_s: list[float]) -> float:
+    """Median over the rounds of serial time / other time (each round's pair ran minutes apart at most):
+    steadier than the ratio of the bests when the machine's load changes between rounds."""
+    return statistics.median(a / b for a, b in zip(serial_s, other_s, strict=True))
+
+
+def other_budgets(budget: ThreadBudget, cores: int) -> dict[str, ThreadBudget]:
+    """The modes ``budget`` is not, each with a budget to compare it with: split 1 + (cores - 1) (none on
+    one core); serial and turns with ``budget``'s threads, or when it splits, the model on every core and
+    the sensor on the thread count it measured faster at (every core when nothing was measured)."""
+    costs = budget.costs
+    sensor = budget.sensor if budget.mode != "split" else (
+        1 if costs is not None and costs.sensor_1 < costs.sensor_all else cores)
+    model = budget.model if budget.mode != "split" else cores
+    others = {}
+    for mode in MODES:
+        if mode == budget.mode or (mode == "split" and cores < 2):
+            continue
+        others[mode] = (ThreadBudget(1, cores - 1, mode, cores) if mode == "split"
+                        else ThreadBudget(sensor, model, mode, cores))
+    return others
+
+
 def run_case(name: str, rotation: bool, frames: int, rounds: int, rss: bool, rss_frames: int | None = None
              ) -> dict[str, Any]:
     case = CASES[name]
@@ -159,14 +194,12 @@ def run_case(name: str, rotation: bool, frames: int, rounds: int, rss: bool, rss
     captured = [setup.capture(it) for it in items]  # warm-up, and the model stage's input
     setup.classifier(captured[:case.batch])
     budget = auto_budget(lambda: setup.capture(items[0]), setup.classifier, case.batch)
-    cores = machine_cores()
-    split = ThreadBudget(1, cores - 1, "split", cores) if cores > 1 and budget.mode != "split" else None
-    timings: dict[str, list[float]] = {k: [] for k in ("sensor_alone", "model_alone", "serial", "pipeline")}
-    if split is not None:
-        timings["pipeline_split"] = []
+    others = other_budgets(budget, machine_cores())
+    timings: dict[str, list[float]] = {k: [] for k in ("sensor_alone", "model_alone", "serial", "pipeline",
+                                                        *(f"pipeline_{m}" for m in others))}
     serial_preds: list[dict] = []
     pipeline_preds: list[dict] = []
-    split_preds: list[dict] = []
+    other_preds: dict[str, list[dict]] = {m: [] for m in others}
     def timed(name: str, fn: Callable[[], object]) -> None:
         def body() -> None:
             t0 = time.perf_counter()
@@ -179,15 +212,19 @@ def run_case(name: str, rotation: bool, frames: int, rounds: int, rss: bool, rss
         for batch in batched(items, case.batch):
             serial_preds.extend(setup.classifier([setup.capture(it) for it in batch]))
 
-    for _ in range(rounds):  # interleaved, best of each: robust to a busy shared machine
-        timed("sensor_alone", lambda: [setup.capture(it) for it in items])
-        timed("model_alone", lambda: [setup.classifier(batch) for batch in batched(captured, case.batch)])
-        timed("serial", serial)
-        pipeline_preds.clear()
-        timings["pipeline"].append(setup.pipeline(frames, budget, pipeline_preds.extend))
-        if split is not None:
-            split_preds.clear()
-            timings["pipeline_split"].append(setup.pipeline(frames, split, split_preds.extend))
+    def piped(key: str, plan: ThreadBudget, preds: list[dict]) -> Callable[[], None]:
+        def run() -> None:
+            preds.clear()
+            timings[key].append(setup.pipeline(frames, plan, preds.extend))
+        return run
+
+    runs = [lambda: timed("sensor_alone", lambda: [setup.capture(it) for it in items]),
+            lambda: timed("model_alone", lambda: [setup.classifier(batch) for batch in batched(captured, case.batch)]),
+            lambda: timed("serial", serial), piped("pipeline", budget, pipeline_preds),
+            *(piped(f"pipeline_{mode}", other, other_preds[mode]) for mode, other in others.items())]
+    for r in range(rounds):  # interleaved, best of each: robust to a busy shared machine
+        for run in rotated(runs, r):  # no run always follows the same one (it may inherit its memory state)
+            run()
     fps = {k: frames / min(v) for k, v in timings.items()}
     slowest = min(fps["sensor_alone"], fps["model_alone"])
     row: dict[str, Any] = {
@@ -198,15 +235,18 @@ def run_case(name: str, rotation: bool, frames: int, rounds: int, rss: bool, rss
         else f"{SCENE_POOL} photon maps rendered before timing, cycled",
         **{f"{k}_frames_per_s": round(v, 2) for k, v in fps.items()},
         "pipeline_vs_serial": round(fps["pipeline"] / fps["serial"], 3),
+        "pipeline_vs_serial_per_round_median": round(per_round_ratio(timings["serial"], timings["pipeline"]), 3),
         "pipeline_vs_slowest_stage": round(fps["pipeline"] / slowest, 3),
         "slowest_stage": "sensor" if fps["sensor_alone"] <= fps["model_alone"] else "model",
         "predictions_equal_serial": pipeline_preds == serial_preds,
         "threads": budget.to_dict()}
-    if split is not None:  # what the split auto turned down would give (see predictions_equal_serial)
-        row["pipeline_split"] = {"threads": split.to_dict(), "frames_per_s": round(fps["pipeline_split"], 2),
-                                 "vs_serial": round(fps["pipeline_split"] / fps["serial"], 3),
-                                 "vs_slowest_stage": round(fps["pipeline_split"] / slowest, 3),
-                                 "predictions_equal_serial": split_preds == serial_preds}
+    for mode, other in others.items():  # what the modes auto turned down would give (see predictions_equal_serial)
+        key = f"pipeline_{mode}"
+        row[key] = {"threads": other.to_dict(), "frames_per_s": round(fps[key], 2),
+                    "vs_serial": round(fps[key] / fps["serial"], 3),
+                    "vs_serial_per_round_median": round(per_round_ratio(timings["serial"], timings[key]), 3),
+                    "vs_slowest_stage": round(fps[key] / slowest, 3),
+                    "predictions_equal_serial": other_preds[mode] == serial_preds}
     if rss:
         n_rss = rss_frames or RSS_BATCHES * case.batch
         row["peak_rss"] = {f"{n}_frames": child_rss(name, rotation, n, budget) for n in (n_rss, 10 * n_rss)}
@@ -299,14 +339,18 @@ def main(argv: list[str] | None = None) -> dict:
             rss = row.get("peak_rss", {}).get("ratio_10n_to_n")
             print(f"{name:<24} rot={str(rotation):<5} sensor {row['sensor_alone_frames_per_s']:8.1f}  model "
                   f"{row['model_alone_frames_per_s']:8.1f}  serial {row['serial_frames_per_s']:8.1f}  pipeline "
-                  f"{row['pipeline_frames_per_s']:8.1f} f/s  x{row['pipeline_vs_serial']:.2f} serial  "
+                  f"{row['pipeline_frames_per_s']:8.1f} f/s  x{row['pipeline_vs_serial']:.2f} serial (rounds: "
+                  f"x{row['pipeline_vs_serial_per_round_median']:.2f})  "
                   f"x{row['pipeline_vs_slowest_stage']:.2f} slowest  {row['threads']['mode']} "
                   f"{row['threads']['sensor']}+{row['threads']['model']}  rss 10N/N {rss}", flush=True)
-            if "pipeline_split" in row:
-                sp = row["pipeline_split"]
-                print(f"{'':<24} {'':<9} split 1+{sp['threads']['model']}: pipeline {sp['frames_per_s']:8.1f} f/s  "
-                      f"x{sp['vs_serial']:.2f} serial  x{sp['vs_slowest_stage']:.2f} slowest  "
-                      f"predictions equal serial: {sp['predictions_equal_serial']}", flush=True)
+            for mode in MODES:
+                if f"pipeline_{mode}" in row:
+                    sp = row[f"pipeline_{mode}"]
+                    label = f"{mode} {sp['threads']['sensor']}+{sp['threads']['model']}:"
+                    print(f"{'':<24} {'':<9} {label:<11} pipeline {sp['frames_per_s']:8.1f} f/s  "
+                          f"x{sp['vs_serial']:.2f} serial (rounds: x{sp['vs_serial_per_round_median']:.2f})  "
+                          f"x{sp['vs_slowest_stage']:.2f} slowest  "
+                          f"predictions equal serial: {sp['predictions_equal_serial']}", flush=True)
     result = {"benchmark": "pipeline",
               "machine": {"platform": platform.platform(), "cores": machine_cores(), "cpus": os.cpu_count(),
                           "load_average_at_end": list(os.getloadavg())},

@@ -2,14 +2,19 @@
 
 The sensor stage's numba kernels and the model stage's torch ops are each parallel, and each assumes by
 default that it owns every core; run side by side they oversubscribe. A budget gives each stage a share
-that adds up to the machine, in one of two ways:
+that adds up to the machine, in one of three ways:
 
 * ``split``: the stages run at the same time, the sensor stage on ``sensor`` numba threads and the model
   stage on ``model`` torch intra-op threads, ``sensor + model == cores``. Pays when the two stages cost
   about the same.
-* ``turns``: both stages get every core, and take turns (one lock around their work), so at any moment
-  one stage's threads run. The hand-offs, the source, the recorder and the sink still overlap with the
-  work. Pays when one stage dominates: a split would leave it on a fraction of the machine.
+* ``serial``: both stages get every core and run one after the other in one thread, as a serial loop
+  does: capture (and record) each scene, and classify each batch as soon as it is full
+  (:class:`pipeline.stream.engine.Serial`). Only the source and the sink overlap with the work. Pays
+  when one stage dominates: a split would leave it on a fraction of the machine.
+* ``turns``: as ``serial``, but the stages keep their own threads and take turns (one lock around their
+  work). Nothing real overlaps either, and the hand-offs, the lock and the separate tables stage cost
+  more than they save: at 1920x1080 it ran at 0.67-0.84x the serial loop (issue 17). Kept for configs
+  that name it; ``auto`` picks ``serial`` instead.
 
 numba's thread count is per calling thread (``numba.set_num_threads`` in the stage's own thread);
 torch's intra-op count is process-wide, so the model share is set once for the run and restored after
@@ -17,7 +22,7 @@ torch's intra-op count is process-wide, so the model share is set once for the r
 
 ``auto`` measures each stage's cost per frame on the first frame at one thread and at every core
 (:func:`measure_costs`), fits Amdahl's law to each, and picks the plan with the highest estimated
-throughput (:func:`choose_budget`): the split with the best ``min(share / cost)``, or turns.
+throughput (:func:`choose_budget`): the split with the best ``min(share / cost)``, or serial.
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ from typing import Any
 
 from sensor.errors import ConfigError
 
-MODES = ("split", "turns")
+MODES = ("split", "serial", "turns")
 
 
 def machine_cores() -> int:
@@ -61,8 +66,8 @@ class StageCosts:
 
 @dataclass(frozen=True)
 class ThreadBudget:
-    """Threads of each stage. ``split``: ``sensor + model <= cores``; ``turns``: each may use every core
-    (they never run at once). ``source`` says where it came from: "config" or "auto"."""
+    """Threads of each stage. ``split``: ``sensor + model <= cores``; ``serial`` and ``turns``: each may
+    use every core (they never run at once). ``source`` says where it came from: "config" or "auto"."""
 
     sensor: int
     model: int
@@ -83,7 +88,7 @@ class ThreadBudget:
                                   value)
         if self.mode == "split" and self.sensor + self.model > self.cores:
             raise ConfigError("pipeline", "threads", f"sensor + model threads <= the {self.cores} cores "
-                              "(they run at the same time), or mode: turns",
+                              "(they run at the same time), or mode: serial",
                               f"{self.sensor} + {self.model}")
 
     def to_dict(self) -> dict[str, Any]:
@@ -100,13 +105,13 @@ class ThreadBudget:
 
 def parse_threads(value: Any, cores: int | None = None) -> ThreadBudget | None:
     """The ``pipeline.threads`` config value: "auto" (-> None: measure at start-up) or a mapping
-    ``{sensor: n, model: m[, mode: split|turns]}``. Raises ConfigError naming the field."""
+    ``{sensor: n, model: m[, mode: split|serial|turns]}``. Raises ConfigError naming the field."""
     cores = machine_cores() if cores is None else cores
     if value == "auto":
         return None
     if not isinstance(value, dict):
-        raise ConfigError("pipeline", "threads", "auto or a mapping {sensor: N, model: M, mode: split|turns}",
-                          value)
+        raise ConfigError("pipeline", "threads", "auto or a mapping {sensor: N, model: M, mode: "
+                          f"{'|'.join(MODES)}}}", value)
     unknown = set(value) - {"sensor", "model", "mode"}
     if unknown:
         raise ConfigError("pipeline", f"threads.{sorted(unknown)[0]}", "one of sensor, model, mode")
@@ -126,17 +131,19 @@ def amdahl(t1: float, tc: float, cores: int, n: int) -> float:
 
 def choose_budget(costs: StageCosts) -> ThreadBudget:
     """The plan with the highest estimated frames/s: each split ``(n, cores - n)`` runs at
-    ``1 / max(sensor(n), model(cores - n))``, turns at ``1 / (min(sensor(1), sensor(all)) + model(all))``."""
+    ``1 / max(sensor(n), model(cores - n))``, serial at ``1 / (min(sensor(1), sensor(all)) + model(all))``.
+    Serial is the plan where turns used to be chosen: the same estimate, without the hand-offs."""
     c = costs.cores
-    # taking turns, the sensor runs on whichever of 1 thread or every core was faster (small frames: 1);
-    # the model keeps every core (its logits may change with its thread count)
-    sensor_turn = 1 if costs.sensor_1 < costs.sensor_all else c
-    plans = {"turns": (sensor_turn, c, 1.0 / max(min(costs.sensor_1, costs.sensor_all) + costs.model_all, 1e-12))}
+    # one after the other, the sensor runs on whichever of 1 thread or every core was faster (small
+    # frames: 1); the model keeps every core (its logits may change with its thread count)
+    sensor_serial = 1 if costs.sensor_1 < costs.sensor_all else c
+    plans = {"serial": (sensor_serial, c, 1.0 / max(min(costs.sensor_1, costs.sensor_all) + costs.model_all,
+                                                    1e-12))}
     for n in range(1, c):
         s = amdahl(costs.sensor_1, costs.sensor_all, c, n)
         m = amdahl(costs.model_1, costs.model_all, c, c - n)
         plans[f"split {n}+{c - n}"] = (n, c - n, 1.0 / max(s, m, 1e-12))
-    name = max(plans, key=lambda k: plans[k][2])  # a tie keeps turns (listed first)
+    name = max(plans, key=lambda k: plans[k][2])  # a tie keeps serial (listed first)
     estimate = {k: v[2] for k, v in plans.items()}
     sensor, model, _ = plans[name]
     return ThreadBudget(sensor, model, name.split()[0], c, "auto", costs, estimate)

@@ -12,6 +12,8 @@
   frames: double buffering needs one ready while one runs).
 - Thread budget: a ``Map`` stage's ``setup`` runs once in its own thread before any item (e.g. its
   numba thread count); stages that share a ``lock`` take turns (their work never overlaps).
+- ``Serial``: the chain ``Map(each(fn)) -> Batch(flatten=True) -> Map(batch_fn)`` in one thread, for
+  work that would only take turns anyway: the same batches, none of the hand-offs between them.
 - Any stage error or Ctrl-C sets one stop event; every blocking call polls it, items that
   already passed every stage still reach the sink after an error, all threads are joined,
   ``on_close`` hooks run (e.g. finalising a recording), and the run reports what was processed.
@@ -44,6 +46,7 @@ class StageStats:
     wait_out_s: float = 0.0
     wait_turn_s: float = 0.0
     frames_out: int = 0
+    parts: dict[str, float] = field(default_factory=dict)  # busy seconds of each part of a Serial stage
 
     def to_dict(self) -> dict[str, Any]:
         rate = self.items_out / self.busy_s if self.busy_s > 0 else None
@@ -55,6 +58,8 @@ class StageStats:
         if self.frames_out:  # the items are lists of frames (micro-batches)
             out["frames_out"] = self.frames_out
             out["frames_per_busy_s"] = self.frames_out / self.busy_s if self.busy_s > 0 else None
+        if self.parts:
+            out["busy_s_parts"] = {k: round(v, 4) for k, v in self.parts.items()}
         return out
 
 
@@ -87,6 +92,36 @@ class Batch:
     timeout_s: float = 0.5
     flatten: bool = False
     queue_size: int | None = None  # of its output queue, in batches (None: the pipeline's)
+
+
+@dataclass
+class Serial:
+    """``Map(item_fn) -> Batch(size, timeout_s, flatten=True) -> Map(batch_fn)`` in one thread.
+
+    ``item_fn`` maps a micro-batch (a list) to a list (e.g. :func:`each` of a capture that also records
+    each frame); its items are collected, in order, into lists of exactly ``size``, each handed to
+    ``batch_fn`` as soon as it is full. A shorter list goes to ``batch_fn`` when ``timeout_s`` passes
+    without input (a slow source) and at the end. ``batch_fn`` may return None to drop a batch.
+
+    The same calls, in the same order, as the three stages make, but with no queue between them: for
+    work that would take turns on the cores anyway. When ``item_fn`` fails part-way
+    (:class:`PartialResult`), the items it finished have had their own work done (e.g. recorded) and
+    the batches completed before reached the next stage; the unfinished batch is not classified (the
+    run stops with ``item_fn``'s error). ``parts`` names the two halves in :attr:`StageStats.parts`.
+    """
+
+    name: str
+    item_fn: Callable[[list[Any]], list[Any]]
+    size: int
+    batch_fn: Callable[[list[Any]], Any]
+    timeout_s: float = 0.5
+    setup: Callable[[], None] | None = None
+    queue_size: int | None = None  # of its output queue (None: the pipeline's)
+    parts: tuple[str, str] = ("items", "batches")
+
+    def __post_init__(self) -> None:
+        if isinstance(self.size, bool) or not isinstance(self.size, int) or self.size < 1:
+            raise ValueError(f"{self.name}: size: expected an integer >= 1, got {self.size!r}")
 
 
 def chunks(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
@@ -147,10 +182,12 @@ class _Stop(Exception):
 class Pipeline:
     """source -> stages... -> sink. ``sink`` runs in the calling thread."""
 
-    def __init__(self, source: Iterable[Any], stages: list[Map | Batch], sink: Callable[[Any], None],
+    def __init__(self, source: Iterable[Any], stages: list[Map | Batch | Serial], sink: Callable[[Any], None],
                  queue_size: int = 8, on_close: list[Callable[[], None]] | None = None) -> None:
         if queue_size < 1:
             raise ValueError(f"queue_size: expected >= 1, got {queue_size}")
+        for stage in stages:
+            self._body_of(stage)  # an unknown kind of stage is refused before any thread starts
         self.source, self.stages, self.sink = source, stages, sink
         self.queue_size = queue_size
         self.on_close = list(on_close or [])
@@ -188,6 +225,13 @@ class Pipeline:
         return item
 
     # -- threads ----------------------------------------------------------------------------------
+    def _body_of(self, stage: Map | Batch | Serial) -> Callable[..., None]:
+        """The thread body that runs ``stage``."""
+        for kind, body in ((Map, self._map_body), (Batch, self._batch_body), (Serial, self._serial_body)):
+            if isinstance(stage, kind):
+                return body
+        raise TypeError(f"stages: expected Map, Batch or Serial stages, got {type(stage).__name__}")
+
     def _guard(self, body: Callable[[], None]) -> Callable[[], None]:
         def run() -> None:
             try:
@@ -279,6 +323,48 @@ class Pipeline:
                 self._put(out, batch, stats)
         self._put(out, _END, stats)
 
+    def _serial_body(self, stage: Serial, inq: queue.Queue, out: queue.Queue, stats: StageStats) -> None:
+        if stage.setup is not None:
+            stage.setup()
+        item_part, batch_part = stage.parts
+        stats.parts = {item_part: 0.0, batch_part: 0.0}
+        pending: list[Any] = []
+        done = False
+        while not done:
+            try:
+                item = self._get(inq, stats, timeout_s=stage.timeout_s if pending else None)
+            except TimeoutError:
+                item = None
+            if item is _END:
+                done = True
+            elif item is not None:
+                stats.items_in += 1
+                pending.extend(self._timed(stage.item_fn, item, stats, item_part))
+            while len(pending) >= stage.size or (pending and (done or item is None)):
+                if self._stop.is_set():  # nothing could take the result: do not start the work
+                    raise _Stop
+                batch, pending = pending[:stage.size], pending[stage.size:]
+                result = self._timed(stage.batch_fn, batch, stats, batch_part)
+                if result is not None:
+                    stats.items_out += 1
+                    stats.frames_out += len(result) if isinstance(result, list) else 0
+                    self._put(out, result, stats)
+        self._put(out, _END, stats)
+
+    @staticmethod
+    def _timed(fn: Callable[[Any], Any], item: Any, stats: StageStats, part: str) -> Any:
+        """``fn(item)``, its time added to the stage's busy time and to ``part``'s; a
+        :class:`PartialResult` is reported as its cause (the finished items' own work is done)."""
+        t0 = time.perf_counter()
+        try:
+            return fn(item)
+        except PartialResult as partial:
+            raise partial.cause from None
+        finally:
+            elapsed = time.perf_counter() - t0
+            stats.busy_s += elapsed
+            stats.parts[part] += elapsed
+
     def _drain(self, q: queue.Queue, stats: StageStats) -> None:
         """After a stage error, sink what already finished every stage, then stop."""
         while True:
@@ -300,7 +386,7 @@ class Pipeline:
         threads = [threading.Thread(target=self._guard(lambda: self._source_body(queues[0], stats[0])),
                                     name="privcam-source", daemon=True)]
         for i, stage in enumerate(self.stages):
-            body = self._map_body if isinstance(stage, Map) else self._batch_body
+            body = self._body_of(stage)
             threads.append(threading.Thread(
                 target=self._guard(lambda b=body, s=stage, i=i: b(s, queues[i], queues[i + 1], stats[i + 1])),
                 name=f"privcam-{stage.name}", daemon=True))

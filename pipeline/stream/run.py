@@ -110,7 +110,7 @@ class PipelineSection:
     batch_timeout_s: float = 0.5
     queue_size: int = 8
     micro_batch: Any = "auto"  # scenes per sensor hand-off: "auto" (about a megapixel) or 1..batch_size
-    threads: Any = "auto"  # "auto" (measured at start-up) or {sensor: N, model: M[, mode: split|turns]}
+    threads: Any = "auto"  # "auto" (measured at start-up) or {sensor: N, model: M[, mode: split|serial|turns]}
 
     def __post_init__(self) -> None:
         check_range("pipeline", "batch_size", self.batch_size, 1, 1 << 16)
@@ -255,18 +255,18 @@ def plan_threads(section: PipelineSection, items: Iterator[Any], probe, classifi
         return items, budget
     first = next(items, None)
     if first is None:
-        return iter(()), turns_budget("no scene to measure")
+        return iter(()), serial_budget("no scene to measure")
     try:
         budget = auto_budget(lambda: probe(first), classifier, section.batch_size)
     except PrivcamError:  # the first scene is unusable: the run skips and reports it
-        budget = turns_budget("the first scene could not be measured")
+        budget = serial_budget("the first scene could not be measured")
     return itertools.chain([first], items), budget
 
 
-def turns_budget(note: str) -> ThreadBudget:
-    """Both stages on every core, taking turns (the fallback when nothing could be measured)."""
+def serial_budget(note: str) -> ThreadBudget:
+    """Both stages on every core, one after the other (the fallback when nothing could be measured)."""
     cores = machine_cores()
-    return ThreadBudget(cores, cores, "turns", cores, "auto", note=note)
+    return ThreadBudget(cores, cores, "serial", cores, "auto", note=note)
 
 
 def record_stage(recorder: Recorder):

@@ -13,11 +13,19 @@
 * Thread budget (:mod:`pipeline.stream.budget`): the sensor stage's thread sets its numba threads, the
   tables stage the model's share; torch's intra-op count is set by the caller for the run. In
   ``turns`` mode the sensor, tables and model stages share one lock.
+* ``serial`` mode: the stages would never run at once, so they are one thread
+  (:class:`pipeline.stream.engine.Serial`), between the source's and the sink's:
+
+      source -> serial (each scene: capture [+ record]; each full batch: ``classifier(frames)``) -> sink
+
+  the serial loop's calls in its order (the same batches, so the same predictions), with no hand-off,
+  lock or tables stage between them; numba runs on ``budget.sensor`` threads for the capture and on
+  ``budget.model`` for the batch. A batch still flushes after ``batch_timeout_s`` without a scene.
 
 Bit-identical predictions: a CPU GEMM may reassociate its sums with the thread count at some batch
 shapes, so ``auto`` only picks a split (the model on fewer torch threads than the process default) when
 the model's logits on the calibration frames, at batch size 1 and at the calibration batch, are the same
-bit for bit at both counts; otherwise it picks ``turns``, in which the model keeps every core.
+bit for bit at both counts; otherwise it picks ``serial``, in which the model keeps every core.
 """
 
 from __future__ import annotations
@@ -33,7 +41,7 @@ from sensor.frame import ProtectedFrame
 
 from .budget import StageCosts, ThreadBudget, choose_budget, machine_cores, measure_costs, numba_threads
 from .classifier import KeyedClassifier
-from .engine import Batch, Map, each
+from .engine import Batch, Map, Serial, each
 
 MICRO_BATCH_PIXELS = 1 << 20  # "auto": about a megapixel of frames per hand-off
 CALIBRATION_PIXELS = 1 << 22  # frames in the model's calibration batch: about 4 Mpixel, at most batch_size
@@ -71,11 +79,11 @@ def auto_budget(capture_one: Callable[[], ProtectedFrame | None], classifier: Ke
 
     ``capture_one()`` captures the run's first scene (its result is thrown away: a frame depends only on
     the seed, the key and its index, so the run's own capture of it is the same). With no usable first
-    scene, or one core, the stages take turns."""
+    scene, or one core, the stages run serially."""
     cores = machine_cores() if cores is None else cores
     frame = capture_one() if cores > 1 else None
     if frame is None:
-        return ThreadBudget(cores, cores, "turns", cores, "auto")
+        return ThreadBudget(cores, cores, "serial", cores, "auto")
     h, w = frame.data.shape
     k = max(1, min(batch_size, CALIBRATION_PIXELS // (h * w)))
     data, idx = np.stack([frame.data] * k), [frame.meta.frame_index] * k
@@ -84,7 +92,7 @@ def auto_budget(capture_one: Callable[[], ProtectedFrame | None], classifier: Ke
     budget = choose_budget(costs)
     if budget.mode == "split" and not bit_safe_split(classifier, frame, budget.model, k):
         sensor = 1 if costs.sensor_1 < costs.sensor_all else cores
-        return ThreadBudget(sensor, cores, "turns", cores, "auto", costs, budget.estimate,
+        return ThreadBudget(sensor, cores, "serial", cores, "auto", costs, budget.estimate,
                             note=f"a split ({budget.sensor}+{budget.model}) was estimated faster, but the model's "
                             f"logits change with its torch thread count: the model keeps every core")
     return budget
@@ -92,11 +100,14 @@ def auto_budget(capture_one: Callable[[], ProtectedFrame | None], classifier: Ke
 
 def live_stages(capture: Callable[[Any], ProtectedFrame | None], classifier: KeyedClassifier,
                 budget: ThreadBudget, batch_size: int, batch_timeout_s: float,
-                record: Callable[[ProtectedFrame], ProtectedFrame] | None = None) -> list[Map | Batch]:
+                record: Callable[[ProtectedFrame], ProtectedFrame] | None = None) -> list[Map | Batch | Serial]:
     """The stages after a micro-batched source (:func:`pipeline.stream.engine.chunks`); torch's threads
     are the caller's (``budget.model`` for the run, :func:`pipeline.stream.budget.torch_threads`)."""
+    if budget.mode == "serial":
+        return [serial_stage(capture, classifier, budget, batch_size, batch_timeout_s, record)]
     turn = threading.Lock() if budget.mode == "turns" else None
-    stages: list[Map | Batch] = [Map("sensor", each(capture), setup=numba_threads(budget.sensor), lock=turn)]
+    stages: list[Map | Batch | Serial] = [Map("sensor", each(capture), setup=numba_threads(budget.sensor),
+                                              lock=turn)]
     if record is not None:
         stages.append(Map("recorder", each(record)))
     # one batch waits for the tables stage and one prepared batch for the model (double buffering): whole
@@ -105,3 +116,35 @@ def live_stages(capture: Callable[[Any], ProtectedFrame | None], classifier: Key
                Map("tables", classifier.prepare, setup=numba_threads(budget.model), lock=turn, queue_size=1),
                Map("model", classifier.predict, lock=turn)]
     return stages
+
+
+def serial_stage(capture: Callable[[Any], ProtectedFrame | None], classifier: Callable[[list[ProtectedFrame]], Any],
+                 budget: ThreadBudget, batch_size: int, batch_timeout_s: float,
+                 record: Callable[[ProtectedFrame], ProtectedFrame] | None = None) -> Serial:
+    """The ``serial`` mode's one stage: each scene of a micro-batch captured (None: skipped) and recorded,
+    in order, on ``budget.sensor`` numba threads; each batch of exactly ``batch_size`` frames (shorter
+    after ``batch_timeout_s`` without a scene, and at the end) classified by ``classifier(frames)`` on
+    ``budget.model`` numba threads, in the same thread."""
+    per_frame = capture if record is None else then(capture, record)
+    item_fn, batch_fn = each(per_frame), classifier
+    if budget.sensor != budget.model:  # numba's count is per thread: switch it between the two halves
+        item_fn = with_setup(numba_threads(budget.sensor), item_fn)
+        batch_fn = with_setup(numba_threads(budget.model), batch_fn)
+    return Serial("serial", item_fn, batch_size, batch_fn, batch_timeout_s, setup=numba_threads(budget.sensor),
+                  parts=("sensor", "model"))
+
+
+def then(first: Callable[[Any], Any], second: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    """``x -> second(first(x))``; None from ``first`` (a dropped item) skips ``second``."""
+    def both(item: Any) -> Any:
+        result = first(item)
+        return None if result is None else second(result)
+    return both
+
+
+def with_setup(setup: Callable[[], None], fn: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    """``fn`` with ``setup()`` run before each call (e.g. this thread's numba thread count)."""
+    def call(item: Any) -> Any:
+        setup()
+        return fn(item)
+    return call
