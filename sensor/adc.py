@@ -25,6 +25,8 @@ from .noise import (
     row_ziggurat_fast,
 )
 
+ROWS_PER_TASK = 16  # rows per parallel task of expose_nb
+
 
 @numba.njit(nogil=True, parallel=True, cache=True)
 def electron_mean_nb(photons: np.ndarray, qe_prnu: np.ndarray, dark_e: np.ndarray) -> np.ndarray:
@@ -51,11 +53,20 @@ def _dn(electrons, z, full_well_e, gain_dn_per_e, read_noise_dn, black_level_dn,
     return np.uint16(np.int32(q if q < max_dn else max_dn))
 
 
+@numba.njit(nogil=True, cache=True)
+def row_scratch(w):
+    """The scratch arrays of :func:`expose_row` for rows of ``w`` pixels."""
+    return (np.empty((4, w), np.uint32), np.empty((4, w), np.uint32), np.empty((2, w), np.float64),
+            np.empty((2, w), np.bool_), np.empty(w, np.float64), np.empty((5, w), np.float64), np.empty(w, np.bool_))
+
+
 @numba.njit(nogil=True, cache=True, error_model="numpy")  # no ZeroDivisionError branches: vectorises
 def expose_row(photons, qe_prnu, dark_e, first_pixel, f0, f1, k0, k1, full_well_e, gain_dn_per_e, read_noise_dn,
-               black_level_dn, max_dn, out):
+               black_level_dn, max_dn, out, words, ptrs, z, fast, lam, trial, quick):
     """One row of :func:`expose_nb`: (W,) float64 inputs -> out (W,) uint16; its pixels are numbered
-    from ``first_pixel`` (np.uint64).
+    from ``first_pixel`` (np.uint64). The rest is scratch of at least W columns: words, ptrs (4, W)
+    uint32, z (2, W) float64, fast (2, W) bool, lam (W,) float64, trial (5, W) float64 (PTRS's first
+    trial: k, us, v, a, b), quick (W,) bool (:func:`row_scratch`).
 
     Blocks 0 and 1 of every pixel (:func:`sensor.noise.row_blocks`), the ziggurat's fast path of both
     normals, then one branch-free loop that LLVM vectorises: the shot noise as the normal
@@ -64,13 +75,6 @@ def expose_row(photons, qe_prnu, dark_e, first_pixel, f0, f1, k0, k1, full_well_
     rejected first trial, fewer than ``INVERSION_BELOW`` electrons) through
     :func:`sensor.noise.pixel_noise_words`, from block 0 as any pixel."""
     w = photons.shape[0]
-    words = np.empty((4, w), np.uint32)
-    ptrs = np.empty((4, w), np.uint32)
-    z = np.empty((2, w), np.float64)
-    fast = np.empty((2, w), np.bool_)
-    lam = np.empty(w, np.float64)
-    trial = np.empty((5, w), np.float64)  # PTRS's first trial: k, us, v, a, b
-    quick = np.empty(w, np.bool_)
     row_blocks(first_pixel, w, np.uint64(0), f0, f1, k0, k1, words)
     row_blocks(first_pixel, w, np.uint64(SHOT_BLOCK), f0, f1, k0, k1, ptrs)
     row_ziggurat_fast(words, w, z, fast)
@@ -118,9 +122,13 @@ def expose_nb(photons: np.ndarray, qe_prnu: np.ndarray, dark_e: np.ndarray, seed
     m = np.uint64(0xFFFFFFFF)
     s, n = np.uint64(seed), np.uint64(frame_index)
     k0, k1, f0, f1 = s & m, s >> np.uint64(32), n & m, n >> np.uint64(32)
-    for r in numba.prange(h):
-        expose_row(photons[r], qe_prnu[r], dark_e[r], np.uint64(r * w), f0, f1, k0, k1, full_well_e,
-                   gain_dn_per_e, read_noise_dn, black_level_dn, max_dn, out[r])
+    tasks = (h + ROWS_PER_TASK - 1) // ROWS_PER_TASK
+    for i in numba.prange(tasks):  # a task's rows share one scratch (measured ~8% faster than one per row)
+        words, ptrs, z, fast, lam, trial, quick = row_scratch(w)
+        for r in range(i * ROWS_PER_TASK, min(h, (i + 1) * ROWS_PER_TASK)):
+            expose_row(photons[r], qe_prnu[r], dark_e[r], np.uint64(r * w), f0, f1, k0, k1, full_well_e,
+                       gain_dn_per_e, read_noise_dn, black_level_dn, max_dn, out[r], words, ptrs, z, fast, lam,
+                       trial, quick)
     return out
 
 

@@ -161,12 +161,12 @@ _POOL_LOCK = threading.Lock()
 
 
 def _pool() -> tuple[int, ThreadPoolExecutor]:
-    """(workers, executor): this process's shuffle threads, one per numba thread, made on first
-    use and again after a fork (a child has none of its parent's threads)."""
+    """(workers, executor): this process's shuffle threads, as many as numba may use at most, made on
+    first use and again after a fork (a child has none of its parent's threads)."""
     global _POOL
     with _POOL_LOCK:
         if _POOL is None or _POOL[0] != os.getpid():
-            workers = max(1, numba.get_num_threads())
+            workers = max(1, numba.config.NUMBA_NUM_THREADS)
             _POOL = (os.getpid(), workers, ThreadPoolExecutor(workers, "privcam-shuffle"))
         return _POOL[1], _POOL[2]
 
@@ -175,7 +175,9 @@ def fill_row_permutations(subkey: bytes, tables: Sequence[tuple[int, np.ndarray]
     """Fill each ``(stream, out)`` with :func:`row_permutations` ``(subkey, stream, *out.shape)``.
 
     out: (rows, cols) C-contiguous, an integer dtype. The rows of a table are cut into about
-    :data:`TASKS_PER_THREAD` chunks per pool thread, each at least :data:`CHUNK_BYTES` of keystream
+    :data:`TASKS_PER_THREAD` chunks per thread of the caller's numba share (``numba.get_num_threads()``
+    in the calling thread: a pipeline stage's thread budget covers its tables too; 1 builds inline),
+    each at least :data:`CHUNK_BYTES` of keystream
     (each task takes the GIL twice, so not many more); a chunk is one task (:func:`_chunk_task`):
     encrypt its own part of the stream (AES-CTR from the chunk's counter block; ``cryptography``
     holds the GIL for it), then shuffle its rows (:func:`shuffle_block_nb`, without the GIL), so
@@ -190,7 +192,9 @@ def fill_row_permutations(subkey: bytes, tables: Sequence[tuple[int, np.ndarray]
             raise ValueError(f"out: expected a C-contiguous (rows, cols) integer array, got {got}")
     for stream, _ in tables:
         _check_stream(stream)
-    workers, pool = _pool()
+    _, pool = _pool()
+    # as many tasks at once as the calling thread's numba share (a stage's thread budget): one is inline
+    workers = max(1, numba.get_num_threads())
     inline = workers == 1 or sum(4 * row_words(out.shape[1]) * out.shape[0] for _, out in tables) <= CHUNK_BYTES
     chunks = []
     for stream, out in tables:

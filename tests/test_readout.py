@@ -7,6 +7,7 @@ import hashlib
 import math
 import sys
 
+import numba
 import numpy as np
 import pytest
 import torch
@@ -98,11 +99,16 @@ def test_pipelined_builder_in_chunks_matches_the_reference(monkeypatch, chunk_by
     call give the tables of the plain reference and of the test reference."""
     monkeypatch.setattr(pm, "CHUNK_BYTES", chunk_bytes)
     monkeypatch.setattr(pm, "TASKS_PER_THREAD", tasks_per_thread)
-    if one_thread:
-        monkeypatch.setattr(pm, "_pool", lambda: (1, None))
+    if one_thread:  # the caller's numba share is one thread: built inline, the pool untouched
+        monkeypatch.setattr(pm, "_pool", lambda: (2, None))
     outs = [(4, np.empty((13, 6), np.uint16)), (9, np.empty((5, 40), np.int32)),
             (2**64 - 1, np.empty((1, 3), np.int64))]
-    pm.fill_row_permutations(SEED, outs)
+    before = numba.get_num_threads()
+    numba.set_num_threads(1 if one_thread else numba.config.NUMBA_NUM_THREADS)
+    try:
+        pm.fill_row_permutations(SEED, outs)
+    finally:
+        numba.set_num_threads(before)
     for stream, out in outs:
         rows, cols = out.shape
         assert np.array_equal(out, shuffle_rows_ref(keystream_words(SEED, stream, rows * row_words(cols)), rows, cols))
