@@ -36,6 +36,13 @@ from typing import Any
 
 from sensor.errors import ConfigError
 
+# A split runs both stages at once, and the estimate from each stage timed alone leaves out what they
+# cost each other (memory bandwidth, the kernel's page work for large fresh arrays). Measured on 2 cores
+# (privcam bench pipeline, 2026-12-03): at 1920x1080 the 1+1 split reached 0.35-0.55 of its estimate
+# (5.9 frames/s against 12.1 estimated, 4.1 against 11.7) and ran at half the serial plan; at 28x28,
+# 0.68-0.75. So a split is chosen only when it is estimated clearly faster.
+SPLIT_MARGIN = 1.5
+
 MODES = ("split", "serial", "turns")
 
 
@@ -130,9 +137,10 @@ def amdahl(t1: float, tc: float, cores: int, n: int) -> float:
 
 
 def choose_budget(costs: StageCosts) -> ThreadBudget:
-    """The plan with the highest estimated frames/s: each split ``(n, cores - n)`` runs at
-    ``1 / max(sensor(n), model(cores - n))``, serial at ``1 / (min(sensor(1), sensor(all)) + model(all))``.
-    Serial is the plan where turns used to be chosen: the same estimate, without the hand-offs."""
+    """Serial, unless a split is estimated at least :data:`SPLIT_MARGIN` times faster: each split
+    ``(n, cores - n)`` runs at ``1 / max(sensor(n), model(cores - n))``, serial at
+    ``1 / (min(sensor(1), sensor(all)) + model(all))`` (the plan where turns used to be chosen: the same
+    estimate, without the hand-offs)."""
     c = costs.cores
     # one after the other, the sensor runs on whichever of 1 thread or every core was faster (small
     # frames: 1); the model keeps every core (its logits may change with its thread count)
@@ -143,7 +151,9 @@ def choose_budget(costs: StageCosts) -> ThreadBudget:
         s = amdahl(costs.sensor_1, costs.sensor_all, c, n)
         m = amdahl(costs.model_1, costs.model_all, c, c - n)
         plans[f"split {n}+{c - n}"] = (n, c - n, 1.0 / max(s, m, 1e-12))
-    name = max(plans, key=lambda k: plans[k][2])  # a tie keeps serial (listed first)
+    best_split = max((k for k in plans if k != "serial"), key=lambda k: plans[k][2], default=None)
+    wins = best_split is not None and plans[best_split][2] >= SPLIT_MARGIN * plans["serial"][2]
+    name = best_split if wins else "serial"
     estimate = {k: v[2] for k, v in plans.items()}
     sensor, model, _ = plans[name]
     return ThreadBudget(sensor, model, name.split()[0], c, "auto", costs, estimate)
