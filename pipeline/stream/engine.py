@@ -300,27 +300,32 @@ class Pipeline:
         while not out.empty() and not self._stop.is_set() and time.perf_counter() < deadline:
             time.sleep(_POLL_S / 10)
 
-    def _batch_body(self, stage: Batch, inq: queue.Queue, out: queue.Queue, stats: StageStats) -> None:
+    def _cut(self, inq: queue.Queue, stats: StageStats, size: int, timeout_s: float,
+             take: Callable[[Any], list[Any]]) -> Iterator[list[Any]]:
+        """Lists of exactly ``size`` of what ``take(item)`` makes of each input item, in order; a shorter
+        one when ``timeout_s`` passes without input while some wait, and at the end."""
         pending: list[Any] = []
         done = False
         while not done:
             try:
-                item = self._get(inq, stats, timeout_s=stage.timeout_s if pending else None)
+                item = self._get(inq, stats, timeout_s=timeout_s if pending else None)
             except TimeoutError:
                 item = None
             if item is _END:
                 done = True
             elif item is not None:
                 stats.items_in += 1
-                if stage.flatten:
-                    pending.extend(item)
-                else:
-                    pending.append(item)
-            while len(pending) >= stage.size or (pending and (done or item is None)):
-                batch, pending = pending[:stage.size], pending[stage.size:]
-                stats.items_out += 1
-                stats.frames_out += len(batch) if stage.flatten else 0
-                self._put(out, batch, stats)
+                pending.extend(take(item))
+            while len(pending) >= size or (pending and (done or item is None)):
+                batch, pending = pending[:size], pending[size:]
+                yield batch
+
+    def _batch_body(self, stage: Batch, inq: queue.Queue, out: queue.Queue, stats: StageStats) -> None:
+        take = (lambda item: item) if stage.flatten else (lambda item: [item])
+        for batch in self._cut(inq, stats, stage.size, stage.timeout_s, take):
+            stats.items_out += 1
+            stats.frames_out += len(batch) if stage.flatten else 0
+            self._put(out, batch, stats)
         self._put(out, _END, stats)
 
     def _serial_body(self, stage: Serial, inq: queue.Queue, out: queue.Queue, stats: StageStats) -> None:
@@ -328,27 +333,15 @@ class Pipeline:
             stage.setup()
         item_part, batch_part = stage.parts
         stats.parts = {item_part: 0.0, batch_part: 0.0}
-        pending: list[Any] = []
-        done = False
-        while not done:
-            try:
-                item = self._get(inq, stats, timeout_s=stage.timeout_s if pending else None)
-            except TimeoutError:
-                item = None
-            if item is _END:
-                done = True
-            elif item is not None:
-                stats.items_in += 1
-                pending.extend(self._timed(stage.item_fn, item, stats, item_part))
-            while len(pending) >= stage.size or (pending and (done or item is None)):
-                if self._stop.is_set():  # nothing could take the result: do not start the work
-                    raise _Stop
-                batch, pending = pending[:stage.size], pending[stage.size:]
-                result = self._timed(stage.batch_fn, batch, stats, batch_part)
-                if result is not None:
-                    stats.items_out += 1
-                    stats.frames_out += len(result) if isinstance(result, list) else 0
-                    self._put(out, result, stats)
+        take = lambda item: self._timed(stage.item_fn, item, stats, item_part)  # noqa: E731
+        for batch in self._cut(inq, stats, stage.size, stage.timeout_s, take):
+            if self._stop.is_set():  # nothing could take the result: do not start the work
+                raise _Stop
+            result = self._timed(stage.batch_fn, batch, stats, batch_part)
+            if result is not None:
+                stats.items_out += 1
+                stats.frames_out += len(result) if isinstance(result, list) else 0
+                self._put(out, result, stats)
         self._put(out, _END, stats)
 
     @staticmethod
