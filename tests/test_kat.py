@@ -41,8 +41,10 @@ from sensor.readout_tables import frame_table
 from sensor.sensor import Sensor
 from tests import reference
 
-FORMAT_VERSION = 3  # 2: AES-256-CTR + Fisher-Yates tables (sensor.readout.TABLE_FORMAT); 3: session keys, frame
-#                      MACs, per-key passphrase salt (scrypt n=2**17), recording format 2 (Foxglove RawImage)
+FORMAT_VERSION = 4  # 2: AES-256-CTR + Fisher-Yates tables (sensor.readout.TABLE_FORMAT); 3: session keys, frame
+#                      MACs, per-key passphrase salt (scrypt n=2**17), recording format 2 (Foxglove RawImage);
+#                      4: the sensor's noise draws (ziggurat normals, PTRS from block 1: sensor.noise) change the
+#                      pixels of the signed frame and of the recording; no key derivation changed
 REPO = Path(__file__).resolve().parents[1]
 DATA = Path(__file__).resolve().parent / "data"
 KAT_FILE = DATA / f"kat_v{FORMAT_VERSION}.json"
@@ -129,7 +131,8 @@ def compute_passphrase(tmp_dir: Path) -> dict[str, str]:
 
 def compute_session(tmp_dir: Path) -> dict[str, Any]:
     """A session key of the test key: its bytes read back from a session key file, a few of its subkeys,
-    a rotated readout table and the MAC of a fixed frame under it."""
+    a rotated readout table and the MAC of a frame captured under it (its pixels also pin the sensor's
+    noise draws, :mod:`sensor.noise`)."""
     session = KEY.for_session(TEST_NONCE)
     path = tmp_dir / "session.key"
     write_key_file(path, session)
