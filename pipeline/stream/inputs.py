@@ -42,7 +42,10 @@ def network_input(frames: np.ndarray, fmt: FrameFormat, scheme: str | None = Non
     scheme = scheme or fmt.scheme
     x = frames[:, None] if scheme == "pixel" else pack(frames)
     scale = np.float32(1.0 / max(fmt.max_dn - fmt.black_level, 1))
-    out = torch.from_numpy((x.astype(np.float32) - np.float32(fmt.black_level)) * scale)
+    y = x.astype(np.float32)  # one frame-batch-sized array, then in place: the same float32 operations
+    y -= np.float32(fmt.black_level)  # as (x - black) * scale, without two more temporaries of its size
+    y *= scale
+    out = torch.from_numpy(y)
     if size is not None and tuple(size) != tuple(out.shape[2:]):
         from models.frontend import area_resize
 
