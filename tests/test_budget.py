@@ -218,6 +218,30 @@ def test_auto_budget_runs_serially_when_nothing_can_be_measured():
     assert (no_scene.mode, no_scene.sensor, no_scene.model) == ("serial", 2, 2)
 
 
+def test_auto_budget_never_runs_the_model_on_fewer_threads_than_a_replay(monkeypatch):
+    """Costs for which a 1+1 split is estimated 1.8x faster: auto still runs serially, the model on torch's
+    default thread count, because a replay classifies at that count and logits may change with it."""
+    import numpy as np
+    import torch
+
+    import pipeline.stream.stages as stages
+
+    frame = type("F", (), {"data": np.zeros((4, 4), np.uint16), "meta": type("M", (), {"frame_index": 0})()})()
+    costs = StageCosts(2, sensor_1=1.0, sensor_all=0.9, model_1=1.0, model_all=0.9)
+    monkeypatch.setattr(stages, "measure_costs", lambda *args, **kw: costs)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        budget = auto_budget(lambda: frame, None, 8, cores=2)
+        assert choose_budget(costs).mode == "split"
+        assert (budget.mode, budget.model, budget.source) == ("serial", 2, "auto")
+        assert "fewer torch threads than a replay" in budget.note
+        torch.set_num_threads(1)  # a process whose torch default is one thread: the 1+1 split keeps it
+        assert auto_budget(lambda: frame, None, 8, cores=2).mode == "split"
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_serial_mode_interrupted_loses_no_captured_frame():
     """Ctrl-C in the sink after two batches: every frame the serial stage captured was recorded, in order,
     and the predictions that reached the sink are those of the first batches."""
