@@ -218,7 +218,7 @@ def test_auto_budget_runs_serially_when_nothing_can_be_measured():
     assert (no_scene.mode, no_scene.sensor, no_scene.model) == ("serial", 2, 2)
 
 
-def test_auto_budget_never_runs_the_model_on_fewer_threads_than_a_replay(monkeypatch):
+def test_auto_budget_runs_the_model_on_a_replays_threads(monkeypatch):
     """Costs for which a 1+1 split is estimated 1.8x faster: auto still runs serially, the model on torch's
     default thread count, because a replay classifies at that count and logits may change with it."""
     import numpy as np
@@ -238,6 +238,11 @@ def test_auto_budget_never_runs_the_model_on_fewer_threads_than_a_replay(monkeyp
         assert "fewer torch threads than a replay" in budget.note
         torch.set_num_threads(1)  # a process whose torch default is one thread: the 1+1 split keeps it
         assert auto_budget(lambda: frame, None, 8, cores=2).mode == "split"
+        # serial plans run the model at that default too (what a replay under OMP_NUM_THREADS=1 uses)
+        monkeypatch.setattr(stages, "measure_costs", lambda *args, **kw: StageCosts(2, 1.0, 0.55, 0.1, 0.06))
+        serial = auto_budget(lambda: frame, None, 8, cores=2)
+        assert (serial.mode, serial.sensor, serial.model) == ("serial", 2, 1)
+        assert auto_budget(lambda: None, None, 8, cores=2).model == 1
     finally:
         torch.set_num_threads(before)
 

@@ -218,6 +218,16 @@ def in_fresh_thread(fn: Callable[[], object]) -> None:
         raise errors[0]
 
 
+def replay_threads(cores: int) -> int:
+    """The model's torch threads when ``auto`` runs the stages serially: torch's default count in this
+    process (what a replay of the recording uses, e.g. 1 under OMP_NUM_THREADS=1), at most ``cores``.
+    A CPU GEMM may reassociate its sums with the thread count, so live and replayed predictions are
+    equal bit for bit only at the same count."""
+    import torch
+
+    return max(1, min(cores, torch.get_num_threads()))
+
+
 def numba_threads(n: int) -> Callable[[], None]:
     """A stage setup hook: this thread's numba kernels use ``n`` threads (numba's count is per thread)."""
     def setup() -> None:

@@ -40,7 +40,7 @@ from sensor.sensor import Sensor
 
 from ..resources import DEFAULT_CHECKPOINT, MONO_PROFILE, resolve
 from .authcheck import FrameAuthenticator, session_key  # noqa: F401 - session_key: re-exported
-from .budget import ThreadBudget, machine_cores, parse_threads, torch_threads
+from .budget import ThreadBudget, machine_cores, parse_threads, replay_threads, torch_threads
 from .classifier import KeyedClassifier
 from .engine import Batch, Map, Pipeline, RunResult, chunks
 from .inputs import input_shape
@@ -264,9 +264,10 @@ def plan_threads(section: PipelineSection, items: Iterator[Any], probe, classifi
 
 
 def serial_budget(note: str) -> ThreadBudget:
-    """Both stages on every core, one after the other (the fallback when nothing could be measured)."""
+    """The stages one after the other, the sensor on every core and the model on a replay's torch threads
+    (the fallback when nothing could be measured)."""
     cores = machine_cores()
-    return ThreadBudget(cores, cores, "serial", cores, "auto", note=note)
+    return ThreadBudget(cores, replay_threads(cores), "serial", cores, "auto", note=note)
 
 
 def record_stage(recorder: Recorder):

@@ -36,11 +36,18 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
-import torch
 
 from sensor.frame import ProtectedFrame
 
-from .budget import StageCosts, ThreadBudget, choose_budget, machine_cores, measure_costs, numba_threads
+from .budget import (
+    StageCosts,
+    ThreadBudget,
+    choose_budget,
+    machine_cores,
+    measure_costs,
+    numba_threads,
+    replay_threads,
+)
 from .classifier import KeyedClassifier
 from .engine import Batch, Map, Serial, each
 
@@ -66,19 +73,22 @@ def auto_budget(capture_one: Callable[[], ProtectedFrame | None], classifier: Ke
     cores = machine_cores() if cores is None else cores
     frame = capture_one() if cores > 1 else None
     if frame is None:
-        return ThreadBudget(cores, cores, "serial", cores, "auto")
+        return ThreadBudget(cores, replay_threads(cores), "serial", cores, "auto")
     h, w = frame.data.shape
     k = max(1, min(batch_size, CALIBRATION_PIXELS // (h * w)))
     data, idx = np.stack([frame.data] * k), [frame.meta.frame_index] * k
     costs: StageCosts = measure_costs(lambda _: capture_one(), lambda _: classifier.logits_array(data, idx), k,
                                       cores)
     budget = choose_budget(costs)
-    if budget.mode == "split" and budget.model < torch.get_num_threads():
+    model = replay_threads(cores)
+    if budget.mode == "split" and budget.model < model:
         sensor = 1 if costs.sensor_1 < costs.sensor_all else cores
-        return ThreadBudget(sensor, cores, "serial", cores, "auto", costs, budget.estimate,
+        return ThreadBudget(sensor, model, "serial", cores, "auto", costs, budget.estimate,
                             note=f"a split ({budget.sensor}+{budget.model}) was estimated faster, but it would run "
                             f"the model on fewer torch threads than a replay does, and its logits may change "
-                            f"with the thread count: the model keeps every core")
+                            f"with the thread count: the model keeps torch's {model}")
+    if budget.mode == "serial" and budget.model != model:  # the model at a replay's thread count
+        return ThreadBudget(budget.sensor, model, "serial", cores, "auto", costs, budget.estimate, budget.note)
     return budget
 
 
