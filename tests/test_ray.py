@@ -228,7 +228,9 @@ def test_live_cameras_at_a_sensor_size_equal_the_local_run(ray_session, world, t
     torch.manual_seed(1)
     save_checkpoint(tmp_path / "m28.pt", build_model(**arch), arch, {"scheme": "pixel", "input_shape": [1, 28, 28]})
     sections = {"source": {"limit": 16, "frame_size": [56, 56]}, "model": {"checkpoint": str(tmp_path / "m28.pt")}}
-    local = run_pipeline(config(world, **sections, output={"predictions": str(tmp_path / "local.jsonl")}),
+    # bit for bit at the same torch thread count: one camera and one model actor on 2 CPUs get 1 each
+    one = {"threads": {"sensor": 1, "model": 1, "mode": "serial"}}
+    local = run_pipeline(config(world, **sections, pipeline=one, output={"predictions": str(tmp_path / "local.jsonl")}),
                          progress=False)
     assert local["error"] is None and local["frames"] == 16
     cfg_ray = config(world, **sections, output={"predictions": str(tmp_path / "live.jsonl")})
@@ -236,8 +238,15 @@ def test_live_cameras_at_a_sensor_size_equal_the_local_run(ray_session, world, t
     assert summary["error"] is None and summary["frames"] == 16
     rows = sorted((json.loads(line) for line in (tmp_path / "live.jsonl").read_text().splitlines()),
                   key=lambda r: r["frame_index"])
-    lines = [json.dumps({k: v for k, v in r.items() if k != "camera"}) for r in rows]
-    assert lines == (tmp_path / "local.jsonl").read_text().splitlines(), "cameras on Ray = the local run"
+    local_rows = [json.loads(line) for line in (tmp_path / "local.jsonl").read_text().splitlines()]
+    same = ("frame_index", "label", "pred")
+    assert [[r[k] for k in same] for r in rows] == [[r[k] for k in same] for r in local_rows], \
+        "cameras on Ray = the local run"
+    # Confidences to 1e-6, not bit for bit: with one torch thread on both sides, frame 5's confidence came out
+    # as 0.10646213591 or 0.10646214336 from run to run on either side (3 of 12 runs, 2026-12-03), while
+    # repeated runs within one process agree; the cause (a CPU kernel path that differs between processes)
+    # is not found yet. The replay test above still compares bit for bit.
+    assert np.allclose([r["confidence"] for r in rows], [r["confidence"] for r in local_rows], rtol=0, atol=1e-6)
 
 
 def test_expand_recordings_and_shards(world, tmp_path):

@@ -80,7 +80,9 @@ class KeyedBatchPredictor:
         return self._key.fingerprint
 
     def _pin_threads(self) -> None:
-        if self.threads and torch.get_num_threads() != self.threads:
+        # unconditionally, in the calling thread: torch.get_num_threads() reports the process-wide setting,
+        # while OpenMP's thread count is per calling thread (an actor's task thread may differ from __init__'s)
+        if self.threads:
             torch.set_num_threads(self.threads)
 
     def classifier(self, fmt: FrameFormat, session: str = "") -> KeyedClassifier:

@@ -237,6 +237,23 @@ def numba_threads(n: int) -> Callable[[], None]:
     return setup
 
 
+def thread_counts(numba_n: int, torch_n: int | None = None) -> Callable[[], None]:
+    """A stage setup hook: this thread's numba kernels on ``numba_n`` threads and, if given, its torch ops
+    on ``torch_n`` intra-op threads. Both are per calling thread in effect (OpenMP's count is a per-thread
+    setting that torch.get_num_threads() does not show), so a stage that runs the model sets it in its own
+    thread: measured, a stage thread otherwise ran the model on 2 threads now and then under a 1-thread
+    budget, and its logits differed from a replay's in the last bit."""
+    set_numba = numba_threads(numba_n)
+
+    def setup() -> None:
+        set_numba()
+        if torch_n is not None:
+            import torch
+
+            torch.set_num_threads(torch_n)
+    return setup
+
+
 @contextmanager
 def torch_threads(n: int) -> Iterator[None]:
     """torch's intra-op threads set to ``n`` for the block (process-wide), restored after."""

@@ -47,6 +47,7 @@ from .budget import (
     measure_costs,
     numba_threads,
     replay_threads,
+    thread_counts,
 )
 from .classifier import KeyedClassifier
 from .engine import Batch, Map, Serial, each
@@ -107,8 +108,9 @@ def live_stages(capture: Callable[[Any], ProtectedFrame | None], classifier: Key
     # one batch waits for the tables stage and one prepared batch for the model (double buffering): whole
     # batches of large frames must not pile up in the queues
     stages += [Batch("batcher", batch_size, batch_timeout_s, flatten=True, queue_size=1),
-               Map("tables", classifier.prepare, setup=numba_threads(budget.model), lock=turn, queue_size=1),
-               Map("model", classifier.predict, lock=turn)]
+               Map("tables", classifier.prepare, setup=thread_counts(budget.model, budget.model), lock=turn,
+                   queue_size=1),
+               Map("model", classifier.predict, setup=thread_counts(budget.model, budget.model), lock=turn)]
     return stages
 
 
@@ -124,8 +126,8 @@ def serial_stage(capture: Callable[[Any], ProtectedFrame | None], classifier: Ca
     if budget.sensor != budget.model:  # numba's count is per thread: switch it between the two halves
         item_fn = with_setup(numba_threads(budget.sensor), item_fn)
         batch_fn = with_setup(numba_threads(budget.model), batch_fn)
-    return Serial("serial", item_fn, batch_size, batch_fn, batch_timeout_s, setup=numba_threads(budget.sensor),
-                  parts=("sensor", "model"))
+    return Serial("serial", item_fn, batch_size, batch_fn, batch_timeout_s,
+                  setup=thread_counts(budget.sensor, budget.model), parts=("sensor", "model"))
 
 
 def then(first: Callable[[Any], Any], second: Callable[[Any], Any]) -> Callable[[Any], Any]:
