@@ -132,8 +132,10 @@ def philox4x32_ref(counter: np.ndarray, key: np.ndarray) -> np.ndarray:
 
 @numba.njit(nogil=True, cache=True)
 def _to_unit(a, b):
-    """Two 32-bit words -> a double in [0, 1) with 53 random bits."""
-    return np.float64((a >> np.uint64(5)) * np.uint64(67108864) + (b >> np.uint64(6))) * (1.0 / 9007199254740992.0)
+    """Two 32-bit words -> a double in [0, 1) with 53 random bits: (a >> 5) * 2**26 + (b >> 6), scaled. Built
+    from the two halves as doubles (exact: an integer below 2**53), which LLVM vectorises on AVX2."""
+    return (np.float64(np.int32(a >> np.uint64(5))) * 67108864.0 + np.float64(np.int32(b >> np.uint64(6)))) * (
+        1.0 / 9007199254740992.0)
 
 
 def _to_unit_ref(a: int, b: int) -> float:
@@ -181,16 +183,21 @@ def _word(hi, lo):
 
 
 @numba.njit(nogil=True, cache=True)
+def _zig_fast(word):
+    """The ziggurat's first try on a 64-bit word: (x, fast, idx, sign); x is the normal when fast."""
+    idx = np.int64(word & np.uint64(0xFF))
+    sign = (word >> np.uint64(8)) & np.uint64(1)
+    rabs = (word >> np.uint64(9)) & np.uint64(M52)
+    x = np.float64(np.int64(rabs)) * ZIG_WI[idx]
+    return (-x if sign else x), rabs < ZIG_KI[idx], idx, sign
+
+
+@numba.njit(nogil=True, cache=True)
 def ziggurat_normal(word, pixel, block, frame_lo, frame_hi, k0, k1):
     """A standard normal from the 64-bit ``word``; slow paths draw blocks ``block``, ``block + 1``, ..."""
     while True:
-        idx = np.int64(word & np.uint64(0xFF))
-        sign = (word >> np.uint64(8)) & np.uint64(1)
-        rabs = (word >> np.uint64(9)) & np.uint64(M52)
-        x = np.float64(np.int64(rabs)) * ZIG_WI[idx]
-        if sign:
-            x = -x
-        if rabs < ZIG_KI[idx]:
+        x, fast, idx, sign = _zig_fast(word)
+        if fast:
             return x
         r0, r1, r2, r3 = philox4x32(pixel, block, frame_lo, frame_hi, k0, k1)
         block += np.uint64(1)
@@ -252,11 +259,7 @@ def ptrs_trial(lam, r0, r1, r2, r3):
     b = 0.931 + 2.53 * math.sqrt(lam)
     a = -0.059 + 0.02483 * b
     vr = 0.9277 - 3.6224 / (b - 2.0)
-    # _to_unit from 32-bit halves (exact: the sum is an integer below 2**53), which vectorises on AVX2
-    uu = (np.float64(np.int32(r0 >> np.uint64(5))) * 67108864.0 + np.float64(np.int32(r1 >> np.uint64(6)))) * (
-        1.0 / 9007199254740992.0)
-    v = (np.float64(np.int32(r2 >> np.uint64(5))) * 67108864.0 + np.float64(np.int32(r3 >> np.uint64(6)))) * (
-        1.0 / 9007199254740992.0)
+    uu, v = _to_unit(r0, r1), _to_unit(r2, r3)
     u = uu - 0.5
     us = 0.5 - abs(u)
     k = np.floor((2.0 * a / us + b) * u + lam + 0.43)
@@ -422,16 +425,8 @@ def row_ziggurat_fast(words, width, z, fast):
     goes through :func:`pixel_noise_words`). Scalar on purpose: the table lookups are gathers, which
     kept LLVM from vectorising the loop they sat in."""
     for c in range(width):
-        wa = (np.uint64(words[0, c]) << np.uint64(32)) | np.uint64(words[1, c])
-        wb = (np.uint64(words[2, c]) << np.uint64(32)) | np.uint64(words[3, c])
-        ia, ib = wa & np.uint64(0xFF), wb & np.uint64(0xFF)
-        ra, rb = (wa >> np.uint64(9)) & np.uint64(M52), (wb >> np.uint64(9)) & np.uint64(M52)
-        xa = np.float64(np.int64(ra)) * ZIG_WI[ia]
-        xb = np.float64(np.int64(rb)) * ZIG_WI[ib]
-        z[0, c] = -xa if (wa >> np.uint64(8)) & np.uint64(1) else xa
-        z[1, c] = -xb if (wb >> np.uint64(8)) & np.uint64(1) else xb
-        fast[0, c] = ra < ZIG_KI[ia]
-        fast[1, c] = rb < ZIG_KI[ib]
+        for i in range(2):
+            z[i, c], fast[i, c], _, _ = _zig_fast(_word(np.uint64(words[2 * i, c]), np.uint64(words[2 * i + 1, c])))
 
 
 def row_ziggurat_fast_ref(words: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
