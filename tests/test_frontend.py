@@ -9,7 +9,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from models.frontend import KeyedResize, area_contributions, area_resize, area_weights
+from models.frontend import (
+    KeyedResize,
+    area_contributions,
+    area_resize,
+    area_weights,
+    frame_tables,
+    frame_tables_numpy,
+)
 from models.keyed import keyed
 from models.keyed_ops import layer_frame_perm
 from models.plain import build_model
@@ -81,6 +88,32 @@ def test_keyed_resize_equals_plain_resize(in_hw, out_hw):
     frames = perm_table(9, 3, 4, n=n)
     got = layer(protect(x, frames), frames)
     torch.testing.assert_close(got.flatten(2), want[..., pi_out], atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize(("in_hw", "out_hw"), SIZES)
+def test_frame_tables_kernel_equals_its_reference_and_the_torch_tables(in_hw, out_hw):
+    """The per-frame slot tables of the CPU path (numba, one pass per frame) equal the numpy reference
+    and the torch path's (other devices) bit for bit, for every batch layout of input and output orders."""
+    n, t = in_hw[0] * in_hw[1], out_hw[0] * out_hw[1]
+    layer = KeyedResize(in_hw, out_hw, perm_table(20, n=n), perm_table(21, n=t))
+    area = layer._area
+    assert np.array_equal(area.main_pos, (area.row_cell[:, None] + area.col_cell[None, :]).reshape(-1))
+    assert np.array_equal(area.marked_p[area.sparse_u], area.sparse_p)
+    for k, (b_in, channels, b_out) in enumerate([(3, 1, 3), (3, 4, 1), (1, 4, 3), (1, 1, 1), (2, 4, 2)]):
+        in_perm = perm_table(30 + k, b_in, channels, n=n)
+        out_perm = perm_table(40 + k, b_out, n=t)
+        inv_out = np.argsort(out_perm.numpy(), axis=1)
+        dest, slots = frame_tables(in_perm.numpy(), area.row_cell, area.col_cell, inv_out, area.mark,
+                                   area.marked_p.size)
+        want_dest, want_slots = frame_tables_numpy(in_perm.numpy(), area.main_pos, inv_out, area.marked_p)
+        assert dest.shape == (max(b_in, b_out), channels, n) and slots.shape == (b_in, channels, area.marked_p.size)
+        assert np.array_equal(dest, want_dest) and np.array_equal(slots, want_slots)
+        assert np.array_equal(np.take_along_axis(in_perm.numpy(), slots, 2),
+                              np.broadcast_to(area.marked_p, slots.shape))
+        for got, want in zip(layer._tables(in_perm, out_perm), layer._tables_torch(in_perm, out_perm), strict=True):
+            assert got.shape == want.shape and torch.equal(got, want)
+    with pytest.raises(ValueError, match="frame_tables"):
+        frame_tables(np.zeros((1, 1, n + 1), np.int64), area.row_cell, area.col_cell, inv_out, area.mark, 0)
 
 
 def test_keyed_resize_at_1080p():
