@@ -4,6 +4,7 @@ turn-taking stages, and the serial mode's one stage."""
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 
@@ -149,12 +150,14 @@ class FakeClassifier:
         return self.predict(self.prepare(frames))
 
 
-def run_live(mode: str, n: int, fail_at: int | None = None, interrupt_after: int | None = None
+def run_live(mode: str, n: int, fail_at: int | None = None, interrupt_after: int | None = None,
+             budget: ThreadBudget | None = None, captured: list[tuple[int, str]] | None = None
              ) -> tuple[list[dict], list[int], list[int], FakeClassifier, RunResult]:
     """``live_stages`` in ``mode`` over scenes 0..n-1 (micro-batches of 3, model batches of 4, scene 5
     skipped by the capture, scene ``fail_at`` raising, Ctrl-C in the sink after ``interrupt_after``
     batches): (predictions, recorded frames, the numba threads each capture ran at, the classifier, the
-    run's result)."""
+    run's result). ``budget`` replaces the mode's default budget; ``captured`` collects each scene captured
+    and the thread that captured it (in the order the captures finished: several may run at once)."""
     import numba
 
     recorded: list[int] = []
@@ -164,6 +167,8 @@ def run_live(mode: str, n: int, fail_at: int | None = None, interrupt_after: int
         if scene == fail_at:
             raise RuntimeError(f"sensor broke at {scene}")
         capture_threads.append(numba.get_num_threads())
+        if captured is not None:
+            captured.append((scene, threading.current_thread().name))
         return None if scene == 5 else scene
 
     def record(frame: int) -> int:
@@ -177,7 +182,9 @@ def run_live(mode: str, n: int, fail_at: int | None = None, interrupt_after: int
             raise KeyboardInterrupt
         out.extend(rows)
 
-    budget = ThreadBudget(1, 2, mode, 2) if mode != "split" else ThreadBudget(1, 1, "split", 2)
+    if budget is None:
+        budget = ThreadBudget(1, 2, mode, 2) if mode != "split" else ThreadBudget(1, 1, "split", 2)
+    assert budget.mode == mode
     stages = live_stages(capture, classifier, budget, 4, 30.0, record)
     result = Pipeline(chunks(range(n), 3), stages, sink).run()
     return out, recorded, capture_threads, classifier, result
@@ -255,3 +262,155 @@ def test_serial_mode_interrupted_loses_no_captured_frame():
     captured = [i for i in range(len(capture_threads)) if i != 5]  # one count per scene captured, in order
     assert recorded == captured and len(recorded) < 2999
     assert [row["frame_index"] for row in out] == sum(classifier.batches[:2], [])
+
+
+# -- frames captured at once (sensor_frames) ----------------------------------------------------------------
+
+
+def frame_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name.startswith("privcam-frames") and t.is_alive()]
+
+
+def test_sensor_frames_in_the_threads_config():
+    assert parse_threads({"sensor": 1, "model": 1}, cores=2).sensor_frames == 1
+    at_once = parse_threads({"sensor": 1, "model": 2, "mode": "serial", "sensor_frames": 2}, cores=2)
+    assert (at_once.mode, at_once.sensor, at_once.sensor_frames, at_once.model) == ("serial", 1, 2, 2)
+    assert at_once.to_dict()["sensor_frames"] == 2
+    assert ThreadBudget(2, 2, "serial", 2).to_dict()["sensor_frames"] == 1
+    turns = parse_threads({"sensor": 1, "model": 2, "mode": "turns", "sensor_frames": 2}, cores=2)
+    assert (turns.mode, turns.sensor_frames) == ("turns", 2)
+    assert parse_threads({"sensor": 1, "model": 1, "sensor_frames": 2}, cores=3).sensor_frames == 2  # 2 x 1 + 1
+    bad = [({"sensor": 1, "model": 2, "mode": "serial", "sensor_frames": 0}, "threads.sensor_frames"),
+           ({"sensor": 1, "model": 2, "mode": "serial", "sensor_frames": 3}, "threads.sensor_frames"),
+           ({"sensor": 1, "model": 2, "mode": "serial", "sensor_frames": True}, "threads.sensor_frames"),
+           ({"sensor": 1, "model": 2, "mode": "serial", "sensor_frames": "2"}, "threads.sensor_frames"),
+           ({"sensor": 1, "model": 2, "mode": "serial", "sensor_frames": 1.0}, "threads.sensor_frames"),
+           ({"sensor": 2, "model": 2, "mode": "serial", "sensor_frames": 2}, "threads.sensor_frames"),
+           ({"sensor": 2, "model": 2, "mode": "turns", "sensor_frames": 2}, "threads.sensor_frames"),
+           ({"sensor": 1, "model": 1, "sensor_frames": 2}, "threads"),  # split: 2 x 1 + 1 > 2 cores
+           ({"sensor": 1, "model": 1, "frames": 2}, "threads.frames")]
+    for value, field in bad:
+        with pytest.raises(ConfigError) as err:
+            parse_threads(value, cores=2)
+        assert err.value.field == field, value
+    with pytest.raises(ConfigError, match="sensor_frames"):
+        parse_threads({"sensor": 1, "model": 1, "speed": 2}, cores=2)  # the known keys are listed
+    with pytest.raises(ConfigError) as err:
+        ThreadBudget(1, 1, "split", 2, sensor_frames=2)
+    assert err.value.field == "threads"
+
+
+def test_budget_choice_captures_frames_at_once_only_when_measured_clearly_faster():
+    from pipeline.stream.budget import AT_ONCE_MARGIN
+
+    faster = StageCosts(2, sensor_1=1.0, sensor_all=0.6, model_1=0.1, model_all=0.1, sensor_at_once=0.5)
+    assert faster.serial_sensor() == (1, 2, 0.5)
+    budget = choose_budget(faster)
+    assert (budget.mode, budget.sensor, budget.sensor_frames, budget.model) == ("serial", 1, 2, 2)
+    assert budget.estimate["serial"] == pytest.approx(1 / 0.6)
+    assert budget.to_dict()["sensor_frames"] == 2
+    assert faster.to_dict()["sensor_s_per_frame_2_frames_at_once"] == 0.5
+    assert 0.58 * AT_ONCE_MARGIN > 0.6  # not clearly faster than one frame on both cores
+    close = choose_budget(StageCosts(2, sensor_1=1.0, sensor_all=0.6, model_1=0.1, model_all=0.1,
+                                     sensor_at_once=0.58))
+    assert (close.mode, close.sensor, close.sensor_frames, close.model) == ("serial", 2, 1, 2)
+    assert close.estimate["serial"] == pytest.approx(1 / 0.7)
+    unmeasured = StageCosts(2, sensor_1=1.0, sensor_all=0.6, model_1=0.1, model_all=0.1)
+    assert (choose_budget(unmeasured).sensor, choose_budget(unmeasured).sensor_frames) == (2, 1)
+    assert "sensor_s_per_frame_2_frames_at_once" not in unmeasured.to_dict()
+    # at once against one frame on one thread (faster than on both), and never on one core
+    assert StageCosts(2, 0.5, 0.7, 0.1, 0.1, sensor_at_once=0.4).serial_sensor() == (1, 2, 0.4)
+    assert StageCosts(2, 0.5, 0.7, 0.1, 0.1, sensor_at_once=0.46).serial_sensor() == (1, 1, 0.5)
+    assert StageCosts(1, 1.0, 1.0, 0.1, 0.1, sensor_at_once=0.1).serial_sensor()[1] == 1
+    # a split is still a split of single frames, though serial would capture two at once
+    costs = StageCosts(2, sensor_1=1.0, sensor_all=0.9, model_1=1.0, model_all=0.9, sensor_at_once=0.8)
+    assert costs.serial_sensor() == (1, 2, 0.8)
+    split = choose_budget(costs)
+    assert (split.mode, split.sensor, split.sensor_frames, split.model) == ("split", 1, 1, 1)
+    assert split.estimate["serial"] == pytest.approx(1 / 1.7)
+
+
+def test_micro_batch_auto_holds_at_least_the_frames_captured_at_once():
+    assert micro_batch_size("auto", 8, 1080, 1920, 2) == 2
+    assert micro_batch_size("auto", 1, 1080, 1920, 2) == 1  # never more than the model batch
+    assert micro_batch_size(3, 8, 1080, 1920, 2) == 3  # a configured size is kept
+    assert micro_batch_size("auto", 64, 28, 28, 2) == 64
+    assert micro_batch_size("auto", 8, 1080, 1920) == 1
+
+
+def test_measure_costs_times_cores_captures_at_once():
+    """A capture that waits 20 ms without holding the GIL: two at once take about 10 ms a frame."""
+    from pipeline.stream.budget import measure_costs
+
+    names: set[str] = set()
+
+    def sensor_fn(threads: int) -> None:
+        names.add(threading.current_thread().name)
+        time.sleep(0.02)
+
+    costs = measure_costs(sensor_fn, lambda threads: None, 1, cores=2, repeat=1)
+    assert costs.sensor_at_once is not None and costs.sensor_at_once < 0.75 * costs.sensor_1, costs
+    assert any(n.startswith("privcam-frames") for n in names)
+    assert not frame_threads()
+    assert measure_costs(sensor_fn, lambda threads: None, 1, cores=1, repeat=1).sensor_at_once is None
+
+
+AT_ONCE_BUDGETS = [ThreadBudget(1, 2, "serial", 2, sensor_frames=2), ThreadBudget(1, 2, "turns", 2, sensor_frames=2),
+                   ThreadBudget(1, 1, "split", 3, sensor_frames=2)]
+
+
+@pytest.mark.parametrize("budget", AT_ONCE_BUDGETS, ids=lambda b: b.mode)
+def test_frames_at_once_make_what_one_at_a_time_makes(budget):
+    """Two frames captured at once: the same frames recorded in order, the same model batches and the same
+    predictions as one at a time; every capture on the sensor's numba threads; no worker left."""
+    import numba
+
+    captured: list[tuple[int, str]] = []
+    out, recorded, capture_threads, classifier, result = run_live(budget.mode, 23, budget=budget, captured=captured)
+    assert result.error is None
+    one_out, one_recorded, _, one_classifier, one_result = run_live(budget.mode, 23)
+    assert one_result.error is None
+    frames = [i for i in range(23) if i != 5]
+    assert recorded == one_recorded == frames
+    assert classifier.batches == one_classifier.batches == [frames[i:i + 4] for i in range(0, 22, 4)]
+    assert out == one_out and [row["frame_index"] for row in out] == frames
+    assert sorted(scene for scene, _ in captured) == list(range(23))
+    assert {name for _, name in captured} <= {"privcam-frames_0", "privcam-frames_1"}, "not captured at once"
+    assert set(capture_threads) == {1}  # the serial stage's own thread runs numba on the model's 2
+    if budget.mode == "serial":
+        assert [s.name for s in result.stages] == ["source", "serial", "sink"]
+        assert set(classifier.numba_threads) == {min(2, numba.config.NUMBA_NUM_THREADS)}
+    assert not frame_threads()
+
+
+@pytest.mark.parametrize("budget", AT_ONCE_BUDGETS[:2], ids=lambda b: b.mode)
+def test_frames_at_once_failing_capture_mid_batch_records_the_frames_before_it(budget):
+    out, recorded, _, classifier, result = run_live(budget.mode, 23, fail_at=10, budget=budget)
+    assert isinstance(result.error, RuntimeError) and "sensor broke at 10" in str(result.error)
+    assert recorded == [0, 1, 2, 3, 4, 6, 7, 8, 9], "a frame captured before the failure was not recorded"
+    if budget.mode == "serial":
+        assert classifier.batches == [[0, 1, 2, 3], [4, 6, 7, 8]]
+        assert [row["frame_index"] for row in out] == [0, 1, 2, 3, 4, 6, 7, 8]
+        # the first scene of a micro-batch failing: nothing of it is recorded, everything before it is
+        _, recorded, _, _, result = run_live("serial", 23, fail_at=9, budget=budget)
+        assert isinstance(result.error, RuntimeError) and "sensor broke at 9" in str(result.error)
+        assert recorded == [0, 1, 2, 3, 4, 6, 7, 8]
+    assert not frame_threads()
+
+
+@pytest.mark.parametrize("budget", AT_ONCE_BUDGETS[:2], ids=lambda b: b.mode)
+def test_frames_at_once_interrupted_record_in_order(budget):
+    """Ctrl-C in the sink after two batches: the recorded frames are the scenes in order (scene 5 skipped) up
+    to where the run stopped; in serial mode every frame captured was recorded."""
+    captured: list[tuple[int, str]] = []
+    out, recorded, _, classifier, result = run_live(budget.mode, 3000, interrupt_after=2, budget=budget,
+                                                    captured=captured)
+    assert result.interrupted and result.error is None
+    assert 8 <= len(recorded) < 2999
+    assert recorded == [i for i in range(3000) if i != 5][:len(recorded)]
+    scenes = [scene for scene, _ in captured]
+    assert set(recorded) <= set(scenes)
+    if budget.mode == "serial":
+        assert sorted(scenes) == sorted(recorded + [5]), "a captured frame was not recorded"
+    assert [row["frame_index"] for row in out] == sum(classifier.batches[:2], [])
+    assert not frame_threads()

@@ -272,29 +272,35 @@ def test_a_session_key_file_replays_its_session_and_refuses_others(world, tmp_pa
     assert "--session-of and --nonce go together" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("mode", ["split", "turns", "serial"])
+@pytest.mark.parametrize("mode", ["split", "turns", "serial", "serial_at_once"])
 def test_micro_batches_and_a_thread_budget_give_the_serial_predictions_bit_for_bit(world, tmp_path, mode):
     """A run with micro-batches that do not divide the model batch, a thread budget and the tables stage
-    (or, in serial mode, capture, recorder, batches and model in one stage) writes the predictions the
-    classifier gives on the same frames serially, in batches of the same size at the same torch thread
-    count, bit for bit; it records every frame, in order; the summary reports the budget."""
+    (or, in serial mode, capture, recorder, batches and model in one stage; "at once": a frame per core
+    captured at once) writes the predictions the classifier gives on the same frames serially, in batches
+    of the same size at the same torch thread count, bit for bit; it records every frame, in order; the
+    summary reports the budget."""
     from pipeline.stream.budget import machine_cores, torch_threads
     from pipeline.stream.run import build_classifier, capture_stage, load_key
 
     cores = machine_cores()
-    if mode == "split" and cores < 2:
-        pytest.skip("a split needs two cores")
-    threads = {"sensor": 1, "model": cores - 1} if mode == "split" else {"sensor": cores, "model": cores,
-                                                                          "mode": mode}
+    if mode in ("split", "serial_at_once") and cores < 2:
+        pytest.skip(f"{mode} needs two cores")
+    if mode == "split":
+        threads = {"sensor": 1, "model": cores - 1}
+    elif mode == "serial_at_once":
+        threads = {"sensor": 1, "model": cores, "mode": "serial", "sensor_frames": cores}
+    else:
+        threads = {"sensor": cores, "model": cores, "mode": mode}
+    mode = threads.get("mode", "split")
 
     preds, rec = tmp_path / "live.jsonl", tmp_path / "live.mcap"
     cfg = config(world, key={"rotation": True}, output={"predictions": str(preds), "record": str(rec)},
                  pipeline={"micro_batch": 3, "threads": threads})
     summary = run_pipeline(cfg, progress=False)
     assert summary["error"] is None and summary["frames"] == N_FRAMES
-    assert summary["threads"] == {"mode": threads.get("mode", "split"), "sensor": threads["sensor"],
-                                  "model": threads["model"], "cores": summary["threads"]["cores"],
-                                  "source": "config"}
+    assert summary["threads"] == {"mode": mode, "sensor": threads["sensor"], "model": threads["model"],
+                                  "sensor_frames": threads.get("sensor_frames", 1),
+                                  "cores": summary["threads"]["cores"], "source": "config"}
     assert summary["micro_batch"] == 3
     sensor_stage = next(s for s in summary["stages"] if s["name"] == ("serial" if mode == "serial" else "sensor"))
     assert sensor_stage["items_in"] == -(-N_FRAMES // 3) and sensor_stage["frames_out"] == N_FRAMES

@@ -13,6 +13,9 @@ sensor stage is the exposure (ADC kernel, noise drawn inside) and the keyed read
 For each case and rotation setting, timed interleaved over ``--rounds`` rounds (best of each):
 
 * ``sensor_alone``: the sensor stage on every frame, one after another, numba on every core;
+* ``sensor_stage_alone``: the sensor stage as the chosen budget runs it (micro-batches, ``sensor_frames``
+  frames captured at once, :class:`pipeline.stream.workers.FrameWorkers`); the slowest-stage ratio uses
+  the faster of the two;
 * ``model_alone``: the model stage (network input, per-frame tables, keyed net) on the captured frames
   in batches, torch on every core;
 * ``serial``: capture a batch, classify it, in one thread (every core for each);
@@ -65,13 +68,15 @@ import torch
 
 from models.plain import build_model
 from pipeline.bench.common import write_json
+from pipeline.memory import keep_freed_memory
 from pipeline.resources import resolve
-from pipeline.stream.budget import MODES, ThreadBudget, in_fresh_thread, machine_cores, torch_threads
+from pipeline.stream.budget import MODES, ThreadBudget, in_fresh_thread, machine_cores, numba_threads, torch_threads
 from pipeline.stream.classifier import KeyedClassifier
 from pipeline.stream.engine import Pipeline, chunks
 from pipeline.stream.inputs import input_shape
 from pipeline.stream.run import capture_stage
 from pipeline.stream.stages import auto_budget, live_stages, micro_batch_size
+from pipeline.stream.workers import FrameWorkers
 from sensor.config import SensorConfig
 from sensor.frame import FrameFormat, ProtectedFrame
 from sensor.keys import Key
@@ -144,7 +149,7 @@ class Setup:
     def pipeline(self, frames: int, budget: ThreadBudget, sink: Callable[[list[dict]], None]) -> float:
         """Wall seconds of the pipeline over ``frames`` frames (the budget's torch threads for the run)."""
         h, w = self.case.hw
-        micro = micro_batch_size("auto", self.case.batch, h, w)
+        micro = micro_batch_size("auto", self.case.batch, h, w, budget.sensor_frames)
         stages = live_stages(self.capture, self.classifier, budget, self.case.batch, 30.0)
         with torch_threads(budget.model):
             result = Pipeline(chunks(self.items(frames), micro), stages, sink, queue_size=8).run()
@@ -177,12 +182,13 @@ def other_budgets(budget: ThreadBudget, cores: int) -> dict[str, ThreadBudget]:
     sensor = budget.sensor if budget.mode != "split" else (
         1 if costs is not None and costs.sensor_1 < costs.sensor_all else cores)
     model = budget.model if budget.mode != "split" else cores
+    frames = budget.sensor_frames if budget.mode != "split" else 1
     others = {}
     for mode in MODES:
         if mode == budget.mode or (mode == "split" and cores < 2):
             continue
         others[mode] = (ThreadBudget(1, cores - 1, mode, cores) if mode == "split"
-                        else ThreadBudget(sensor, model, mode, cores))
+                        else ThreadBudget(sensor, model, mode, cores, sensor_frames=frames))
     return others
 
 
@@ -195,7 +201,8 @@ def run_case(name: str, rotation: bool, frames: int, rounds: int, rss: bool, rss
     setup.classifier(captured[:case.batch])
     budget = auto_budget(lambda: setup.capture(items[0]), setup.classifier, case.batch)
     others = other_budgets(budget, machine_cores())
-    timings: dict[str, list[float]] = {k: [] for k in ("sensor_alone", "model_alone", "serial", "pipeline",
+    timings: dict[str, list[float]] = {k: [] for k in ("sensor_alone", "sensor_stage_alone", "model_alone", "serial",
+                                                        "pipeline",
                                                         *(f"pipeline_{m}" for m in others))}
     serial_preds: list[dict] = []
     pipeline_preds: list[dict] = []
@@ -218,7 +225,15 @@ def run_case(name: str, rotation: bool, frames: int, rounds: int, rss: bool, rss
             timings[key].append(setup.pipeline(frames, plan, preds.extend))
         return run
 
+    def sensor_stage() -> None:  # as the pipeline's sensor stage runs: micro-batches, frames at once
+        numba_threads(budget.sensor)()
+        micro = micro_batch_size("auto", case.batch, *case.hw, budget.sensor_frames)
+        with FrameWorkers(setup.capture, budget.sensor_frames, budget.sensor) as workers:
+            for chunk in chunks(items, micro):
+                workers(chunk)
+
     runs = [lambda: timed("sensor_alone", lambda: [setup.capture(it) for it in items]),
+            lambda: timed("sensor_stage_alone", sensor_stage),
             lambda: timed("model_alone", lambda: [setup.classifier(batch) for batch in batched(captured, case.batch)]),
             lambda: timed("serial", serial), piped("pipeline", budget, pipeline_preds),
             *(piped(f"pipeline_{mode}", other, other_preds[mode]) for mode, other in others.items())]
@@ -226,18 +241,20 @@ def run_case(name: str, rotation: bool, frames: int, rounds: int, rss: bool, rss
         for run in rotated(runs, r):  # no run always follows the same one (it may inherit its memory state)
             run()
     fps = {k: frames / min(v) for k, v in timings.items()}
-    slowest = min(fps["sensor_alone"], fps["model_alone"])
+    sensor_best = max(fps["sensor_alone"], fps["sensor_stage_alone"])  # the sensor stage alone, the faster way
+    slowest = min(sensor_best, fps["model_alone"])
     row: dict[str, Any] = {
         "case": name, "frame": list(case.hw), "scheme": case.scheme, "model": case.model,
         "model_input": list(case.model_hw or case.hw), "rotation": rotation, "frames": frames,
-        "batch": case.batch, "micro_batch": micro_batch_size("auto", case.batch, *case.hw), "rounds": rounds,
+        "batch": case.batch, "micro_batch": micro_batch_size("auto", case.batch, *case.hw, budget.sensor_frames),
+        "rounds": rounds,
         "scenes": "8-bit images rendered in the sensor stage" if case.rendered_in_stage
         else f"{SCENE_POOL} photon maps rendered before timing, cycled",
         **{f"{k}_frames_per_s": round(v, 2) for k, v in fps.items()},
         "pipeline_vs_serial": round(fps["pipeline"] / fps["serial"], 3),
         "pipeline_vs_serial_per_round_median": round(per_round_ratio(timings["serial"], timings["pipeline"]), 3),
         "pipeline_vs_slowest_stage": round(fps["pipeline"] / slowest, 3),
-        "slowest_stage": "sensor" if fps["sensor_alone"] <= fps["model_alone"] else "model",
+        "slowest_stage": "sensor" if sensor_best <= fps["model_alone"] else "model",
         "predictions_equal_serial": pipeline_preds == serial_preds,
         "threads": budget.to_dict()}
     for mode, other in others.items():  # what the modes auto turned down would give (see predictions_equal_serial)
@@ -258,7 +275,8 @@ def run_case(name: str, rotation: bool, frames: int, rounds: int, rss: bool, rss
 def child_rss(name: str, rotation: bool, frames: int, budget: ThreadBudget) -> dict[str, Any]:
     """Peak RSS of a fresh process that runs the pipeline over ``frames`` frames (see :func:`child`)."""
     spec = json.dumps({"case": name, "rotation": rotation, "frames": frames, "sensor": budget.sensor,
-                       "model": budget.model, "mode": budget.mode, "cores": budget.cores})
+                       "model": budget.model, "mode": budget.mode, "cores": budget.cores,
+                       "sensor_frames": budget.sensor_frames})
     proc = subprocess.run([sys.executable, "-m", "pipeline.bench.pipeline", "--child", spec],
                           capture_output=True, text=True, check=False)
     if proc.returncode != 0:
@@ -292,7 +310,8 @@ def child(spec_text: str) -> None:
     and the peak is reset after it where Linux allows, so the peak is the run's: what grows with frames."""
     spec = json.loads(spec_text)
     setup = Setup(CASES[spec["case"]], spec["rotation"])
-    budget = ThreadBudget(spec["sensor"], spec["model"], spec["mode"], spec["cores"])
+    budget = ThreadBudget(spec["sensor"], spec["model"], spec["mode"], spec["cores"],
+                          sensor_frames=spec["sensor_frames"])
     count = itertools.count()
     setup.pipeline(min(spec["frames"], 2), budget, lambda preds: None)  # warm-up: compiled kernels, pools
     before = vm_kib("VmRSS")
@@ -337,12 +356,14 @@ def main(argv: list[str] | None = None) -> dict:
                            args.rss_frames)
             rows.append(row)
             rss = row.get("peak_rss", {}).get("ratio_10n_to_n")
-            print(f"{name:<24} rot={str(rotation):<5} sensor {row['sensor_alone_frames_per_s']:8.1f}  model "
+            print(f"{name:<24} rot={str(rotation):<5} sensor {row['sensor_alone_frames_per_s']:8.1f} "
+                  f"(stage {row['sensor_stage_alone_frames_per_s']:.1f})  model "
                   f"{row['model_alone_frames_per_s']:8.1f}  serial {row['serial_frames_per_s']:8.1f}  pipeline "
                   f"{row['pipeline_frames_per_s']:8.1f} f/s  x{row['pipeline_vs_serial']:.2f} serial (rounds: "
                   f"x{row['pipeline_vs_serial_per_round_median']:.2f})  "
                   f"x{row['pipeline_vs_slowest_stage']:.2f} slowest  {row['threads']['mode']} "
-                  f"{row['threads']['sensor']}+{row['threads']['model']}  rss 10N/N {rss}", flush=True)
+                  f"{row['threads']['sensor']}x{row['threads']['sensor_frames']}+{row['threads']['model']}  "
+                  f"rss 10N/N {rss}", flush=True)
             for mode in MODES:
                 if f"pipeline_{mode}" in row:
                     sp = row[f"pipeline_{mode}"]
@@ -360,4 +381,5 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
+    keep_freed_memory()  # as the CLI does (the RSS children run here)
     main()

@@ -27,6 +27,7 @@ from sensor.errors import OutputPathError, PrivcamError
 from sensor.rawio import EXTENSIONS as RAW_OUTPUT_SUFFIXES
 from sensor.readout import SCHEMES
 
+from ..memory import keep_freed_memory
 from ..resources import COLOUR_PROFILE, DEFAULT_CHECKPOINT, MONO_PROFILE, RUN_CONFIG, resolve
 from . import data_cmd
 from .images import write_png
@@ -623,6 +624,7 @@ def _one_line(err: BaseException) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    keep_freed_memory()  # streams of large frames reuse freed memory (pipeline.memory)
     for stream in (sys.stdout, sys.stderr):  # paths that are not valid UTF-8 print as escapes, never crash
         if hasattr(stream, "reconfigure"):
             try:

@@ -10,7 +10,9 @@ that adds up to the machine, in one of three ways:
 * ``serial``: both stages get every core and run one after the other in one thread, as a serial loop
   does: capture (and record) each scene, and classify each batch as soon as it is full
   (:class:`pipeline.stream.engine.Serial`). Only the source and the sink overlap with the work. Pays
-  when one stage dominates: a split would leave it on a fraction of the machine.
+  when one stage dominates: a split would leave it on a fraction of the machine. The sensor may
+  capture ``sensor_frames`` frames of a micro-batch at once, each on ``sensor`` numba threads
+  (:mod:`pipeline.stream.workers`): at a real sensor's size one capture leaves part of two cores idle.
 * ``turns``: as ``serial``, but the stages keep their own threads and take turns (one lock around their
   work). Nothing real overlaps either, and the hand-offs, the lock and the separate tables stage cost
   more than they save: at 1920x1080 it ran at 0.67-0.84x the serial loop (issue 17). Kept for configs
@@ -45,6 +47,10 @@ SPLIT_MARGIN = 1.5
 
 MODES = ("split", "serial", "turns")
 
+# Frames captured at once are chosen only when measured at least this much faster than one at a time
+# (small frames: the capture is mostly Python and the threads only take turns on the GIL).
+AT_ONCE_MARGIN = 1.1
+
 
 def machine_cores() -> int:
     """Cores this process may run on (its CPU affinity, else the CPU count)."""
@@ -63,18 +69,33 @@ class StageCosts:
     sensor_all: float
     model_1: float
     model_all: float
+    sensor_at_once: float | None = None  # ``cores`` frames captured at once, one numba thread each
 
     def to_dict(self) -> dict[str, Any]:
-        return {"cores": self.cores, "sensor_s_per_frame_1_thread": round(self.sensor_1, 6),
-                "sensor_s_per_frame_all_threads": round(self.sensor_all, 6),
-                "model_s_per_frame_1_thread": round(self.model_1, 6),
-                "model_s_per_frame_all_threads": round(self.model_all, 6)}
+        out = {"cores": self.cores, "sensor_s_per_frame_1_thread": round(self.sensor_1, 6),
+               "sensor_s_per_frame_all_threads": round(self.sensor_all, 6),
+               "model_s_per_frame_1_thread": round(self.model_1, 6),
+               "model_s_per_frame_all_threads": round(self.model_all, 6)}
+        if self.sensor_at_once is not None:
+            out[f"sensor_s_per_frame_{self.cores}_frames_at_once"] = round(self.sensor_at_once, 6)
+        return out
+
+    def serial_sensor(self) -> tuple[int, int, float]:
+        """How the sensor runs when the stages take turns: (numba threads per frame, frames at once,
+        seconds per frame), the fastest measured of one frame at 1 thread, one at every core, and (when
+        measured clearly faster, by :data:`AT_ONCE_MARGIN`) ``cores`` frames at once on 1 thread each."""
+        one = (1, 1, self.sensor_1) if self.sensor_1 < self.sensor_all else (self.cores, 1, self.sensor_all)
+        if self.sensor_at_once is not None and self.cores > 1 and self.sensor_at_once * AT_ONCE_MARGIN < one[2]:
+            return 1, self.cores, self.sensor_at_once
+        return one
 
 
 @dataclass(frozen=True)
 class ThreadBudget:
-    """Threads of each stage. ``split``: ``sensor + model <= cores``; ``serial`` and ``turns``: each may
-    use every core (they never run at once). ``source`` says where it came from: "config" or "auto"."""
+    """Threads of each stage. ``split``: ``sensor_frames * sensor + model <= cores``; ``serial`` and
+    ``turns``: each may use every core (they never run at once): ``sensor_frames * sensor <= cores``.
+    ``sensor_frames``: frames the sensor stage captures at once (:class:`pipeline.stream.workers.FrameWorkers`),
+    each on ``sensor`` numba threads. ``source`` says where it came from: "config" or "auto"."""
 
     sensor: int
     model: int
@@ -84,23 +105,27 @@ class ThreadBudget:
     costs: StageCosts | None = None
     estimate: dict[str, float] | None = None
     note: str | None = None
+    sensor_frames: int = 1
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ConfigError("pipeline", "threads.mode", f"one of {MODES}", self.mode)
-        for name in ("sensor", "model"):
+        for name in ("sensor", "model", "sensor_frames"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= self.cores:
                 raise ConfigError("pipeline", f"threads.{name}", f"an integer from 1 to the {self.cores} cores",
                                   value)
-        if self.mode == "split" and self.sensor + self.model > self.cores:
-            raise ConfigError("pipeline", "threads", f"sensor + model threads <= the {self.cores} cores "
-                              "(they run at the same time), or mode: serial",
-                              f"{self.sensor} + {self.model}")
+        if self.sensor_frames * self.sensor > self.cores:
+            raise ConfigError("pipeline", "threads.sensor_frames", f"sensor_frames x sensor threads <= the "
+                              f"{self.cores} cores", f"{self.sensor_frames} x {self.sensor}")
+        if self.mode == "split" and self.sensor_frames * self.sensor + self.model > self.cores:
+            raise ConfigError("pipeline", "threads", f"sensor (x sensor_frames) + model threads <= the {self.cores} "
+                              "cores (they run at the same time), or mode: serial",
+                              f"{self.sensor_frames} x {self.sensor} + {self.model}")
 
     def to_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"mode": self.mode, "sensor": self.sensor, "model": self.model,
-                               "cores": self.cores, "source": self.source}
+        out: dict[str, Any] = {"mode": self.mode, "sensor": self.sensor, "sensor_frames": self.sensor_frames,
+                               "model": self.model, "cores": self.cores, "source": self.source}
         if self.costs is not None:
             out["measured"] = self.costs.to_dict()
         if self.estimate is not None:
@@ -112,20 +137,22 @@ class ThreadBudget:
 
 def parse_threads(value: Any, cores: int | None = None) -> ThreadBudget | None:
     """The ``pipeline.threads`` config value: "auto" (-> None: measure at start-up) or a mapping
-    ``{sensor: n, model: m[, mode: split|serial|turns]}``. Raises ConfigError naming the field."""
+    ``{sensor: n, model: m[, mode: split|serial|turns][, sensor_frames: k]}`` (``k`` frames captured at once,
+    each on ``n`` numba threads; default 1). Raises ConfigError naming the field."""
     cores = machine_cores() if cores is None else cores
     if value == "auto":
         return None
     if not isinstance(value, dict):
         raise ConfigError("pipeline", "threads", "auto or a mapping {sensor: N, model: M, mode: "
                           f"{'|'.join(MODES)}}}", value)
-    unknown = set(value) - {"sensor", "model", "mode"}
+    unknown = set(value) - {"sensor", "model", "mode", "sensor_frames"}
     if unknown:
-        raise ConfigError("pipeline", f"threads.{sorted(unknown)[0]}", "one of sensor, model, mode")
+        raise ConfigError("pipeline", f"threads.{sorted(unknown)[0]}", "one of sensor, model, mode, sensor_frames")
     missing = [k for k in ("sensor", "model") if k not in value]
     if missing:
         raise ConfigError("pipeline", f"threads.{missing[0]}", "a thread count (both sensor and model)")
-    return ThreadBudget(value["sensor"], value["model"], value.get("mode", "split"), cores, "config")
+    return ThreadBudget(value["sensor"], value["model"], value.get("mode", "split"), cores, "config",
+                        sensor_frames=value.get("sensor_frames", 1))
 
 
 def amdahl(t1: float, tc: float, cores: int, n: int) -> float:
@@ -139,14 +166,14 @@ def amdahl(t1: float, tc: float, cores: int, n: int) -> float:
 def choose_budget(costs: StageCosts) -> ThreadBudget:
     """Serial, unless a split is estimated at least :data:`SPLIT_MARGIN` times faster: each split
     ``(n, cores - n)`` runs at ``1 / max(sensor(n), model(cores - n))``, serial at
-    ``1 / (min(sensor(1), sensor(all)) + model(all))`` (the plan where turns used to be chosen: the same
-    estimate, without the hand-offs)."""
+    ``1 / (sensor + model(all))`` with the sensor as :meth:`StageCosts.serial_sensor` runs it (one frame
+    on 1 thread or on every core, or ``cores`` frames at once) (the plan where turns used to be chosen:
+    the same estimate, without the hand-offs)."""
     c = costs.cores
-    # one after the other, the sensor runs on whichever of 1 thread or every core was faster (small
-    # frames: 1); the model keeps every core (its logits may change with its thread count)
-    sensor_serial = 1 if costs.sensor_1 < costs.sensor_all else c
-    plans = {"serial": (sensor_serial, c, 1.0 / max(min(costs.sensor_1, costs.sensor_all) + costs.model_all,
-                                                    1e-12))}
+    # one after the other, the sensor runs the fastest way measured; the model keeps every core (its
+    # logits may change with its thread count)
+    sensor_threads, sensor_frames, sensor_s = costs.serial_sensor()
+    plans = {"serial": (sensor_threads, c, 1.0 / max(sensor_s + costs.model_all, 1e-12))}
     for n in range(1, c):
         s = amdahl(costs.sensor_1, costs.sensor_all, c, n)
         m = amdahl(costs.model_1, costs.model_all, c, c - n)
@@ -156,21 +183,35 @@ def choose_budget(costs: StageCosts) -> ThreadBudget:
     name = best_split if wins else "serial"
     estimate = {k: v[2] for k, v in plans.items()}
     sensor, model, _ = plans[name]
-    return ThreadBudget(sensor, model, name.split()[0], c, "auto", costs, estimate)
+    return ThreadBudget(sensor, model, name.split()[0], c, "auto", costs, estimate,
+                        sensor_frames=sensor_frames if name == "serial" else 1)
 
 
 def measure_costs(sensor_fn: Callable[[int], object], model_fn: Callable[[int], object], frames: int,
                   cores: int | None = None, repeat: int = 3) -> StageCosts:
     """Time ``sensor_fn(threads)`` (one frame, run with that many numba threads) and ``model_fn(threads)``
-    (``frames`` frames, that many torch threads), each at 1 and at every core: the fastest of ``repeat``
-    calls after a warm-up call at that count (robust to a busy machine). Their results are thrown away:
-    the calls must not change what the run produces."""
+    (``frames`` frames, that many torch threads), each at 1 and at every core, and ``cores`` calls of
+    ``sensor_fn(1)`` at once (one thread each, :class:`pipeline.stream.workers.FrameWorkers`): the fastest
+    of ``repeat`` after a warm-up at that setting (robust to a busy machine). Their results are thrown
+    away: the calls must not change what the run produces (``sensor_fn`` must be safe to call from
+    several threads at once)."""
     import numba
     import torch
+
+    from .workers import FrameWorkers, concurrent_numba_layer
 
     cores = machine_cores() if cores is None else cores
     old_torch = torch.get_num_threads()
     times: dict[tuple[str, int], float] = {}
+
+    def best_of(fn: Callable[[], object]) -> float:
+        fn()  # warm-up: compilation, caches, the thread pool at this count
+        best = float("inf")
+        for _ in range(repeat):
+            t0 = time.perf_counter()
+            fn()
+            best = min(best, time.perf_counter() - t0)
+        return best
 
     def measure() -> None:
         def set_numba(n: int) -> None:
@@ -180,20 +221,17 @@ def measure_costs(sensor_fn: Callable[[int], object], model_fn: Callable[[int], 
                                       ("model", model_fn, torch.set_num_threads, frames)):
             for n in sorted({1, cores}):
                 setter(n)
-                fn(n)  # warm-up: compilation, caches, the thread pool at this count
-                best = float("inf")
-                for _ in range(repeat):
-                    t0 = time.perf_counter()
-                    fn(n)
-                    best = min(best, time.perf_counter() - t0)
-                times[(name, n)] = best / per
+                times[(name, n)] = best_of(lambda fn=fn, n=n: fn(n)) / per
+        if cores > 1 and concurrent_numba_layer():  # (workqueue: one capture at a time)
+            with FrameWorkers(lambda _: sensor_fn(1), cores, 1) as workers:
+                times[("sensor_at_once", cores)] = best_of(lambda: workers(list(range(cores)))) / cores
 
     try:
         in_fresh_thread(measure)
     finally:
         torch.set_num_threads(old_torch)
     return StageCosts(cores, times[("sensor", 1)], times[("sensor", cores)], times[("model", 1)],
-                      times[("model", cores)])
+                      times[("model", cores)], times.get(("sensor_at_once", cores)))
 
 
 def in_fresh_thread(fn: Callable[[], object]) -> None:

@@ -10,8 +10,10 @@
   exactly ``size`` items (the last, or one flushed by the timeout, may be shorter).
 - A stage's ``queue_size`` bounds its output queue instead of the pipeline's (e.g. 1 batch of large
   frames: double buffering needs one ready while one runs).
-- Thread budget: a ``Map`` stage's ``setup`` runs once in its own thread before any item (e.g. its
-  numba thread count); stages that share a ``lock`` take turns (their work never overlaps).
+- Thread budget: a ``Map`` or ``Serial`` stage's ``setup`` runs once in its own thread before any item
+  (e.g. its numba thread count, or starting worker threads) and its ``teardown`` after the last, also
+  on an error or a stop (e.g. joining those workers); stages that share a ``lock`` take turns (their
+  work never overlaps).
 - ``Serial``: the chain ``Map(each(fn)) -> Batch(flatten=True) -> Map(batch_fn)`` in one thread, for
   work that would only take turns anyway: the same batches, none of the hand-offs between them.
 - Any stage error or Ctrl-C sets one stop event; every blocking call polls it, items that
@@ -77,6 +79,7 @@ class Map:
     setup: Callable[[], None] | None = None
     lock: Any = None  # threading.Lock shared by the stages that take turns
     queue_size: int | None = None  # of its output queue (None: the pipeline's)
+    teardown: Callable[[], None] | None = None  # in the stage's thread after its last item, always
 
 
 @dataclass
@@ -118,6 +121,7 @@ class Serial:
     setup: Callable[[], None] | None = None
     queue_size: int | None = None  # of its output queue (None: the pipeline's)
     parts: tuple[str, str] = ("items", "batches")
+    teardown: Callable[[], None] | None = None  # in the stage's thread after its last item, always
 
     def __post_init__(self) -> None:
         if isinstance(self.size, bool) or not isinstance(self.size, int) or self.size < 1:
@@ -227,7 +231,8 @@ class Pipeline:
     # -- threads ----------------------------------------------------------------------------------
     def _body_of(self, stage: Map | Batch | Serial) -> Callable[..., None]:
         """The thread body that runs ``stage``."""
-        for kind, body in ((Map, self._map_body), (Batch, self._batch_body), (Serial, self._serial_body)):
+        for kind, body in ((Map, self._torn_down(self._map_body)), (Batch, self._batch_body),
+                           (Serial, self._torn_down(self._serial_body))):
             if isinstance(stage, kind):
                 return body
         raise TypeError(f"stages: expected Map, Batch or Serial stages, got {type(stage).__name__}")
@@ -262,6 +267,16 @@ class Pipeline:
             if self._stop.is_set():
                 raise _Stop
         stats.wait_turn_s += time.perf_counter() - t0
+
+    def _torn_down(self, body: Callable[..., None]) -> Callable[..., None]:
+        """``body(stage, ...)`` followed, whatever happens, by the stage's ``teardown``."""
+        def run(stage: Map | Serial, *args: Any) -> None:
+            try:
+                body(stage, *args)
+            finally:
+                if stage.teardown is not None:
+                    stage.teardown()
+        return run
 
     def _map_body(self, stage: Map, inq: queue.Queue, out: queue.Queue, stats: StageStats) -> None:
         if stage.setup is not None:

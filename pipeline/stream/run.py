@@ -110,7 +110,8 @@ class PipelineSection:
     batch_timeout_s: float = 0.5
     queue_size: int = 8
     micro_batch: Any = "auto"  # scenes per sensor hand-off: "auto" (about a megapixel) or 1..batch_size
-    threads: Any = "auto"  # "auto" (measured at start-up) or {sensor: N, model: M[, mode: split|serial|turns]}
+    # "auto" (measured at start-up) or {sensor: N, model: M[, mode: split|serial|turns][, sensor_frames: K]}
+    threads: Any = "auto"
 
     def __post_init__(self) -> None:
         check_range("pipeline", "batch_size", self.batch_size, 1, 1 << 16)
@@ -367,7 +368,7 @@ def run_pipeline(cfg: RunConfig, progress: bool = True) -> dict[str, Any]:
     capture = capture_stage(sensor, key, cfg.key.scheme, cfg.key.rotation, (h, w), skips, labels)
     probe = capture_stage(sensor, key, cfg.key.scheme, cfg.key.rotation, (h, w))  # raises instead of skipping
     items, budget = plan_threads(cfg.pipeline, items, probe, classifier)
-    micro = micro_batch_size(cfg.pipeline.micro_batch, cfg.pipeline.batch_size, h, w)
+    micro = micro_batch_size(cfg.pipeline.micro_batch, cfg.pipeline.batch_size, h, w, budget.sensor_frames)
     recorder = sink = result = None
     try:
         if cfg.output.record:

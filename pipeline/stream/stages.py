@@ -50,18 +50,20 @@ from .budget import (
     thread_counts,
 )
 from .classifier import KeyedClassifier
-from .engine import Batch, Map, Serial, each
+from .engine import Batch, Map, PartialResult, Serial, each
+from .workers import FrameWorkers
 
 MICRO_BATCH_PIXELS = 1 << 20  # "auto": about a megapixel of frames per hand-off
 CALIBRATION_PIXELS = 1 << 22  # frames in the model's calibration batch: about 4 Mpixel, at most batch_size
 
 
-def micro_batch_size(setting: int | str, batch_size: int, height: int, width: int) -> int:
+def micro_batch_size(setting: int | str, batch_size: int, height: int, width: int, at_least: int = 1) -> int:
     """Scenes per sensor hand-off: the configured number, or for "auto" about a megapixel of frames
-    (28x28: the model batch; 1080p: one frame), never more than the model batch."""
+    (28x28: the model batch; 1080p: one frame) but at least ``at_least`` (the frames the sensor stage
+    captures at once), never more than the model batch."""
     if setting != "auto":
         return int(setting)
-    return max(1, min(batch_size, MICRO_BATCH_PIXELS // max(height * width, 1)))
+    return max(1, min(batch_size, max(at_least, MICRO_BATCH_PIXELS // max(height * width, 1))))
 
 
 def auto_budget(capture_one: Callable[[], ProtectedFrame | None], classifier: KeyedClassifier,
@@ -83,13 +85,14 @@ def auto_budget(capture_one: Callable[[], ProtectedFrame | None], classifier: Ke
     budget = choose_budget(costs)
     model = replay_threads(cores)
     if budget.mode == "split" and budget.model < model:
-        sensor = 1 if costs.sensor_1 < costs.sensor_all else cores
+        sensor, frames, _ = costs.serial_sensor()
         return ThreadBudget(sensor, model, "serial", cores, "auto", costs, budget.estimate,
                             note=f"a split ({budget.sensor}+{budget.model}) was estimated faster, but it would run "
                             f"the model on fewer torch threads than a replay does, and its logits may change "
-                            f"with the thread count: the model keeps torch's {model}")
+                            f"with the thread count: the model keeps torch's {model}", sensor_frames=frames)
     if budget.mode == "serial" and budget.model != model:  # the model at a replay's thread count
-        return ThreadBudget(budget.sensor, model, "serial", cores, "auto", costs, budget.estimate, budget.note)
+        return ThreadBudget(budget.sensor, model, "serial", cores, "auto", costs, budget.estimate, budget.note,
+                            sensor_frames=budget.sensor_frames)
     return budget
 
 
@@ -101,8 +104,10 @@ def live_stages(capture: Callable[[Any], ProtectedFrame | None], classifier: Key
     if budget.mode == "serial":
         return [serial_stage(capture, classifier, budget, batch_size, batch_timeout_s, record)]
     turn = threading.Lock() if budget.mode == "turns" else None
-    stages: list[Map | Batch | Serial] = [Map("sensor", each(capture), setup=numba_threads(budget.sensor),
-                                              lock=turn)]
+    workers = FrameWorkers(capture, budget.sensor_frames, budget.sensor)
+    stages: list[Map | Batch | Serial] = [Map("sensor", workers, setup=then_start(numba_threads(budget.sensor),
+                                                                                   workers),
+                                              lock=turn, teardown=workers.close)]
     if record is not None:
         stages.append(Map("recorder", each(record)))
     # one batch waits for the tables stage and one prepared batch for the model (double buffering): whole
@@ -117,25 +122,50 @@ def live_stages(capture: Callable[[Any], ProtectedFrame | None], classifier: Key
 def serial_stage(capture: Callable[[Any], ProtectedFrame | None], classifier: Callable[[list[ProtectedFrame]], Any],
                  budget: ThreadBudget, batch_size: int, batch_timeout_s: float,
                  record: Callable[[ProtectedFrame], ProtectedFrame] | None = None) -> Serial:
-    """The ``serial`` mode's one stage: each scene of a micro-batch captured (None: skipped) and recorded,
-    in order, on ``budget.sensor`` numba threads; each batch of exactly ``batch_size`` frames (shorter
-    after ``batch_timeout_s`` without a scene, and at the end) classified by ``classifier(frames)`` on
-    ``budget.model`` numba threads, in the same thread."""
-    per_frame = capture if record is None else then(capture, record)
-    item_fn, batch_fn = each(per_frame), classifier
-    if budget.sensor != budget.model:  # numba's count is per thread: switch it between the two halves
+    """The ``serial`` mode's one stage: the scenes of a micro-batch captured (None: skipped) on
+    ``budget.sensor`` numba threads, ``budget.sensor_frames`` at once (:class:`FrameWorkers`), then
+    recorded one by one in order; each batch of exactly ``batch_size`` frames (shorter after
+    ``batch_timeout_s`` without a scene, and at the end) classified by ``classifier(frames)`` on
+    ``budget.model`` numba threads, in the stage's thread."""
+    workers = FrameWorkers(capture, budget.sensor_frames, budget.sensor)
+    item_fn: Callable[[list[Any]], list[Any]] = workers if record is None else recorded(workers, record)
+    batch_fn = classifier
+    own = budget.sensor if budget.sensor_frames == 1 else budget.model  # numba threads of the stage's thread
+    if own != budget.model:  # numba's count is per thread: switch it between the two halves
         item_fn = with_setup(numba_threads(budget.sensor), item_fn)
         batch_fn = with_setup(numba_threads(budget.model), batch_fn)
     return Serial("serial", item_fn, batch_size, batch_fn, batch_timeout_s,
-                  setup=thread_counts(budget.sensor, budget.model), parts=("sensor", "model"))
+                  setup=then_start(thread_counts(own, budget.model), workers), parts=("sensor", "model"),
+                  teardown=workers.close)
 
 
-def then(first: Callable[[Any], Any], second: Callable[[Any], Any]) -> Callable[[Any], Any]:
-    """``x -> second(first(x))``; None from ``first`` (a dropped item) skips ``second``."""
-    def both(item: Any) -> Any:
-        result = first(item)
-        return None if result is None else second(result)
-    return both
+def recorded(capture_many: Callable[[list[Any]], list[Any]], record: Callable[[Any], Any]
+             ) -> Callable[[list[Any]], list[Any]]:
+    """A micro-batch captured by ``capture_many``, then each frame recorded in order. A capture failure
+    part-way (:class:`PartialResult`) still records the frames finished before it, then re-raises with the
+    recorded ones."""
+    record_each = each(record)
+
+    def run(items: list[Any]) -> list[Any]:
+        try:
+            frames = capture_many(items)
+        except PartialResult as partial:
+            done = partial.results
+            try:
+                done = record_each(done)
+            except PartialResult as rec:
+                raise PartialResult(rec.results, rec.cause) from rec.cause
+            raise PartialResult(done, partial.cause) from partial.cause
+        return record_each(frames)
+    return run
+
+
+def then_start(setup: Callable[[], None], workers: FrameWorkers) -> Callable[[], None]:
+    """A stage setup hook: ``setup()``, then the stage's frame workers started."""
+    def run() -> None:
+        setup()
+        workers.start()
+    return run
 
 
 def with_setup(setup: Callable[[], None], fn: Callable[[Any], Any]) -> Callable[[Any], Any]:
