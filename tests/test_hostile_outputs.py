@@ -119,6 +119,35 @@ def test_a_full_disk_while_finalising_keeps_the_frames_in_the_partial(world, tmp
     assert len(partials(tmp_path)) == 1 and str(partials(tmp_path)[0]) in summary["error"]
 
 
+def test_a_sensor_failing_only_while_auto_times_it_leaves_the_run_whole(world, tmp_path, monkeypatch):
+    """``threads: auto`` times the capture on the first scene; when that timing call fails with an ordinary
+    error (not an unusable scene) the run falls back to the serial plan, says so in its summary, and
+    still classifies and records every frame (the run's own captures do not fail)."""
+    original = run_module.capture_stage
+    made = []
+
+    def probe_fails(*args, **kwargs):
+        capture = original(*args, **kwargs)
+        made.append(capture)
+        if len(made) != 2:  # run_pipeline makes the run's capture first, then the probe auto times
+            return capture
+        calls = {"n": 0}
+
+        def probe(item):
+            calls["n"] += 1
+            if calls["n"] > 2:
+                raise RuntimeError("sensor hiccup")
+            return capture(item)
+        return probe
+
+    monkeypatch.setattr(run_module, "capture_stage", probe_fails)
+    preds, rec = tmp_path / "p.jsonl", tmp_path / "r.mcap"
+    summary = run_pipeline(config(world, output={"predictions": str(preds), "record": str(rec)}), progress=False)
+    assert len(made) == 2 and summary["error"] is None
+    assert summary["threads"]["mode"] == "serial" and "sensor hiccup" in summary["threads"]["note"]
+    assert len(preds.read_text().splitlines()) == N and len(list(RecordingReader(rec).frames())) == N
+
+
 def test_run_and_replay_outputs_are_not_replaced_by_a_failed_run(world, tmp_path, monkeypatch):
     preds, rec = tmp_path / "p.jsonl", tmp_path / "r.mcap"
     preds.write_text("precious\n")

@@ -198,6 +198,7 @@ def measure_costs(sensor_fn: Callable[[int], object], model_fn: Callable[[int], 
     import numba
     import torch
 
+    from .engine import PartialResult
     from .workers import FrameWorkers, concurrent_numba_layer
 
     cores = machine_cores() if cores is None else cores
@@ -224,7 +225,12 @@ def measure_costs(sensor_fn: Callable[[int], object], model_fn: Callable[[int], 
                 times[(name, n)] = best_of(lambda fn=fn, n=n: fn(n)) / per
         if cores > 1 and concurrent_numba_layer():  # (workqueue: one capture at a time)
             with FrameWorkers(lambda _: sensor_fn(1), cores, 1) as workers:
-                times[("sensor_at_once", cores)] = best_of(lambda: workers(list(range(cores)))) / cores
+                def at_once() -> None:
+                    try:
+                        workers(list(range(cores)))
+                    except PartialResult as partial:  # a capture failed: its own error, not the wrapper
+                        raise partial.cause from None
+                times[("sensor_at_once", cores)] = best_of(at_once) / cores
 
     try:
         in_fresh_thread(measure)

@@ -261,6 +261,9 @@ def plan_threads(section: PipelineSection, items: Iterator[Any], probe, classifi
         budget = auto_budget(lambda: probe(first), classifier, section.batch_size)
     except PrivcamError:  # the first scene is unusable: the run skips and reports it
         budget = serial_budget("the first scene could not be measured")
+    except Exception as err:  # noqa: BLE001 - the sensor failed while timed: the run meets (and reports) it
+        budget = serial_budget(f"the stages could not be measured ({type(err).__name__}: {err}); the run "
+                               "reports it if it happens again")
     return itertools.chain([first], items), budget
 
 
