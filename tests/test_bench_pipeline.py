@@ -16,10 +16,10 @@ def test_bench_pipeline_small_case_reports_every_measurement(tmp_path):
         assert row[f"{key}_frames_per_s"] > 0
     assert row["predictions_equal_serial"] is True
     assert row["pipeline_vs_serial_per_round_median"] > 0
-    assert row["threads"]["source"] == "auto" and row["threads"]["mode"] in ("split", "serial")
+    assert row["threads"]["source"] == "auto" and row["threads"]["mode"] in ("split", "overlap")
     if "pipeline_split" in row:
         assert row["pipeline_split"]["threads"]["mode"] == "split"
-    others = {"split", "serial", "turns"} - {row["threads"]["mode"]}  # each mode auto turned down, compared
+    others = {"split", "serial", "turns", "overlap"} - {row["threads"]["mode"]}  # each mode auto turned down
     if row["threads"]["cores"] < 2:
         others.discard("split")  # no split of one core
     for mode in others:

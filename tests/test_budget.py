@@ -73,20 +73,21 @@ def test_budget_choice_from_measured_costs():
     # a split estimated only 1.2x faster is not taken (SPLIT_MARGIN: its estimate leaves out contention)
     close = choose_budget(StageCosts(2, sensor_1=1.0, sensor_all=0.6, model_1=1.0, model_all=0.6))
     assert close.estimate["split 1+1"] == pytest.approx(1.2 * close.estimate["serial"])
-    assert close.estimate["split 1+1"] < SPLIT_MARGIN * close.estimate["serial"] and close.mode == "serial"
-    # where turns used to win (one stage dominates), the stages now run serially in one thread
+    assert close.estimate["split 1+1"] < SPLIT_MARGIN * close.estimate["serial"] and close.mode == "overlap"
+    # where turns used to win (one stage dominates), the stages run at once on the serial plan's threads
+    # (overlap: every core each; the serial plan's estimate is its lower bound)
     dominant = choose_budget(StageCosts(2, sensor_1=1.0, sensor_all=0.55, model_1=0.1, model_all=0.06))
-    assert (dominant.mode, dominant.sensor, dominant.model) == ("serial", 2, 2)
+    assert (dominant.mode, dominant.sensor, dominant.model) == ("overlap", 2, 2)
     assert dominant.estimate["serial"] == pytest.approx(1 / 0.61)
     assert dominant.estimate["serial"] > dominant.estimate["split 1+1"]
     small_frames = choose_budget(StageCosts(2, sensor_1=0.3, sensor_all=0.5, model_1=10.0, model_all=5.0))
-    assert (small_frames.mode, small_frames.sensor, small_frames.model) == ("serial", 1, 2)
+    assert (small_frames.mode, small_frames.sensor, small_frames.model) == ("overlap", 1, 2)
     four = choose_budget(StageCosts(4, sensor_1=3.0, sensor_all=0.75, model_1=1.0, model_all=1.0))  # 3+1: 1.75x serial
     assert (four.mode, four.sensor, four.model) == ("split", 3, 1)
-    one = choose_budget(StageCosts(1, 1.0, 1.0, 1.0, 1.0))
+    one = choose_budget(StageCosts(1, 1.0, 1.0, 1.0, 1.0))  # nothing to overlap on one core
     assert (one.mode, one.sensor, one.model) == ("serial", 1, 1)
     tie = choose_budget(StageCosts(2, sensor_1=1.0, sensor_all=0.5, model_1=1.0, model_all=0.5))
-    assert tie.estimate["serial"] == pytest.approx(tie.estimate["split 1+1"]) and tie.mode == "serial"
+    assert tie.estimate["serial"] == pytest.approx(tie.estimate["split 1+1"]) and tie.mode == "overlap"
     report = balanced.to_dict()
     assert report["mode"] == "split" and report["measured"]["sensor_s_per_frame_1_thread"] == 1.0
     assert set(report["estimated_frames_per_s"]) == {"serial", "split 1+1"}
@@ -203,6 +204,8 @@ def test_serial_mode_is_one_stage_that_makes_the_batches_the_stages_make():
     assert recorded == frames
     assert classifier.batches == [frames[i:i + 4] for i in range(0, 22, 4)]
     turns_out, turns_recorded, _, turns_classifier, _ = run_live("turns", 23)
+    overlap_out, overlap_recorded, _, overlap_classifier, _ = run_live("overlap", 23)
+    assert out == overlap_out and recorded == overlap_recorded and classifier.batches == overlap_classifier.batches
     assert out == turns_out and recorded == turns_recorded and classifier.batches == turns_classifier.batches
     assert set(capture_threads) == {1}
     assert set(classifier.numba_threads) == {min(2, numba.config.NUMBA_NUM_THREADS)}
@@ -241,14 +244,14 @@ def test_auto_budget_runs_the_model_on_a_replays_threads(monkeypatch):
         torch.set_num_threads(2)
         budget = auto_budget(lambda: frame, None, 8, cores=2)
         assert choose_budget(costs).mode == "split"
-        assert (budget.mode, budget.model, budget.source) == ("serial", 2, "auto")
+        assert (budget.mode, budget.model, budget.source) == ("overlap", 2, "auto")
         assert "fewer torch threads than a replay" in budget.note
         torch.set_num_threads(1)  # a process whose torch default is one thread: the 1+1 split keeps it
         assert auto_budget(lambda: frame, None, 8, cores=2).mode == "split"
         # serial plans run the model at that default too (what a replay under OMP_NUM_THREADS=1 uses)
         monkeypatch.setattr(stages, "measure_costs", lambda *args, **kw: StageCosts(2, 1.0, 0.55, 0.1, 0.06))
         serial = auto_budget(lambda: frame, None, 8, cores=2)
-        assert (serial.mode, serial.sensor, serial.model) == ("serial", 2, 1)
+        assert (serial.mode, serial.sensor, serial.model) == ("overlap", 2, 1)
         assert auto_budget(lambda: None, None, 8, cores=2).model == 1
     finally:
         torch.set_num_threads(before)
@@ -306,14 +309,14 @@ def test_budget_choice_captures_frames_at_once_only_when_measured_clearly_faster
     faster = StageCosts(2, sensor_1=1.0, sensor_all=0.6, model_1=0.1, model_all=0.1, sensor_at_once=0.5)
     assert faster.serial_sensor() == (1, 2, 0.5)
     budget = choose_budget(faster)
-    assert (budget.mode, budget.sensor, budget.sensor_frames, budget.model) == ("serial", 1, 2, 2)
+    assert (budget.mode, budget.sensor, budget.sensor_frames, budget.model) == ("overlap", 1, 2, 2)
     assert budget.estimate["serial"] == pytest.approx(1 / 0.6)
     assert budget.to_dict()["sensor_frames"] == 2
     assert faster.to_dict()["sensor_s_per_frame_2_frames_at_once"] == 0.5
     assert 0.58 * AT_ONCE_MARGIN > 0.6  # not clearly faster than one frame on both cores
     close = choose_budget(StageCosts(2, sensor_1=1.0, sensor_all=0.6, model_1=0.1, model_all=0.1,
                                      sensor_at_once=0.58))
-    assert (close.mode, close.sensor, close.sensor_frames, close.model) == ("serial", 2, 1, 2)
+    assert (close.mode, close.sensor, close.sensor_frames, close.model) == ("overlap", 2, 1, 2)
     assert close.estimate["serial"] == pytest.approx(1 / 0.7)
     unmeasured = StageCosts(2, sensor_1=1.0, sensor_all=0.6, model_1=0.1, model_all=0.1)
     assert (choose_budget(unmeasured).sensor, choose_budget(unmeasured).sensor_frames) == (2, 1)
@@ -356,7 +359,7 @@ def test_measure_costs_times_cores_captures_at_once():
 
 
 AT_ONCE_BUDGETS = [ThreadBudget(1, 2, "serial", 2, sensor_frames=2), ThreadBudget(1, 2, "turns", 2, sensor_frames=2),
-                   ThreadBudget(1, 1, "split", 3, sensor_frames=2)]
+                   ThreadBudget(1, 1, "split", 3, sensor_frames=2), ThreadBudget(1, 2, "overlap", 2, sensor_frames=2)]
 
 
 @pytest.mark.parametrize("budget", AT_ONCE_BUDGETS, ids=lambda b: b.mode)

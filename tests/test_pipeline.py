@@ -272,7 +272,7 @@ def test_a_session_key_file_replays_its_session_and_refuses_others(world, tmp_pa
     assert "--session-of and --nonce go together" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("mode", ["split", "turns", "serial", "serial_at_once"])
+@pytest.mark.parametrize("mode", ["split", "turns", "serial", "serial_at_once", "overlap"])
 def test_micro_batches_and_a_thread_budget_give_the_serial_predictions_bit_for_bit(world, tmp_path, mode):
     """A run with micro-batches that do not divide the model batch, a thread budget and the tables stage
     (or, in serial mode, capture, recorder, batches and model in one stage; "at once": a frame per core
@@ -332,7 +332,7 @@ def test_auto_thread_budget_is_measured_and_reported(world):
     summary = run_pipeline(config(world), progress=False)
     assert summary["error"] is None and summary["frames"] == N_FRAMES
     threads = summary["threads"]
-    assert threads["source"] == "auto" and threads["mode"] in ("split", "serial")
+    assert threads["source"] == "auto" and threads["mode"] in ("split", "overlap")
     assert threads["sensor"] >= 1 and threads["model"] >= 1
     if threads["mode"] == "split":
         assert threads["sensor"] + threads["model"] <= threads["cores"]

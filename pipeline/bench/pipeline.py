@@ -23,9 +23,10 @@ For each case and rotation setting, timed interleaved over ``--rounds`` rounds (
   stage, or in ``serial`` mode one stage for the sensor and the model) with the budget that ``auto``
   chooses (measured once per case, before the rounds);
 * ``pipeline_<mode>`` for each mode ``auto`` did not choose (:func:`other_budgets`): ``split`` (sensor 1
-  thread, model the rest), ``serial`` and ``turns`` (the chosen budget's threads, or every core for the
-  model): what each would give in the same rounds, and whether its predictions still equal the serial
-  ones (``turns`` is what ``auto`` chose before the ``serial`` mode existed).
+  thread, model the rest), ``serial``, ``turns`` and ``overlap`` (the chosen budget's threads, or every
+  core for the model): what each would give in the same rounds, and whether its predictions still equal
+  the serial ones (``turns`` is what ``auto`` chose before the ``serial`` mode existed, ``serial`` what it
+  chose before ``overlap``).
 
 The alone and serial runs each run in a fresh thread, as the pipeline's stages do (numba and torch
 parallel regions launched from the main thread were much slower on a loaded machine: see

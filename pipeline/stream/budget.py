@@ -2,7 +2,7 @@
 
 The sensor stage's numba kernels and the model stage's torch ops are each parallel, and each assumes by
 default that it owns every core; run side by side they oversubscribe. A budget gives each stage a share
-that adds up to the machine, in one of three ways:
+that adds up to the machine, in one of four ways:
 
 * ``split``: the stages run at the same time, the sensor stage on ``sensor`` numba threads and the model
   stage on ``model`` torch intra-op threads, ``sensor + model == cores``. Pays when the two stages cost
@@ -16,7 +16,16 @@ that adds up to the machine, in one of three ways:
 * ``turns``: as ``serial``, but the stages keep their own threads and take turns (one lock around their
   work). Nothing real overlaps either, and the hand-offs, the lock and the separate tables stage cost
   more than they save: at 1920x1080 it ran at 0.67-0.84x the serial loop (issue 17). Kept for configs
-  that name it; ``auto`` picks ``serial`` instead.
+  that name it.
+* ``overlap``: the stages run at the same time in their own threads, each on the thread counts of the
+  serial plan (every core, or what was measured faster): deliberately oversubscribed, so that one
+  stage's single-threaded parts (the checks and MAC of a capture, the network input, the hand-offs,
+  Python) run while the other's parallel kernels leave a core free. The model keeps a replay's torch
+  thread count, so its logits are a replay's bit for bit (a split's are not). Measured on 2 cores
+  (2026-12-03, 32 frames, 2 runs each): 1920x1080 compact 1.04-1.17x the serial mode (quad rotating
+  13.3-13.9 against 11.4-13.3 frames/s, pixel static 15.7-16.4 against 15.2-15.4, pixel rotating
+  7.6-8.2 against 7.3-7.8), 28x28 1.00-1.18x; CPU busy 1.6-1.85 of 2 cores against 1.5-1.7. ``auto``
+  picks it wherever it would run serially, on more than one core.
 
 numba's thread count is per calling thread (``numba.set_num_threads`` in the stage's own thread);
 torch's intra-op count is process-wide, so the model share is set once for the run and restored after
@@ -24,7 +33,8 @@ torch's intra-op count is process-wide, so the model share is set once for the r
 
 ``auto`` measures each stage's cost per frame on the first frame at one thread and at every core
 (:func:`measure_costs`), fits Amdahl's law to each, and picks the plan with the highest estimated
-throughput (:func:`choose_budget`): the split with the best ``min(share / cost)``, or serial.
+throughput (:func:`choose_budget`): the split with the best ``min(share / cost)``, or (the serial
+plan's estimate, a lower bound) ``overlap``.
 """
 
 from __future__ import annotations
@@ -45,7 +55,7 @@ from sensor.errors import ConfigError
 # 0.68-0.75. So a split is chosen only when it is estimated clearly faster.
 SPLIT_MARGIN = 1.5
 
-MODES = ("split", "serial", "turns")
+MODES = ("split", "serial", "turns", "overlap")
 
 # Frames captured at once are chosen only when measured at least this much faster than one at a time
 # (small frames: the capture is mostly Python and the threads only take turns on the GIL).
@@ -92,8 +102,9 @@ class StageCosts:
 
 @dataclass(frozen=True)
 class ThreadBudget:
-    """Threads of each stage. ``split``: ``sensor_frames * sensor + model <= cores``; ``serial`` and
-    ``turns``: each may use every core (they never run at once): ``sensor_frames * sensor <= cores``.
+    """Threads of each stage. ``split``: ``sensor_frames * sensor + model <= cores``; ``serial``, ``turns``
+    and ``overlap``: each may use every core (``overlap`` oversubscribes on purpose):
+    ``sensor_frames * sensor <= cores``.
     ``sensor_frames``: frames the sensor stage captures at once (:class:`pipeline.stream.workers.FrameWorkers`),
     each on ``sensor`` numba threads. ``source`` says where it came from: "config" or "auto"."""
 
@@ -137,7 +148,7 @@ class ThreadBudget:
 
 def parse_threads(value: Any, cores: int | None = None) -> ThreadBudget | None:
     """The ``pipeline.threads`` config value: "auto" (-> None: measure at start-up) or a mapping
-    ``{sensor: n, model: m[, mode: split|serial|turns][, sensor_frames: k]}`` (``k`` frames captured at once,
+    ``{sensor: n, model: m[, mode: split|serial|turns|overlap][, sensor_frames: k]}`` (``k`` frames captured at once,
     each on ``n`` numba threads; default 1). Raises ConfigError naming the field."""
     cores = machine_cores() if cores is None else cores
     if value == "auto":
@@ -183,7 +194,10 @@ def choose_budget(costs: StageCosts) -> ThreadBudget:
     name = best_split if wins else "serial"
     estimate = {k: v[2] for k, v in plans.items()}
     sensor, model, _ = plans[name]
-    return ThreadBudget(sensor, model, name.split()[0], c, "auto", costs, estimate,
+    mode = name.split()[0]
+    if mode == "serial" and c > 1:  # the same threads, the stages at once (the serial estimate: a lower bound)
+        mode = "overlap"
+    return ThreadBudget(sensor, model, mode, c, "auto", costs, estimate,
                         sensor_frames=sensor_frames if name == "serial" else 1)
 
 

@@ -110,7 +110,7 @@ class PipelineSection:
     batch_timeout_s: float = 0.5
     queue_size: int = 8
     micro_batch: Any = "auto"  # scenes per sensor hand-off: "auto" (about a megapixel) or 1..batch_size
-    # "auto" (measured at start-up) or {sensor: N, model: M[, mode: split|serial|turns][, sensor_frames: K]}
+    # "auto" (measured at start-up) or {sensor: N, model: M[, mode: split|serial|turns|overlap][, sensor_frames: K]}
     threads: Any = "auto"
 
     def __post_init__(self) -> None:

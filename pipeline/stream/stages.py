@@ -12,7 +12,9 @@
   current one (:meth:`KeyedClassifier.predict`); the result is the one ``classifier(frames)`` gives.
 * Thread budget (:mod:`pipeline.stream.budget`): the sensor stage's thread sets its numba threads, the
   tables stage the model's share; torch's intra-op count is set by the caller for the run. In
-  ``turns`` mode the sensor, tables and model stages share one lock.
+  ``turns`` mode the sensor, tables and model stages share one lock; in ``overlap`` mode (``auto``'s
+  choice on more than one core unless a split wins) they run at once, each on the serial plan's
+  threads, oversubscribing the cores on purpose.
 * ``serial`` mode: the stages would never run at once, so they are one thread
   (:class:`pipeline.stream.engine.Serial`), between the source's and the sink's:
 
@@ -24,7 +26,7 @@
 
 Bit-identical predictions: a CPU GEMM may reassociate its sums with the thread count, so ``auto`` never
 picks a split that runs the model on fewer torch threads than the process's default (what a replay
-uses); it picks ``serial`` instead, in which the model keeps every core. (An earlier guard compared the
+uses); it picks ``overlap`` instead, in which the model keeps that count. (An earlier guard compared the
 logits of the calibration frames at both counts; other frames of the same run still differed in the
 last bit, measured in CI on 2026-12-03.) A configured split is the user's choice.
 """
@@ -86,12 +88,12 @@ def auto_budget(capture_one: Callable[[], ProtectedFrame | None], classifier: Ke
     model = replay_threads(cores)
     if budget.mode == "split" and budget.model < model:
         sensor, frames, _ = costs.serial_sensor()
-        return ThreadBudget(sensor, model, "serial", cores, "auto", costs, budget.estimate,
+        return ThreadBudget(sensor, model, "overlap", cores, "auto", costs, budget.estimate,
                             note=f"a split ({budget.sensor}+{budget.model}) was estimated faster, but it would run "
                             f"the model on fewer torch threads than a replay does, and its logits may change "
                             f"with the thread count: the model keeps torch's {model}", sensor_frames=frames)
-    if budget.mode == "serial" and budget.model != model:  # the model at a replay's thread count
-        return ThreadBudget(budget.sensor, model, "serial", cores, "auto", costs, budget.estimate, budget.note,
+    if budget.mode in ("serial", "overlap") and budget.model != model:  # the model at a replay's thread count
+        return ThreadBudget(budget.sensor, model, budget.mode, cores, "auto", costs, budget.estimate, budget.note,
                             sensor_frames=budget.sensor_frames)
     return budget
 
