@@ -9,26 +9,15 @@ import time
 
 import pytest
 
-from pipeline.stream.engine import Map, PartialResult, Pipeline, RunResult, Serial, chunks, each
+from pipeline.stream.engine import Map, PartialResult, Pipeline, Serial, chunks, each
 from pipeline.stream.workers import FrameWorkers
+from tests.test_engine import run_bounded
 
 BOUND_S = 30.0  # generous bound on waits that only expire when the code is broken (never asserted as a time)
 
 
 def frame_threads() -> list[threading.Thread]:
     return [t for t in threading.enumerate() if t.name.startswith("privcam-frames") and t.is_alive()]
-
-
-def run_bounded(pipeline: Pipeline) -> RunResult:
-    """``pipeline.run()`` in a helper thread, so that an engine that fails to stop fails the test instead of
-    hanging it."""
-    box: dict[str, RunResult] = {}
-    runner = threading.Thread(target=lambda: box.setdefault("result", pipeline.run()), name="test-runner",
-                              daemon=True)
-    runner.start()
-    runner.join(BOUND_S)
-    assert not runner.is_alive(), "the pipeline did not stop"
-    return box["result"]
 
 
 def outcome(call, items):
