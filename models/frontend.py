@@ -294,7 +294,9 @@ class KeyedResize(nn.Module):
         buf("sparse_pos", area.sparse_pos)
         buf("sparse_w", area.sparse_w, torch.get_default_dtype())
         buf("in_perm", in_perm)
-        self._area = area  # geometry only (no key): the CPU path's axis tables and marks
+        # geometry only (no key): what the CPU path (frame_tables) reads, not the whole AreaTable
+        self._row_cell, self._col_cell = area.row_cell, area.col_cell
+        self._mark, self._n_marked, self._sparse_u = area.mark, area.marked_p.size, area.sparse_u
         dest, sparse_src, sparse_dest = self._tables(in_perm.view(1, -1, n), out_perm.view(1, t))
         buf("dest", dest[0])
         buf("sparse_src", sparse_src[0])
@@ -309,12 +311,11 @@ class KeyedResize(nn.Module):
             return self._tables_torch(in_perm, out_perm)
         b = max(in_perm.shape[0], out_perm.shape[0])
         c = in_perm.shape[1]
-        area = self._area
         inv_out = invert_torch(out_perm)  # (B'', T)
-        dest, slots = frame_tables(in_perm.numpy(), area.row_cell, area.col_cell, inv_out.numpy(), area.mark,
-                                   area.marked_p.size)
+        dest, slots = frame_tables(in_perm.numpy(), self._row_cell, self._col_cell, inv_out.numpy(), self._mark,
+                                   self._n_marked)
         if self.sparse_p.numel():
-            sparse_src = torch.from_numpy(slots[:, :, area.sparse_u]).expand(b, c, -1)
+            sparse_src = torch.from_numpy(slots[:, :, self._sparse_u]).expand(b, c, -1)
             sparse_dest = inv_out.index_select(1, self.sparse_pos).expand(b, -1)
         else:
             sparse_src = in_perm.new_zeros(b, c, 0)

@@ -96,7 +96,7 @@ def test_frame_tables_kernel_equals_its_reference_and_the_torch_tables(in_hw, ou
     and the torch path's (other devices) bit for bit, for every batch layout of input and output orders."""
     n, t = in_hw[0] * in_hw[1], out_hw[0] * out_hw[1]
     layer = KeyedResize(in_hw, out_hw, perm_table(20, n=n), perm_table(21, n=t))
-    area = layer._area
+    area = area_contributions(in_hw, out_hw)  # the geometry the layer was built from
     assert np.array_equal(area.main_pos, (area.row_cell[:, None] + area.col_cell[None, :]).reshape(-1))
     assert np.array_equal(area.marked_p[area.sparse_u], area.sparse_p)
     for k, (b_in, channels, b_out) in enumerate([(3, 1, 3), (3, 4, 1), (1, 4, 3), (1, 1, 1), (2, 4, 2)]):

@@ -24,6 +24,7 @@
 
 from __future__ import annotations
 
+import functools
 import queue
 import threading
 import time
@@ -155,18 +156,27 @@ def each(fn: Callable[[Any], Any]) -> Callable[[list[Any]], list[Any]]:
     ``fn`` fails on an item, the items finished before it are not lost: :class:`PartialResult` carries them
     (the engine hands them on before it reports the error)."""
     def over(items: list[Any]) -> list[Any]:
-        out = []
-        for item in items:
-            try:
-                result = fn(item)
-            except Exception as err:
-                if out:
-                    raise PartialResult(out, err) from err
-                raise
-            if result is not None:
-                out.append(result)
-        return out
+        return collect(functools.partial(fn, item) for item in items)
     return over
+
+
+def collect(results: Iterable[Callable[[], Any]], on_error: Callable[[int], None] | None = None) -> list[Any]:
+    """Call each of ``results`` in order and keep what is not None (the one rule of :func:`each` and of
+    :class:`pipeline.stream.workers.FrameWorkers`). When call ``i`` raises, ``on_error(i)`` runs, then the
+    error is raised, wrapped in :class:`PartialResult` with the results before it if there are any."""
+    out: list[Any] = []
+    for i, result in enumerate(results):
+        try:
+            value = result()
+        except Exception as err:
+            if on_error is not None:
+                on_error(i)
+            if out:
+                raise PartialResult(out, err) from err
+            raise
+        if value is not None:
+            out.append(value)
+    return out
 
 
 @dataclass

@@ -24,7 +24,7 @@ import numpy as np
 
 from sensor.errors import PrivcamError
 
-from .engine import PartialResult, each
+from .engine import collect, each
 
 
 class FrameWorkers:
@@ -70,22 +70,14 @@ class FrameWorkers:
         self.start()
         assert self._pool is not None
         futures: list[Future] = [self._pool.submit(self.fn, item) for item in items]
-        out: list[Any] = []
-        for i, future in enumerate(futures):
-            try:
-                result = future.result()
-            except Exception as err:
-                for later in futures[i + 1:]:
-                    later.cancel()
-                for later in futures[i + 1:]:  # nothing of this call keeps running after it returns
-                    if not later.cancelled():
-                        later.exception()
-                if out:
-                    raise PartialResult(out, err) from err
-                raise
-            if result is not None:
-                out.append(result)
-        return out
+
+        def drop_after(i: int) -> None:  # nothing of this call keeps running after it returns
+            for later in futures[i + 1:]:
+                later.cancel()
+            for later in futures[i + 1:]:
+                if not later.cancelled():
+                    later.exception()
+        return collect((future.result for future in futures), on_error=drop_after)
 
 
 def concurrent_numba_layer() -> bool:
