@@ -43,7 +43,7 @@ import os
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from sensor.errors import ConfigError
@@ -80,6 +80,9 @@ class StageCosts:
     model_1: float
     model_all: float
     sensor_at_once: float | None = None  # ``cores`` frames captured at once, one numba thread each
+    # each stage as the serial plan runs it, while the other runs at the same time (:func:`measure_overlap`)
+    sensor_overlap: float | None = None
+    model_overlap: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         out = {"cores": self.cores, "sensor_s_per_frame_1_thread": round(self.sensor_1, 6),
@@ -88,7 +91,28 @@ class StageCosts:
                "model_s_per_frame_all_threads": round(self.model_all, 6)}
         if self.sensor_at_once is not None:
             out[f"sensor_s_per_frame_{self.cores}_frames_at_once"] = round(self.sensor_at_once, 6)
+        if self.sensor_overlap is not None and self.model_overlap is not None:
+            out["sensor_s_per_frame_beside_the_model"] = round(self.sensor_overlap, 6)
+            out["model_s_per_frame_beside_the_sensor"] = round(self.model_overlap, 6)
         return out
+
+    def overlap_rate(self) -> float | None:
+        """Estimated frames/s of ``overlap`` from :attr:`sensor_overlap` and :attr:`model_overlap` (None when
+        not measured). The slower stage (at its rate beside the other) is always busy; the faster one
+        runs beside it part of the time, and alone, at its serial-plan rate, while it waits. With
+        ``a`` the rates alone and ``c`` the rates beside the other, sensor the slower
+        (``c_s <= c_m``): the model is busy a share ``f`` of the time with ``c_m f = c_s f + a_s (1 - f)``
+        (what it takes = what the sensor makes), so ``rate = c_m a_s / (c_m - c_s + a_s)``; and the
+        mirror image when the model is the slower. Equal to ``a_s`` when running beside the model does not
+        slow the sensor at all."""
+        if self.sensor_overlap is None or self.model_overlap is None:
+            return None
+        a_s, a_m = 1.0 / max(self.serial_sensor()[2], 1e-12), 1.0 / max(self.model_all, 1e-12)
+        c_s = min(1.0 / max(self.sensor_overlap, 1e-12), a_s)  # beside the other: never faster than alone
+        c_m = min(1.0 / max(self.model_overlap, 1e-12), a_m)
+        if c_s <= c_m:
+            return c_m * a_s / (c_m - c_s + a_s)
+        return c_s * a_m / (c_s - c_m + a_m)
 
     def serial_sensor(self) -> tuple[int, int, float]:
         """How the sensor runs when the stages take turns: (numba threads per frame, frames at once,
@@ -174,18 +198,22 @@ def amdahl(t1: float, tc: float, cores: int, n: int) -> float:
     return t1 * ((1 - parallel) + parallel / n)
 
 
-def choose_budget(costs: StageCosts) -> ThreadBudget:
-    """Serial, unless a split is estimated at least :data:`SPLIT_MARGIN` times faster: each split
-    ``(n, cores - n)`` runs at ``1 / max(sensor(n), model(cores - n))``, serial at
+def choose_budget(costs: StageCosts, splits: bool = True) -> ThreadBudget:
+    """The serial plan, unless a split is estimated at least :data:`SPLIT_MARGIN` times faster (with
+    ``splits``): each split ``(n, cores - n)`` runs at ``1 / max(sensor(n), model(cores - n))``, serial at
     ``1 / (sensor + model(all))`` with the sensor as :meth:`StageCosts.serial_sensor` runs it (one frame
     on 1 thread or on every core, or ``cores`` frames at once) (the plan where turns used to be chosen:
-    the same estimate, without the hand-offs)."""
+    the same estimate, without the hand-offs).
+
+    The serial plan runs in ``overlap`` mode on more than one core: when the stages were timed at once
+    (:func:`measure_overlap`), only if :meth:`StageCosts.overlap_rate` is at least the serial estimate,
+    else ``serial``; unmeasured, always (the serial estimate taken as its lower bound)."""
     c = costs.cores
     # one after the other, the sensor runs the fastest way measured; the model keeps every core (its
     # logits may change with its thread count)
     sensor_threads, sensor_frames, sensor_s = costs.serial_sensor()
     plans = {"serial": (sensor_threads, c, 1.0 / max(sensor_s + costs.model_all, 1e-12))}
-    for n in range(1, c):
+    for n in range(1, c if splits else 1):
         s = amdahl(costs.sensor_1, costs.sensor_all, c, n)
         m = amdahl(costs.model_1, costs.model_all, c, c - n)
         plans[f"split {n}+{c - n}"] = (n, c - n, 1.0 / max(s, m, 1e-12))
@@ -195,8 +223,11 @@ def choose_budget(costs: StageCosts) -> ThreadBudget:
     estimate = {k: v[2] for k, v in plans.items()}
     sensor, model, _ = plans[name]
     mode = name.split()[0]
-    if mode == "serial" and c > 1:  # the same threads, the stages at once (the serial estimate: a lower bound)
-        mode = "overlap"
+    overlap = costs.overlap_rate()
+    if overlap is not None:
+        estimate["overlap"] = overlap
+    if mode == "serial" and c > 1 and (overlap is None or overlap >= plans["serial"][2]):
+        mode = "overlap"  # the same threads, the stages at once
     return ThreadBudget(sensor, model, mode, c, "auto", costs, estimate,
                         sensor_frames=sensor_frames if name == "serial" else 1)
 
@@ -252,6 +283,67 @@ def measure_costs(sensor_fn: Callable[[int], object], model_fn: Callable[[int], 
         torch.set_num_threads(old_torch)
     return StageCosts(cores, times[("sensor", 1)], times[("sensor", cores)], times[("model", 1)],
                       times[("model", cores)], times.get(("sensor_at_once", cores)))
+
+
+def measure_overlap(costs: StageCosts, sensor_fn: Callable[[], object], model_fn: Callable[[], object], frames: int,
+                    model_threads: int, calls: int = 4) -> StageCosts:
+    """``costs`` with :attr:`StageCosts.sensor_overlap` and :attr:`StageCosts.model_overlap`: each stage's
+    seconds per frame while the other runs at the same time, as ``overlap`` runs them. The sensor captures
+    one frame per ``sensor_fn()`` call, as the serial plan does (:meth:`StageCosts.serial_sensor`: its numba
+    threads, and its frames at once on :class:`pipeline.stream.workers.FrameWorkers`); ``model_fn()``
+    classifies ``frames`` frames on ``model_threads`` torch threads. Each stage loops in its own fresh
+    thread until both have made at least ``calls`` calls; a stage's time is the mean of its calls that
+    ended before the other stage's last call began, so the other was running all along (the first call
+    of each is left out: the two start together). Results are thrown away, as in :func:`measure_costs`.
+    Needs a numba threading layer that lets two threads launch kernels at once
+    (:func:`pipeline.stream.workers.concurrent_numba_layer`)."""
+    import threading
+
+    from .engine import PartialResult
+    from .workers import FrameWorkers
+
+    sensor_threads, sensor_frames, _ = costs.serial_sensor()
+    counts = [0, 0]
+    spans: list[list[tuple[float, float]]] = [[], []]
+    errors: list[BaseException] = []
+    failed = threading.Event()
+
+    def loop(i: int, setup: Callable[[], None], call: Callable[[], object]) -> None:
+        try:
+            setup()
+            while not failed.is_set() and min(counts) < calls:
+                t0 = time.perf_counter()
+                call()
+                spans[i].append((t0, time.perf_counter()))
+                counts[i] += 1
+        except BaseException as err:  # noqa: BLE001 - re-raised in the caller
+            errors.append(err.cause if isinstance(err, PartialResult) else err)
+            failed.set()
+
+    import torch
+
+    old_torch = torch.get_num_threads()
+    with FrameWorkers(lambda _: sensor_fn(), sensor_frames, sensor_threads) as workers:
+        items = list(range(sensor_frames))
+        threads = [threading.Thread(target=loop, name="privcam-measure-sensor",
+                                    args=(0, numba_threads(sensor_threads), lambda: workers(items))),
+                   threading.Thread(target=loop, name="privcam-measure-model",
+                                    args=(1, thread_counts(model_threads, model_threads), model_fn))]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    torch.set_num_threads(old_torch)  # the model thread set the process-wide count
+    if errors:
+        raise errors[0]
+
+    def per_frame(mine: list[tuple[float, float]], other: list[tuple[float, float]], per: int) -> float:
+        last_start = other[-1][0]
+        inside = [t1 - t0 for t0, t1 in mine[1:] if t1 <= last_start] or [t1 - t0 for t0, t1 in mine[1:]]
+        return sum(inside) / len(inside) / per
+
+    return replace(costs, sensor_overlap=per_frame(spans[0], spans[1], sensor_frames),
+                   model_overlap=per_frame(spans[1], spans[0], frames))
 
 
 def in_fresh_thread(fn: Callable[[], object]) -> None:

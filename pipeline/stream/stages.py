@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -47,13 +48,14 @@ from .budget import (
     choose_budget,
     machine_cores,
     measure_costs,
+    measure_overlap,
     numba_threads,
     replay_threads,
     thread_counts,
 )
 from .classifier import KeyedClassifier
 from .engine import Batch, Map, PartialResult, Serial, each
-from .workers import FrameWorkers
+from .workers import FrameWorkers, concurrent_numba_layer
 
 MICRO_BATCH_PIXELS = 1 << 20  # "auto": about a megapixel of frames per hand-off
 CALIBRATION_PIXELS = 1 << 22  # frames in the model's calibration batch: about 4 Mpixel, at most batch_size
@@ -74,7 +76,10 @@ def auto_budget(capture_one: Callable[[], ProtectedFrame | None], classifier: Ke
 
     ``capture_one()`` captures the run's first scene (its result is thrown away: a frame depends only on
     the seed, the key and its index, so the run's own capture of it is the same). With no usable first
-    scene, or one core, the stages run serially."""
+    scene, or one core, the stages run serially. Where the serial plan would run in ``overlap`` mode, the
+    stages are also timed at once (:func:`measure_overlap`) and overlap is kept only where it is
+    estimated at least as fast as running them one after the other; under numba's ``workqueue``
+    threading layer, which aborts when two threads launch parallel kernels, they run serially."""
     cores = machine_cores() if cores is None else cores
     frame = capture_one() if cores > 1 else None
     if frame is None:
@@ -86,16 +91,24 @@ def auto_budget(capture_one: Callable[[], ProtectedFrame | None], classifier: Ke
                                       cores)
     budget = choose_budget(costs)
     model = replay_threads(cores)
+    note = None
     if budget.mode == "split" and budget.model < model:
-        sensor, frames, _ = costs.serial_sensor()
-        return ThreadBudget(sensor, model, "overlap", cores, "auto", costs, budget.estimate,
-                            note=f"a split ({budget.sensor}+{budget.model}) was estimated faster, but it would run "
-                            f"the model on fewer torch threads than a replay does, and its logits may change "
-                            f"with the thread count: the model keeps torch's {model}", sensor_frames=frames)
-    if budget.mode in ("serial", "overlap") and budget.model != model:  # the model at a replay's thread count
-        return ThreadBudget(budget.sensor, model, budget.mode, cores, "auto", costs, budget.estimate, budget.note,
-                            sensor_frames=budget.sensor_frames)
-    return budget
+        note = (f"a split ({budget.sensor}+{budget.model}) was estimated faster, but it would run the model on "
+                f"fewer torch threads than a replay does, and its logits may change with the thread count: the "
+                f"model keeps torch's {model}")
+        budget = choose_budget(costs, splits=False)
+    if budget.mode == "overlap":
+        if concurrent_numba_layer():
+            costs = measure_overlap(costs, capture_one, lambda: classifier.logits_array(data, idx), k, model)
+            budget = choose_budget(costs, splits=False)
+        else:
+            budget = replace(budget, mode="serial")
+            note = "; ".join(filter(None, [note, "numba's workqueue threading layer cannot run the stages at once: "
+                                                 "serial"]))
+    if budget.mode == "serial" and "overlap" in (budget.estimate or {}):
+        note = "; ".join(filter(None, [note, "the stages timed at once were estimated slower than one after the "
+                                             "other: serial"]))
+    return replace(budget, model=model if budget.mode != "split" else budget.model, note=note or budget.note)
 
 
 def live_stages(capture: Callable[[Any], ProtectedFrame | None], classifier: KeyedClassifier,
