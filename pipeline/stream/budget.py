@@ -24,8 +24,11 @@ that adds up to the machine, in one of four ways:
   thread count, so its logits are a replay's bit for bit (a split's are not). Measured on 2 cores
   (2026-12-03, 32 frames, 2 runs each): 1920x1080 compact 1.04-1.17x the serial mode (quad rotating
   13.3-13.9 against 11.4-13.3 frames/s, pixel static 15.7-16.4 against 15.2-15.4, pixel rotating
-  7.6-8.2 against 7.3-7.8), 28x28 1.00-1.18x; CPU busy 1.6-1.85 of 2 cores against 1.5-1.7. ``auto``
-  picks it wherever it would run serially, on more than one core.
+  7.6-8.2 against 7.3-7.8), 28x28 1.00-1.18x; CPU busy 1.6-1.85 of 2 cores against 1.5-1.7; but in
+  the benchmark's rounds it also lost (1080p compact pixel rotating: 0.76x the serial loop in the median
+  round). ``auto`` considers it wherever it would run serially, on more than one core, times the stages
+  at once (:func:`measure_overlap`) and keeps it where :meth:`StageCosts.overlap_rate` is at least the
+  serial estimate.
 
 numba's thread count is per calling thread (``numba.set_num_threads`` in the stage's own thread);
 torch's intra-op count is process-wide, so the model share is set once for the run and restored after
@@ -33,8 +36,8 @@ torch's intra-op count is process-wide, so the model share is set once for the r
 
 ``auto`` measures each stage's cost per frame on the first frame at one thread and at every core
 (:func:`measure_costs`), fits Amdahl's law to each, and picks the plan with the highest estimated
-throughput (:func:`choose_budget`): the split with the best ``min(share / cost)``, or (the serial
-plan's estimate, a lower bound) ``overlap``.
+throughput (:func:`choose_budget`): the split with the best ``min(share / cost)``, or the serial plan,
+run in ``overlap`` mode where the stages timed at once were estimated at least as fast, else ``serial``.
 """
 
 from __future__ import annotations
