@@ -17,11 +17,11 @@ from .noise import (
     INVERSION_BELOW,
     NORMAL_FROM,
     SHOT_BLOCK,
-    blocks_at,
     pixel_noise_ref,
     pixel_noise_words,
     ptrs_poisson,
     ptrs_trial,
+    row_blocks,
     row_ziggurat_fast,
 )
 
@@ -56,78 +56,50 @@ def _dn(electrons, z, full_well_e, gain_dn_per_e, read_noise_dn, black_level_dn,
 @numba.njit(nogil=True, cache=True)
 def row_scratch(w):
     """The scratch arrays of :func:`expose_row` for rows of ``w`` pixels."""
-    return (np.arange(w), np.empty((4, w), np.uint32), np.empty((4, w), np.uint32), np.empty((2, w), np.float64),
-            np.empty((2, w), np.bool_), np.empty(w, np.float64), np.empty(w, np.int64), np.empty(w, np.int64),
-            np.empty((7, w), np.float64), np.empty(w, np.bool_), np.empty(w, np.uint16))
+    return (np.empty((4, w), np.uint32), np.empty((4, w), np.uint32), np.empty((2, w), np.float64),
+            np.empty((2, w), np.bool_), np.empty(w, np.float64), np.empty((5, w), np.float64), np.empty(w, np.bool_))
 
 
 @numba.njit(nogil=True, cache=True, error_model="numpy")  # no ZeroDivisionError branches: vectorises
 def expose_row(photons, qe_prnu, dark_e, first_pixel, f0, f1, k0, k1, full_well_e, gain_dn_per_e, read_noise_dn,
-               black_level_dn, max_dn, out, iota, words, ptrs, z, fast, lam, mid, slow, trial, quick, out_mid):
+               black_level_dn, max_dn, out, words, ptrs, z, fast, lam, trial, quick):
     """One row of :func:`expose_nb`: (W,) float64 inputs -> out (W,) uint16; its pixels are numbered
-    from ``first_pixel`` (np.uint64). The rest is scratch of at least W columns (:func:`row_scratch`):
-    iota (W,) int64 ``0, 1, ...``, words, ptrs (4, W) uint32, z (2, W) float64, fast (2, W) bool,
-    lam (W,) float64, mid, slow (W,) int64 (column lists), trial (7, W) float64 (PTRS's first trial:
-    k, us, v, a, b, and the pixel's mean and read-noise z), quick (W,) bool, out_mid (W,) uint16.
+    from ``first_pixel`` (np.uint64). The rest is scratch of at least W columns: words, ptrs (4, W)
+    uint32, z (2, W) float64, fast (2, W) bool, lam (W,) float64, trial (5, W) float64 (PTRS's first
+    trial: k, us, v, a, b), quick (W,) bool (:func:`row_scratch`).
 
-    1. Block 0 of every pixel (:func:`sensor.noise.blocks_at`) and the ziggurat's fast path of both
-       normals; then, in a branch-free loop that LLVM vectorises, the mean electrons and the whole chain
-       with the shot noise as the normal approximation (the draw for ``lam >= NORMAL_FROM``).
-    2. The columns are sorted, without branches, into ``mid`` (PTRS: ``INVERSION_BELOW <= lam <
-       NORMAL_FROM``) and ``slow`` (fewer electrons: inversion; or at ``NORMAL_FROM`` or more with a slow
-       ziggurat path).
-    3. The mid pixels only: their shot-noise block (``SHOT_BLOCK``) and PTRS's first trial with the
-       rest of the chain, in a vectorised loop over the list; the ones whose squeeze did not accept
-       (or whose read-noise normal was not fast) are finished one by one.
-    4. The slow pixels one by one through :func:`sensor.noise.pixel_noise_words`, from block 0 as any
-       pixel.
-
-    Every pixel's draw is the one :func:`sensor.noise.pixel_noise` gives; only which pixels compute what
-    is sorted (the plain reference, :func:`expose_ref`, draws pixel by pixel)."""
+    Blocks 0 and 1 of every pixel (:func:`sensor.noise.row_blocks`), the ziggurat's fast path of both
+    normals, then one branch-free loop that LLVM vectorises: the shot noise as the normal
+    approximation (``lam >= NORMAL_FROM``) or PTRS's first trial, the rest of the chain, and whether
+    that was the whole draw; last, pixel by pixel, the draws it was not (a slow ziggurat path, a
+    rejected first trial, fewer than ``INVERSION_BELOW`` electrons) through
+    :func:`sensor.noise.pixel_noise_words`, from block 0 as any pixel."""
     w = photons.shape[0]
-    blocks_at(first_pixel, iota, w, np.uint64(0), f0, f1, k0, k1, words)
+    row_blocks(first_pixel, w, np.uint64(0), f0, f1, k0, k1, words)
+    row_blocks(first_pixel, w, np.uint64(SHOT_BLOCK), f0, f1, k0, k1, ptrs)
     row_ziggurat_fast(words, w, z, fast)
     for c in range(w):  # branch-free: vectorised
         lam[c] = photons[c] * qe_prnu[c] + dark_e[c]
         normal = np.floor(lam[c] + math.sqrt(lam[c]) * z[0, c] + 0.5)
-        out[c] = _dn(normal if normal > 0.0 else 0.0, z[1, c], full_well_e, gain_dn_per_e, read_noise_dn,
+        normal = normal if normal > 0.0 else 0.0
+        k, us, v, q, a, b = ptrs_trial(lam[c], np.uint64(ptrs[0, c]), np.uint64(ptrs[1, c]), np.uint64(ptrs[2, c]),
+                                       np.uint64(ptrs[3, c]))
+        trial[0, c], trial[1, c], trial[2, c], trial[3, c], trial[4, c] = k, us, v, a, b
+        quick[c] = q
+        out[c] = _dn(normal if lam[c] >= NORMAL_FROM else k, z[1, c], full_well_e, gain_dn_per_e, read_noise_dn,
                      black_level_dn, max_dn)
-    n_mid = 0
-    n_slow = 0
-    for c in range(w):  # branch-free sorting: each column is written to both lists, counted in at most one
+    for c in range(w):
         high = lam[c] >= NORMAL_FROM
-        is_mid = (lam[c] >= INVERSION_BELOW) & (lam[c] < NORMAL_FROM)
-        mid[n_mid] = c
-        trial[5, n_mid], trial[6, n_mid] = lam[c], z[1, c]
-        n_mid += is_mid
-        slow[n_slow] = c
-        n_slow += (lam[c] < INVERSION_BELOW) | (high & ((fast[0, c] & fast[1, c]) ^ True))
-    blocks_at(first_pixel, mid, n_mid, np.uint64(SHOT_BLOCK), f0, f1, k0, k1, ptrs)
-    for j in range(n_mid):  # branch-free: vectorised
-        k, us, v, q, a, b = ptrs_trial(trial[5, j], np.uint64(ptrs[0, j]), np.uint64(ptrs[1, j]),
-                                       np.uint64(ptrs[2, j]), np.uint64(ptrs[3, j]))
-        trial[0, j], trial[1, j], trial[2, j], trial[3, j], trial[4, j] = k, us, v, a, b
-        quick[j] = q
-        out_mid[j] = _dn(k, trial[6, j], full_well_e, gain_dn_per_e, read_noise_dn, black_level_dn, max_dn)
-    for j in range(n_mid):
-        c = mid[j]
-        if quick[j] and fast[1, c]:
-            out[c] = out_mid[j]  # the first trial was the draw
-            continue
-        if fast[1, c]:  # PTRS past its first trial
-            electrons = ptrs_poisson(trial[5, j], trial[0, j], trial[1, j], trial[2, j], False, trial[3, j],
-                                     trial[4, j], first_pixel + np.uint64(c), f0, f1, k0, k1)
+        if fast[1, c] and ((high and fast[0, c]) or (not high and lam[c] >= INVERSION_BELOW and quick[c])):
+            continue  # the vectorised loop's value is the draw
+        if fast[1, c] and not high and lam[c] >= INVERSION_BELOW:  # PTRS past its first trial
+            electrons = ptrs_poisson(lam[c], trial[0, c], trial[1, c], trial[2, c], False, trial[3, c], trial[4, c],
+                                     first_pixel + np.uint64(c), f0, f1, k0, k1)
             zr = z[1, c]
         else:
-            electrons, zr = pixel_noise_words(trial[5, j], np.uint64(words[0, c]), np.uint64(words[1, c]),
+            electrons, zr = pixel_noise_words(lam[c], np.uint64(words[0, c]), np.uint64(words[1, c]),
                                               np.uint64(words[2, c]), np.uint64(words[3, c]),
                                               first_pixel + np.uint64(c), f0, f1, k0, k1)
-        out[c] = _dn(electrons, zr, full_well_e, gain_dn_per_e, read_noise_dn, black_level_dn, max_dn)
-    for i in range(n_slow):
-        c = slow[i]
-        electrons, zr = pixel_noise_words(lam[c], np.uint64(words[0, c]), np.uint64(words[1, c]),
-                                          np.uint64(words[2, c]), np.uint64(words[3, c]),
-                                          first_pixel + np.uint64(c), f0, f1, k0, k1)
         out[c] = _dn(electrons, zr, full_well_e, gain_dn_per_e, read_noise_dn, black_level_dn, max_dn)
 
 
@@ -141,10 +113,9 @@ def expose_nb(photons: np.ndarray, qe_prnu: np.ndarray, dark_e: np.ndarray, seed
     Mean electrons -> Poisson shot noise -> full-well clip -> gain -> read noise -> quantise ->
     black level -> clip. photons, qe_prnu, dark_e: (H, W) float64. Returns (H, W) uint16.
 
-    A row at a time (:func:`expose_row`): block 0 of every pixel, the ziggurat's fast path and the chain
-    with the normal approximation in branch-free (vectorised) loops; the PTRS pixels' block and first
-    trial over a list of just those pixels; last the draws these do not cover (a rejected trial, a slow
-    ziggurat path, fewer electrons) one by one, as :func:`pixel_noise_words`.
+    A row at a time: block 0 of every pixel, the ziggurat's fast path, then the chain for the pixels
+    at or above ``NORMAL_FROM`` electrons in a branch-free (vectorised) loop, and last the pixels it
+    does not cover (a slow ziggurat path, fewer electrons) one by one, as :func:`pixel_noise_words`.
     """
     h, w = photons.shape
     out = np.empty((h, w), np.uint16)
@@ -153,10 +124,11 @@ def expose_nb(photons: np.ndarray, qe_prnu: np.ndarray, dark_e: np.ndarray, seed
     k0, k1, f0, f1 = s & m, s >> np.uint64(32), n & m, n >> np.uint64(32)
     tasks = (h + ROWS_PER_TASK - 1) // ROWS_PER_TASK
     for i in numba.prange(tasks):  # a task's rows share one scratch (measured ~8% faster than one per row)
-        scratch = row_scratch(w)
+        words, ptrs, z, fast, lam, trial, quick = row_scratch(w)
         for r in range(i * ROWS_PER_TASK, min(h, (i + 1) * ROWS_PER_TASK)):
             expose_row(photons[r], qe_prnu[r], dark_e[r], np.uint64(r * w), f0, f1, k0, k1, full_well_e,
-                       gain_dn_per_e, read_noise_dn, black_level_dn, max_dn, out[r], *scratch)
+                       gain_dn_per_e, read_noise_dn, black_level_dn, max_dn, out[r], words, ptrs, z, fast, lam,
+                       trial, quick)
     return out
 
 

@@ -384,51 +384,34 @@ def pixel_noise_ref(lam: float, pixel: int, frame_lo: int, frame_hi: int, k0: in
 
 
 @numba.njit(nogil=True, cache=True)
-def blocks_at(row_start, cols, n, block, frame_lo, frame_hi, k0, k1, out):
-    """Block ``block`` of pixels ``row_start + cols[j]`` for ``j < n`` into ``out[:, j]`` ((4, >= n) uint32;
-    cols int64, row_start np.uint64).
+def row_blocks(row_start, width, block, frame_lo, frame_hi, k0, k1, out):
+    """Block ``block`` of pixels ``row_start .. row_start + width - 1`` into ``out`` (4, >= width) uint32.
 
-    :func:`philox4x32` with the round keys computed once for the call, so the pixel loop is straight-line
-    32x32->64-bit multiplies that LLVM vectorises (3.5x the scalar function's speed, measured). The ADC
-    kernel draws block 0 of a whole row (``cols`` = 0, 1, ...) and the shot noise's block only for the
-    pixels whose draw reads it (PTRS, between ``INVERSION_BELOW`` and ``NORMAL_FROM`` electrons)."""
+    :func:`philox4x32` with the round keys computed once for the row, so the pixel loop is straight-line
+    32x32->64-bit multiplies that LLVM vectorises (3.5x the scalar function's speed, measured)."""
     m = np.uint64(M32)
     rk0, rk1 = np.empty(10, np.uint64), np.empty(10, np.uint64)
     for i in range(10):
         rk0[i], rk1[i] = k0, k1
         k0 = (k0 + np.uint64(PHILOX_W0)) & m
         k1 = (k1 + np.uint64(PHILOX_W1)) & m
-    for j in range(n):
-        c0, c1, c2, c3 = (row_start + np.uint64(cols[j])) & m, block, frame_lo, frame_hi
+    for c in range(width):
+        c0, c1, c2, c3 = np.uint64(row_start + c) & m, block, frame_lo, frame_hi
         for i in range(10):
             p0 = np.uint64(PHILOX_M0) * c0
             p1 = np.uint64(PHILOX_M1) * c2
             c0, c1, c2, c3 = (p1 >> np.uint64(32)) ^ c1 ^ rk0[i], p1 & m, (p0 >> np.uint64(32)) ^ c3 ^ rk1[i], p0 & m
-        out[0, j] = np.uint32(c0)
-        out[1, j] = np.uint32(c1)
-        out[2, j] = np.uint32(c2)
-        out[3, j] = np.uint32(c3)
-
-
-@numba.njit(nogil=True, cache=True)
-def row_blocks(row_start, width, block, frame_lo, frame_hi, k0, k1, out):
-    """Block ``block`` of pixels ``row_start .. row_start + width - 1`` into ``out`` (4, >= width) uint32:
-    :func:`blocks_at` of columns 0 .. width - 1."""
-    blocks_at(np.uint64(row_start), np.arange(width), width, block, frame_lo, frame_hi, k0, k1, out)
+        out[0, c] = np.uint32(c0)
+        out[1, c] = np.uint32(c1)
+        out[2, c] = np.uint32(c2)
+        out[3, c] = np.uint32(c3)
 
 
 def row_blocks_ref(row_start: int, width: int, block: int, frame_lo: int, frame_hi: int, k0: int, k1: int
                    ) -> np.ndarray:
     """numpy twin of :func:`row_blocks`: (4, width) uint32."""
-    return blocks_at_ref(row_start, np.arange(width), block, frame_lo, frame_hi, k0, k1)
-
-
-def blocks_at_ref(row_start: int, cols: np.ndarray, block: int, frame_lo: int, frame_hi: int, k0: int, k1: int
-                  ) -> np.ndarray:
-    """numpy twin of :func:`blocks_at`: the blocks of pixels ``row_start + cols`` -> (4, len(cols)) uint32."""
-    width = len(cols)
     counter = np.zeros((width, 4), np.uint32)
-    counter[:, 0] = (np.uint64(row_start) + np.asarray(cols, np.uint64)).astype(np.uint32)
+    counter[:, 0] = np.arange(row_start, row_start + width, dtype=np.uint64).astype(np.uint32)
     counter[:, 1], counter[:, 2], counter[:, 3] = block, frame_lo, frame_hi
     key = np.broadcast_to(np.array([k0, k1], np.uint32), (width, 2))
     return np.ascontiguousarray(philox4x32_ref(counter, key).T)

@@ -13,8 +13,6 @@ from sensor.noise import (
     NORMAL_FROM,
     ZIG_KI,
     ZIG_R,
-    blocks_at,
-    blocks_at_ref,
     normal_nb,
     philox4x32,
     philox4x32_ref,
@@ -55,18 +53,6 @@ def test_row_blocks_equal_philox_per_pixel():
     assert np.array_equal(out[:, :37], want) and not out[:, 37:].any()
     one = philox4x32(np.uint64((2**32 - 20 + 5) % 2**32), np.uint64(3), *(np.uint64(a) for a in args))
     assert tuple(int(v) for v in one) == tuple(int(v) for v in want[:, 5])
-
-
-def test_blocks_at_a_list_of_columns_equal_the_reference_and_the_row():
-    """The shot-noise block of only some pixels of a row (the ADC kernel's PTRS list): pixel row_start + cols[j]
-    into column j, the first n of the list, nothing past them; the same words as the whole row's block."""
-    args = (9, 2**32 - 1, 0xDEADBEEF, 0x01234567)
-    cols = np.array([0, 3, 4, 17, 36, 2, 2], np.int64)  # any order, repeats allowed
-    out = np.zeros((4, 9), np.uint32)
-    blocks_at(np.uint64(2**32 - 20), cols, 6, np.uint64(1), *(np.uint64(a) for a in args), out)
-    want = blocks_at_ref(2**32 - 20, cols[:6], 1, *args)
-    assert np.array_equal(out[:, :6], want) and not out[:, 6:].any()
-    assert np.array_equal(want, row_blocks_ref(2**32 - 20, 37, 1, *args)[:, cols[:6]])
 
 
 def test_row_ziggurat_fast_path_equals_reference():
