@@ -38,6 +38,8 @@ from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
+import numpy as np
+
 from sensor.frame import ProtectedFrame
 
 from .budget import (
@@ -84,8 +86,9 @@ def auto_budget(capture_one: Callable[[], ProtectedFrame | None], classifier: Ke
         return ThreadBudget(cores, replay_threads(cores), "serial", cores, "auto")
     h, w = frame.data.shape
     k = max(1, min(batch_size, CALIBRATION_PIXELS // (h * w)))
-    frames = [frame] * k  # the model stage's whole per-batch work: checks, network input, network, predictions
-    costs: StageCosts = measure_costs(lambda _: capture_one(), lambda _: classifier(frames), k, cores)
+    data, idx = np.stack([frame.data] * k), [frame.meta.frame_index] * k
+    costs: StageCosts = measure_costs(lambda _: capture_one(), lambda _: classifier.logits_array(data, idx), k,
+                                      cores)
     budget = choose_budget(costs)
     model = replay_threads(cores)
     note = None
@@ -96,7 +99,7 @@ def auto_budget(capture_one: Callable[[], ProtectedFrame | None], classifier: Ke
         budget = choose_budget(costs, splits=False)
     if budget.mode == "overlap":
         if concurrent_numba_layer():
-            costs = measure_overlap(costs, capture_one, lambda: classifier(frames), k, model)
+            costs = measure_overlap(costs, capture_one, lambda: classifier.logits_array(data, idx), k, model)
             budget = choose_budget(costs, splits=False)
         else:
             budget = replace(budget, mode="serial")
