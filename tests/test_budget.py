@@ -536,3 +536,35 @@ def test_measure_overlap_raises_a_stages_own_error():
     at_once = dataclasses.replace(costs, sensor_at_once=0.01)  # through the frame workers: not PartialResult
     with pytest.raises(RuntimeError, match="sensor unplugged"):
         measure_overlap(at_once, broken, lambda: time.sleep(0.01), 4, model_threads=1)
+
+
+def test_main_thread_serial_runs_numba_and_torch_on_one_thread_and_restores_them():
+    """The main thread's set-up work (building the classifier, auto's first capture) runs on one numba and one
+    torch thread, so the main thread, which never exits, keeps no OpenMP team; both counts come back after,
+    also after an error."""
+    import numba
+    import torch
+
+    from pipeline.stream.budget import main_thread_serial
+
+    before = (numba.get_num_threads(), torch.get_num_threads())
+    with main_thread_serial():
+        assert (numba.get_num_threads(), torch.get_num_threads()) == (1, 1)
+    assert (numba.get_num_threads(), torch.get_num_threads()) == before
+    with pytest.raises(RuntimeError, match="boom"), main_thread_serial():
+        raise RuntimeError("boom")
+    assert (numba.get_num_threads(), torch.get_num_threads()) == before
+
+
+def test_auto_budget_captures_its_first_scene_on_one_thread():
+    import numba
+    import torch
+
+    seen = []
+
+    def first_capture():
+        seen.append((numba.get_num_threads(), torch.get_num_threads()))
+        return None  # nothing to measure: serial
+
+    assert auto_budget(first_capture, None, 8, cores=2).mode == "serial"
+    assert seen == [(1, 1)]

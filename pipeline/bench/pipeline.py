@@ -71,7 +71,15 @@ from models.plain import build_model
 from pipeline.bench.common import write_json
 from pipeline.memory import keep_freed_memory
 from pipeline.resources import resolve
-from pipeline.stream.budget import MODES, ThreadBudget, in_fresh_thread, machine_cores, numba_threads, torch_threads
+from pipeline.stream.budget import (
+    MODES,
+    ThreadBudget,
+    in_fresh_thread,
+    machine_cores,
+    main_thread_serial,
+    numba_threads,
+    torch_threads,
+)
 from pipeline.stream.classifier import KeyedClassifier
 from pipeline.stream.engine import Pipeline, chunks
 from pipeline.stream.inputs import input_shape
@@ -196,10 +204,11 @@ def other_budgets(budget: ThreadBudget, cores: int) -> dict[str, ThreadBudget]:
 def run_case(name: str, rotation: bool, frames: int, rounds: int, rss: bool, rss_frames: int | None = None
              ) -> dict[str, Any]:
     case = CASES[name]
-    setup = Setup(case, rotation)
-    items = list(setup.items(frames))
-    captured = [setup.capture(it) for it in items]  # warm-up, and the model stage's input
-    setup.classifier(captured[:case.batch])
+    with main_thread_serial():  # parallel torch work only in the timed threads (see main_thread_serial)
+        setup = Setup(case, rotation)
+        items = list(setup.items(frames))
+        captured = [setup.capture(it) for it in items]  # warm-up, and the model stage's input
+        setup.classifier(captured[:case.batch])
     budget = auto_budget(lambda: setup.capture(items[0]), setup.classifier, case.batch)
     others = other_budgets(budget, machine_cores())
     timings: dict[str, list[float]] = {k: [] for k in ("sensor_alone", "sensor_stage_alone", "model_alone", "serial",
@@ -310,7 +319,8 @@ def child(spec_text: str) -> None:
     """One pipeline run in this fresh process; prints its peak RSS. The setup (scenes, model) is made first
     and the peak is reset after it where Linux allows, so the peak is the run's: what grows with frames."""
     spec = json.loads(spec_text)
-    setup = Setup(CASES[spec["case"]], spec["rotation"])
+    with main_thread_serial():
+        setup = Setup(CASES[spec["case"]], spec["rotation"])
     budget = ThreadBudget(spec["sensor"], spec["model"], spec["mode"], spec["cores"],
                           sensor_frames=spec["sensor_frames"])
     count = itertools.count()

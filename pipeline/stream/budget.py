@@ -408,6 +408,34 @@ def thread_counts(numba_n: int, torch_n: int | None = None) -> Callable[[], None
 
 
 @contextmanager
+def main_thread_serial() -> Iterator[None]:
+    """numba and torch on one thread in the calling thread for the block, restored after: for work the
+    main thread does before or between runs (building the keyed classifier, ``auto``'s first capture, a
+    warm-up). Parallel work belongs in the stage threads.
+
+    A thread that runs a parallel region keeps its OpenMP team (torch's GNU OpenMP, and numba's ``omp``
+    layer, which uses the system's) until it exits, and once the process's teams hold more threads than
+    it has cores, libgomp's workers spin only briefly before they sleep, so every later parallel op
+    waits for a sleeping worker to be woken. The main thread never exits. Measured on 2 cores
+    (2026-12-04): after one 2-thread torch op, or one numba parallel kernel, in the main thread, a
+    (113, 144) @ (144, 16) ``torch.mm`` on 2 threads in another thread took 175-290 us instead of
+    10-13 us, and the keyed PreResNet-20 at 1080p (285 such calls a batch) classified 52-59 frames/s
+    instead of 111-120. The work it covers gives the same results on one thread (integer tables,
+    copies, a capture: each frame depends only on the seed, the key and its index)."""
+    import numba
+    import torch
+
+    old_numba, old_torch = numba.get_num_threads(), torch.get_num_threads()
+    numba.set_num_threads(1)
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        numba.set_num_threads(old_numba)
+        torch.set_num_threads(old_torch)
+
+
+@contextmanager
 def torch_threads(n: int) -> Iterator[None]:
     """torch's intra-op threads set to ``n`` for the block (process-wide), restored after."""
     import torch

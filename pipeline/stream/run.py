@@ -40,7 +40,7 @@ from sensor.sensor import Sensor
 
 from ..resources import DEFAULT_CHECKPOINT, MONO_PROFILE, resolve
 from .authcheck import FrameAuthenticator, session_key  # noqa: F401 - session_key: re-exported
-from .budget import ThreadBudget, machine_cores, parse_threads, replay_threads, torch_threads
+from .budget import ThreadBudget, machine_cores, main_thread_serial, parse_threads, replay_threads, torch_threads
 from .classifier import KeyedClassifier
 from .engine import Batch, Map, Pipeline, RunResult, chunks
 from .inputs import input_shape
@@ -309,7 +309,8 @@ def build_classifier(cfg: RunConfig, key: Key, fmt: FrameFormat) -> tuple[KeyedC
                               f"the {fmt.scheme} scheme on {fmt.height}x{fmt.width} {fmt.cfa} frames",
                               cfg.model.checkpoint)
     device = pick_device(cfg.model.device)
-    return KeyedClassifier(model, key, fmt, mode=cfg.model.mode, device=device, model_hw=model_hw), manifest
+    with main_thread_serial():  # the twin's tables are built here; the network runs in the stage threads
+        return KeyedClassifier(model, key, fmt, mode=cfg.model.mode, device=device, model_hw=model_hw), manifest
 
 
 def check_run_outputs(cfg: RunConfig, record: str | None = None, inputs: tuple[str | None, ...] = ()) -> None:

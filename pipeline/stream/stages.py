@@ -47,6 +47,7 @@ from .budget import (
     ThreadBudget,
     choose_budget,
     machine_cores,
+    main_thread_serial,
     measure_costs,
     measure_overlap,
     numba_threads,
@@ -81,7 +82,8 @@ def auto_budget(capture_one: Callable[[], ProtectedFrame | None], classifier: Ke
     estimated at least as fast as running them one after the other; under numba's ``workqueue``
     threading layer, which aborts when two threads launch parallel kernels, they run serially."""
     cores = machine_cores() if cores is None else cores
-    frame = capture_one() if cores > 1 else None
+    with main_thread_serial():  # called from the main thread: no OpenMP team there (main_thread_serial)
+        frame = capture_one() if cores > 1 else None
     if frame is None:
         return ThreadBudget(cores, replay_threads(cores), "serial", cores, "auto")
     h, w = frame.data.shape
@@ -128,7 +130,9 @@ def live_stages(capture: Callable[[Any], ProtectedFrame | None], classifier: Key
     # one batch waits for the tables stage and one prepared batch for the model (double buffering): whole
     # batches of large frames must not pile up in the queues
     stages += [Batch("batcher", batch_size, batch_timeout_s, flatten=True, queue_size=1),
-               Map("tables", classifier.prepare, setup=thread_counts(budget.model, budget.model), lock=turn,
+               # its torch ops (network input, per-frame tables) are exact on any thread count; one torch
+               # thread keeps a second OpenMP team off the cores the model's team uses (budget.main_thread_serial)
+               Map("tables", classifier.prepare, setup=thread_counts(budget.model, 1), lock=turn,
                    queue_size=1),
                Map("model", classifier.predict, setup=thread_counts(budget.model, budget.model), lock=turn)]
     return stages
