@@ -329,10 +329,19 @@ def test_micro_batches_and_a_thread_budget_give_the_serial_predictions_bit_for_b
 
 
 def test_auto_thread_budget_is_measured_and_reported(world):
+    from pipeline.stream.workers import concurrent_numba_layer
+
     summary = run_pipeline(config(world), progress=False)
     assert summary["error"] is None and summary["frames"] == N_FRAMES
     threads = summary["threads"]
-    assert threads["source"] == "auto" and threads["mode"] in ("split", "overlap")
+    assert threads["source"] == "auto" and threads["mode"] in ("split", "overlap", "serial")
+    at_once = concurrent_numba_layer()  # (numba's workqueue layer: never at once, so never timed at once)
+    if threads["mode"] == "serial" and at_once:  # only where the stages at once were estimated slower (noted)
+        assert threads["estimated_frames_per_s"]["overlap"] < threads["estimated_frames_per_s"]["serial"]
+        assert "estimated slower" in threads["note"]
+    if threads["mode"] != "split" and at_once:  # overlap or serial: the stages were timed at once (reported)
+        assert threads["measured"]["sensor_s_per_frame_beside_the_model"] > 0
+        assert threads["measured"]["model_s_per_frame_beside_the_sensor"] > 0
     assert threads["sensor"] >= 1 and threads["model"] >= 1
     if threads["mode"] == "split":
         assert threads["sensor"] + threads["model"] <= threads["cores"]
