@@ -302,6 +302,8 @@ def measure_overlap(costs: StageCosts, sensor_fn: Callable[[], object], model_fn
     (:func:`pipeline.stream.workers.concurrent_numba_layer`)."""
     import threading
 
+    import torch
+
     from .engine import PartialResult
     from .workers import FrameWorkers
 
@@ -323,20 +325,20 @@ def measure_overlap(costs: StageCosts, sensor_fn: Callable[[], object], model_fn
             errors.append(err.cause if isinstance(err, PartialResult) else err)
             failed.set()
 
-    import torch
-
     old_torch = torch.get_num_threads()
-    with FrameWorkers(lambda _: sensor_fn(), sensor_frames, sensor_threads) as workers:
-        items = list(range(sensor_frames))
-        threads = [threading.Thread(target=loop, name="privcam-measure-sensor",
-                                    args=(0, numba_threads(sensor_threads), lambda: workers(items))),
-                   threading.Thread(target=loop, name="privcam-measure-model",
-                                    args=(1, thread_counts(model_threads, model_threads), model_fn))]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
-    torch.set_num_threads(old_torch)  # the model thread set the process-wide count
+    try:
+        with FrameWorkers(lambda _: sensor_fn(), sensor_frames, sensor_threads) as workers:
+            items = list(range(sensor_frames))
+            threads = [threading.Thread(target=loop, name="privcam-measure-sensor",
+                                        args=(0, numba_threads(sensor_threads), lambda: workers(items))),
+                       threading.Thread(target=loop, name="privcam-measure-model",
+                                        args=(1, thread_counts(model_threads, model_threads), model_fn))]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+    finally:
+        torch.set_num_threads(old_torch)  # the model thread set the process-wide count
     if errors:
         raise errors[0]
 

@@ -93,11 +93,11 @@ def auto_budget(capture_one: Callable[[], ProtectedFrame | None], classifier: Ke
                                       cores)
     budget = choose_budget(costs)
     model = replay_threads(cores)
-    note = None
+    notes = []
     if budget.mode == "split" and budget.model < model:
-        note = (f"a split ({budget.sensor}+{budget.model}) was estimated faster, but it would run the model on "
-                f"fewer torch threads than a replay does, and its logits may change with the thread count: the "
-                f"model keeps torch's {model}")
+        notes.append(f"a split ({budget.sensor}+{budget.model}) was estimated faster, but it would run the model "
+                     f"on fewer torch threads than a replay does, and its logits may change with the thread count: "
+                     f"the model keeps torch's {model}")
         budget = choose_budget(costs, splits=False)
     if budget.mode == "overlap":
         if concurrent_numba_layer():
@@ -105,12 +105,10 @@ def auto_budget(capture_one: Callable[[], ProtectedFrame | None], classifier: Ke
             budget = choose_budget(costs, splits=False)
         else:
             budget = replace(budget, mode="serial")
-            note = "; ".join(filter(None, [note, "numba's workqueue threading layer cannot run the stages at once: "
-                                                 "serial"]))
+            notes.append("numba's workqueue threading layer cannot run the stages at once: serial")
     if budget.mode == "serial" and "overlap" in (budget.estimate or {}):
-        note = "; ".join(filter(None, [note, "the stages timed at once were estimated slower than one after the "
-                                             "other: serial"]))
-    return replace(budget, model=model if budget.mode != "split" else budget.model, note=note or budget.note)
+        notes.append("the stages timed at once were estimated slower than one after the other: serial")
+    return replace(budget, model=model if budget.mode != "split" else budget.model, note="; ".join(notes) or None)
 
 
 def live_stages(capture: Callable[[Any], ProtectedFrame | None], classifier: KeyedClassifier,
