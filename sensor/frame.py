@@ -75,7 +75,10 @@ class FrameMeta:
     mac: str = ""
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """Every field by name. The values are immutable scalars, so a shallow dict equals
+        :func:`dataclasses.asdict`'s deep copy (which took about an eighth of a 28x28 capture: it is
+        the header of every frame's MAC)."""
+        return {name: getattr(self, name) for name in self.__dataclass_fields__}
 
     def same_stream(self, fmt: FrameFormat) -> bool:
         """True if this frame has the scheme, rotation and size of ``fmt``."""

@@ -240,20 +240,19 @@ def test_auto_budget_runs_the_model_on_a_replays_threads(monkeypatch):
     frame = type("F", (), {"data": np.zeros((4, 4), np.uint16), "meta": type("M", (), {"frame_index": 0})()})()
     costs = StageCosts(2, sensor_1=1.0, sensor_all=0.9, model_1=1.0, model_all=0.9)
     monkeypatch.setattr(stages, "measure_costs", lambda *args, **kw: costs)
-    timed_at_once = []
+    tried = []
 
-    def at_once(costs, sensor_fn, model_fn, frames, model_threads):  # the stages barely slow each other
-        timed_at_once.append(model_threads)
-        return dataclasses.replace(costs, sensor_overlap=costs.serial_sensor()[2] * 1.05,
-                                   model_overlap=costs.model_all * 1.05)
-    monkeypatch.setattr(stages, "measure_overlap", at_once)
+    def trial(capture_one, classifier, budget, batch_size, frames, frame_hw):  # overlap the faster
+        tried.append(budget.model)
+        return {"serial": 10.0, "overlap": 11.0}
+    monkeypatch.setattr(stages, "trial_modes", trial)
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(2)
         budget = auto_budget(lambda: frame, None, 8, cores=2)
         assert choose_budget(costs).mode == "split"
         assert (budget.mode, budget.model, budget.source) == ("overlap", 2, "auto")
-        assert timed_at_once == [2], "overlap was chosen without timing the stages at once, at the model's threads"
+        assert tried == [2], "overlap was chosen without a trial at the model's threads"
         assert "fewer torch threads than a replay" in budget.note
         torch.set_num_threads(1)  # a process whose torch default is one thread: the 1+1 split keeps it
         assert auto_budget(lambda: frame, None, 8, cores=2).mode == "split"
@@ -428,40 +427,27 @@ def test_frames_at_once_interrupted_record_in_order(budget):
     assert not frame_threads()
 
 
-# -- overlap or serial, from the stages timed at once ---------------------------------------------------------
+# -- overlap or serial, from a trial of both ----------------------------------------------------------------
 
 
-def test_overlap_rate_from_the_stages_timed_at_once():
-    alone = StageCosts(2, sensor_1=0.2, sensor_all=0.1, model_1=0.1, model_all=0.05)  # 10 and 20 frames/s alone
-    assert alone.overlap_rate() is None
-    # beside each other, neither slowed: the slower stage's rate alone
-    assert dataclasses.replace(alone, sensor_overlap=0.1, model_overlap=0.05).overlap_rate() == pytest.approx(10.0)
-    # sensor 5/s beside the model (20/s beside it too): the model is busy f = 10 / (20 - 5 + 10) of the time, 8/s
-    slowed = dataclasses.replace(alone, sensor_overlap=0.2, model_overlap=0.05)
-    assert slowed.overlap_rate() == pytest.approx(20 * 10 / (20 - 5 + 10))
-    # the mirror image: the model the slower beside the sensor (4/s), the sensor waits at its 10/s alone
-    model_slowed = dataclasses.replace(alone, sensor_overlap=0.1, model_overlap=0.25)
-    assert model_slowed.overlap_rate() == pytest.approx(10 * 20 / (10 - 4 + 20))
-    # never faster than alone, however the timing came out
-    assert dataclasses.replace(alone, sensor_overlap=0.01, model_overlap=0.01).overlap_rate() == pytest.approx(10.0)
-    assert "sensor_s_per_frame_beside_the_model" in slowed.to_dict()
-    assert "sensor_s_per_frame_beside_the_model" not in alone.to_dict()
+def test_trial_frames_are_whole_batches_of_about_the_trial_time():
+    from pipeline.stream.stages import TRIAL_S, trial_frames
+
+    assert trial_frames(20.0, 8) == 16  # 0.3 s of 20 frames/s is 6 frames: still 2 batches
+    assert trial_frames(2000.0, 64) == 640  # 600 frames, in whole batches of 64
+    assert trial_frames(2000.0, 64) * 1.0 / 2000.0 >= TRIAL_S
+    assert trial_frames(0.0, 4) == 8
 
 
-def test_choose_budget_keeps_overlap_only_where_it_was_estimated_at_least_as_fast_as_serial():
+def test_choose_budget_runs_the_serial_plan_in_overlap_mode_on_more_than_one_core():
     base = StageCosts(2, sensor_1=1.0, sensor_all=0.55, model_1=0.1, model_all=0.06)  # the sensor dominates
-    serial_rate = 1 / (0.55 + 0.06)
-    assert choose_budget(base).mode == "overlap"  # unmeasured: the serial estimate is its lower bound
-    fast = choose_budget(dataclasses.replace(base, sensor_overlap=0.6, model_overlap=0.1))
-    assert fast.mode == "overlap" and fast.estimate["overlap"] >= serial_rate
-    slow = choose_budget(dataclasses.replace(base, sensor_overlap=1.2, model_overlap=0.5))
-    assert (slow.mode, slow.sensor, slow.model) == ("serial", 2, 2)
-    assert slow.estimate["overlap"] < slow.estimate["serial"] == pytest.approx(serial_rate)
-    assert "overlap" in slow.to_dict()["estimated_frames_per_s"]
-    assert choose_budget(dataclasses.replace(base, cores=1, sensor_overlap=0.6, model_overlap=0.1)).mode == "serial"
+    plan = choose_budget(base)
+    assert (plan.mode, plan.sensor, plan.model) == ("overlap", 2, 2)
+    assert plan.estimate["serial"] == pytest.approx(1 / (0.55 + 0.06)) and "overlap" not in plan.estimate
+    assert choose_budget(dataclasses.replace(base, cores=1)).mode == "serial"
 
 
-def test_auto_budget_runs_serially_where_the_stages_at_once_were_slower(monkeypatch):
+def test_auto_budget_keeps_the_mode_that_ran_faster_in_the_trial(monkeypatch):
     import numpy as np
     import torch
 
@@ -469,73 +455,86 @@ def test_auto_budget_runs_serially_where_the_stages_at_once_were_slower(monkeypa
 
     frame = type("F", (), {"data": np.zeros((4, 4), np.uint16), "meta": type("M", (), {"frame_index": 0})()})()
     monkeypatch.setattr(stages, "measure_costs", lambda *args, **kw: StageCosts(2, 1.0, 0.55, 0.1, 0.06))
-    monkeypatch.setattr(stages, "measure_overlap", lambda costs, *args: dataclasses.replace(
-        costs, sensor_overlap=1.2, model_overlap=0.5))
+    rates = {"serial": 12.0, "overlap": 10.0}
+    tried = []
+
+    def trial(capture_one, classifier, budget, batch_size, frames, frame_hw):
+        tried.append((budget.sensor, budget.model, budget.mode, batch_size, frames, frame_hw))
+        return dict(rates)
+    monkeypatch.setattr(stages, "trial_modes", trial)
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(2)
         budget = auto_budget(lambda: frame, None, 8, cores=2)
         assert (budget.mode, budget.sensor, budget.model) == ("serial", 2, 2)
-        assert "estimated slower" in budget.note
-        assert budget.to_dict()["measured"]["sensor_s_per_frame_beside_the_model"] == 1.2
+        assert "overlap ran slower than serial in the trial" in budget.note
+        # the serial plan's threads, at whole batches of about TRIAL_S at the serial estimate (1.64 frames/s)
+        assert tried == [(2, 2, "overlap", 8, 16, (4, 4))]
+        report = budget.to_dict()
+        assert report["trial_frames_per_s"] == rates and report["trial_frames"] == 16
+        rates["overlap"] = 12.0  # a tie keeps overlap
+        faster = auto_budget(lambda: frame, None, 8, cores=2)
+        assert faster.mode == "overlap" and faster.note is None and faster.trial == rates
         monkeypatch.setattr(stages, "concurrent_numba_layer", lambda: False)  # workqueue: never at once
-        monkeypatch.setattr(stages, "measure_overlap", lambda *args: pytest.fail("timed at once under workqueue"))
+        monkeypatch.setattr(stages, "trial_modes", lambda *args: pytest.fail("overlap tried under workqueue"))
         workqueue = auto_budget(lambda: frame, None, 8, cores=2)
-        assert workqueue.mode == "serial" and "workqueue" in workqueue.note
+        assert workqueue.mode == "serial" and "workqueue" in workqueue.note and workqueue.trial is None
     finally:
         torch.set_num_threads(before)
 
 
-def test_measure_overlap_times_each_stage_while_the_other_runs():
-    """Real threads: the sensor's calls and the model's calls overlap in time, each stage is timed over calls
-    made while the other was running, the sensor runs at the serial plan's frames at once, and the process's
-    torch thread count is restored."""
+def test_trial_modes_runs_the_real_stages_of_each_mode_in_turn():
+    """Real threads through the engine: each run captures ``frames`` frames of the first scene and
+    classifies them in model batches; serial mode captures and classifies in one thread, overlap in
+    separate stage threads; the modes alternate (serial, overlap, overlap, serial); the process's torch
+    thread count is restored, and no frame is ever faster than its capture allows."""
     import torch
 
-    from pipeline.stream.budget import measure_overlap
+    from pipeline.stream.stages import trial_modes
 
-    active = {"sensor": 0, "model": 0}
-    seen_beside = {"sensor": 0, "model": 0}
+    log: list[tuple[str, str]] = []
     lock = threading.Lock()
-    sensor_threads = set()
 
-    def stage(name: str, other: str, seconds: float):
-        def call(*_):
-            with lock:
-                active[name] += 1
-                sensor_threads.add(threading.current_thread().name) if name == "sensor" else None
-            time.sleep(seconds)
-            with lock:
-                seen_beside[name] += active[other] > 0
-                active[name] -= 1
-        return call
+    def capture_one():
+        time.sleep(0.005)
+        with lock:
+            log.append(("capture", threading.current_thread().name))
+        return 0  # an int "frame", as FakeClassifier takes
 
+    class Classifier(FakeClassifier):
+        def prepare(self, frames):
+            with lock:
+                log.append(("classify", threading.current_thread().name))
+            return super().prepare(frames)
+
+    classifier = Classifier()
     before = torch.get_num_threads()
-    at_once = StageCosts(2, sensor_1=0.05, sensor_all=0.04, model_1=0.1, model_all=0.1, sensor_at_once=0.01)
-    assert at_once.serial_sensor() == (1, 2, 0.01)
-    costs = measure_overlap(at_once, stage("sensor", "model", 0.02), stage("model", "sensor", 0.06), 4,
-                            model_threads=1, calls=4)
+    rates = trial_modes(capture_one, classifier, ThreadBudget(1, 1, "overlap", 2), 4, 8, (4, 4))
     assert torch.get_num_threads() == before
-    assert seen_beside["sensor"] > 0 and seen_beside["model"] >= 3, "the stages did not run at the same time"
-    assert any(name.startswith("privcam-frames") for name in sensor_threads), "not the plan's frames at once"
-    # two 20 ms captures at once a call: about 10 ms a frame; a 60 ms model call of 4 frames: about 15 ms a frame
-    assert 0.01 <= costs.sensor_overlap < 0.05
-    assert 0.015 <= costs.model_overlap < 0.06
-    assert costs.sensor_1 == at_once.sensor_1 and costs.overlap_rate() is not None
+    assert set(rates) == {"serial", "overlap"} and all(0 < r <= 1 / 0.005 for r in rates.values())
+    assert len(classifier.batches) == 4 * 2 and all(len(b) == 4 for b in classifier.batches)
+    assert sum(1 for kind, _ in log if kind == "capture") == 4 * 8
+    # each run: one thread name for the captures and one for the classification; serial: the same one
+    runs, captures = [], 0
+    for kind, name in log:  # the runs follow one another: run k holds captures 8k .. 8k + 7
+        if kind == "capture":
+            if captures % 8 == 0:
+                runs.append({"capture": set(), "classify": set()})
+            captures += 1
+        runs[-1][kind].add(name)
+    modes = ["serial" if r["capture"] == r["classify"] else "overlap" for r in runs]
+    assert modes == ["serial", "overlap", "overlap", "serial"]
 
 
-def test_measure_overlap_raises_a_stages_own_error():
-    from pipeline.stream.budget import measure_overlap
+def test_trial_modes_raises_a_stages_own_error():
+    from pipeline.stream.stages import trial_modes
 
     def broken():
         raise RuntimeError("sensor unplugged")
 
-    costs = StageCosts(2, sensor_1=0.05, sensor_all=0.04, model_1=0.1, model_all=0.1)
-    with pytest.raises(RuntimeError, match="sensor unplugged"):
-        measure_overlap(costs, broken, lambda: time.sleep(0.01), 4, model_threads=1)
-    at_once = dataclasses.replace(costs, sensor_at_once=0.01)  # through the frame workers: not PartialResult
-    with pytest.raises(RuntimeError, match="sensor unplugged"):
-        measure_overlap(at_once, broken, lambda: time.sleep(0.01), 4, model_threads=1)
+    for budget in (ThreadBudget(1, 1, "overlap", 2), ThreadBudget(1, 1, "overlap", 2, sensor_frames=2)):
+        with pytest.raises(RuntimeError, match="sensor unplugged"):  # through the frame workers: not PartialResult
+            trial_modes(broken, FakeClassifier(), budget, 4, 8, (4, 4))
 
 
 def test_main_thread_serial_runs_numba_and_torch_on_one_thread_and_restores_them():

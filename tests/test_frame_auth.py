@@ -210,3 +210,19 @@ def test_replay_under_the_session_key_file_verifies_too(world, tmp_path):
     assert key.session == session and len(session) == 32
     kept, report = authenticate(world / "rec.mcap", key)
     assert report["verified"] == len(kept) == 24 and report["failures"] == 0
+
+
+def test_the_authenticated_header_is_every_field_but_the_mac_as_sorted_compact_json():
+    """Known answer for the MAC's header: FrameMeta.to_dict (a shallow dict, no longer dataclasses.asdict)
+    must give the same bytes, or every recorded tag would stop verifying."""
+    import dataclasses
+
+    from sensor.frameauth import header_bytes
+
+    meta = FrameMeta(3, "pixel", True, "ab12", 10, "mono", 28, 28, capture_time_ns=5, label=None,
+                     session="11" * 16, mac="0" * 64)
+    assert meta.to_dict() == dataclasses.asdict(meta)
+    assert list(meta.to_dict()) == [f.name for f in dataclasses.fields(FrameMeta)]
+    assert header_bytes(meta) == (b'{"bit_depth":10,"capture_time_ns":5,"cfa":"mono","frame_index":3,"height":28,'
+                                  b'"key_fingerprint":"ab12","label":null,"rotation":true,"scheme":"pixel",'
+                                  b'"session":"' + b"11" * 16 + b'","width":28}')

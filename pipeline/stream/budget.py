@@ -26,9 +26,10 @@ that adds up to the machine, in one of four ways:
   13.3-13.9 against 11.4-13.3 frames/s, pixel static 15.7-16.4 against 15.2-15.4, pixel rotating
   7.6-8.2 against 7.3-7.8), 28x28 1.00-1.18x; CPU busy 1.6-1.85 of 2 cores against 1.5-1.7; but in
   the benchmark's rounds it also lost (1080p compact pixel rotating: 0.76x the serial loop in the median
-  round). ``auto`` considers it wherever it would run serially, on more than one core, times the stages
-  at once (:func:`measure_overlap`) and keeps it where :meth:`StageCosts.overlap_rate` is at least the
-  serial estimate.
+  round). ``auto`` considers it wherever it would run serially, on more than one core, runs both modes
+  for a moment on the run's first scene (:func:`pipeline.stream.stages.trial_modes`) and keeps the
+  faster. (An estimate from the stages timed at once while each looped nonstop was pessimistic: it chose
+  ``serial`` in all 10 benchmark cases, while ``overlap`` was faster in 6 of the 8 at 1920x1080.)
 
 numba's thread count is per calling thread (``numba.set_num_threads`` in the stage's own thread);
 torch's intra-op count is process-wide, so the model share is set once for the run and restored after
@@ -37,7 +38,8 @@ torch's intra-op count is process-wide, so the model share is set once for the r
 ``auto`` measures each stage's cost per frame on the first frame at one thread and at every core
 (:func:`measure_costs`), fits Amdahl's law to each, and picks the plan with the highest estimated
 throughput (:func:`choose_budget`): the split with the best ``min(share / cost)``, or the serial plan,
-run in ``overlap`` mode where the stages timed at once were estimated at least as fast, else ``serial``.
+run in ``overlap`` mode on more than one core (``auto`` keeps it only where a short trial of both modes
+ran it at least as fast as ``serial``).
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ import os
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 from sensor.errors import ConfigError
@@ -83,9 +85,6 @@ class StageCosts:
     model_1: float
     model_all: float
     sensor_at_once: float | None = None  # ``cores`` frames captured at once, one numba thread each
-    # each stage as the serial plan runs it, while the other runs at the same time (:func:`measure_overlap`)
-    sensor_overlap: float | None = None
-    model_overlap: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         out = {"cores": self.cores, "sensor_s_per_frame_1_thread": round(self.sensor_1, 6),
@@ -94,28 +93,7 @@ class StageCosts:
                "model_s_per_frame_all_threads": round(self.model_all, 6)}
         if self.sensor_at_once is not None:
             out[f"sensor_s_per_frame_{self.cores}_frames_at_once"] = round(self.sensor_at_once, 6)
-        if self.sensor_overlap is not None and self.model_overlap is not None:
-            out["sensor_s_per_frame_beside_the_model"] = round(self.sensor_overlap, 6)
-            out["model_s_per_frame_beside_the_sensor"] = round(self.model_overlap, 6)
         return out
-
-    def overlap_rate(self) -> float | None:
-        """Estimated frames/s of ``overlap`` from :attr:`sensor_overlap` and :attr:`model_overlap` (None when
-        not measured). The slower stage (at its rate beside the other) is always busy; the faster one
-        runs beside it part of the time, and alone, at its serial-plan rate, while it waits. With
-        ``a`` the rates alone and ``c`` the rates beside the other, sensor the slower
-        (``c_s <= c_m``): the model is busy a share ``f`` of the time with ``c_m f = c_s f + a_s (1 - f)``
-        (what it takes = what the sensor makes), so ``rate = c_m a_s / (c_m - c_s + a_s)``; and the
-        mirror image when the model is the slower. Equal to ``a_s`` when running beside the model does not
-        slow the sensor at all."""
-        if self.sensor_overlap is None or self.model_overlap is None:
-            return None
-        a_s, a_m = 1.0 / max(self.serial_sensor()[2], 1e-12), 1.0 / max(self.model_all, 1e-12)
-        c_s = min(1.0 / max(self.sensor_overlap, 1e-12), a_s)  # beside the other: never faster than alone
-        c_m = min(1.0 / max(self.model_overlap, 1e-12), a_m)
-        if c_s <= c_m:
-            return c_m * a_s / (c_m - c_s + a_s)
-        return c_s * a_m / (c_s - c_m + a_m)
 
     def serial_sensor(self) -> tuple[int, int, float]:
         """How the sensor runs when the stages take turns: (numba threads per frame, frames at once,
@@ -144,6 +122,8 @@ class ThreadBudget:
     estimate: dict[str, float] | None = None
     note: str | None = None
     sensor_frames: int = 1
+    trial: dict[str, float] | None = None  # frames/s of each mode in auto's trial (stages.trial_modes)
+    trial_frames: int | None = None  # frames of each trial run
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -168,6 +148,9 @@ class ThreadBudget:
             out["measured"] = self.costs.to_dict()
         if self.estimate is not None:
             out["estimated_frames_per_s"] = {k: round(v, 2) for k, v in self.estimate.items()}
+        if self.trial is not None:
+            out["trial_frames_per_s"] = {k: round(v, 2) for k, v in self.trial.items()}
+            out["trial_frames"] = self.trial_frames
         if self.note:
             out["note"] = self.note
         return out
@@ -208,9 +191,8 @@ def choose_budget(costs: StageCosts, splits: bool = True) -> ThreadBudget:
     on 1 thread or on every core, or ``cores`` frames at once) (the plan where turns used to be chosen:
     the same estimate, without the hand-offs).
 
-    The serial plan runs in ``overlap`` mode on more than one core: when the stages were timed at once
-    (:func:`measure_overlap`), only if :meth:`StageCosts.overlap_rate` is at least the serial estimate,
-    else ``serial``; unmeasured, always (the serial estimate taken as its lower bound)."""
+    The serial plan runs in ``overlap`` mode on more than one core (the serial estimate taken as its lower
+    bound; ``auto`` then tries both modes, :func:`pipeline.stream.stages.trial_modes`)."""
     c = costs.cores
     # one after the other, the sensor runs the fastest way measured; the model keeps every core (its
     # logits may change with its thread count)
@@ -226,10 +208,7 @@ def choose_budget(costs: StageCosts, splits: bool = True) -> ThreadBudget:
     estimate = {k: v[2] for k, v in plans.items()}
     sensor, model, _ = plans[name]
     mode = name.split()[0]
-    overlap = costs.overlap_rate()
-    if overlap is not None:
-        estimate["overlap"] = overlap
-    if mode == "serial" and c > 1 and (overlap is None or overlap >= plans["serial"][2]):
+    if mode == "serial" and c > 1:
         mode = "overlap"  # the same threads, the stages at once
     return ThreadBudget(sensor, model, mode, c, "auto", costs, estimate,
                         sensor_frames=sensor_frames if name == "serial" else 1)
@@ -286,69 +265,6 @@ def measure_costs(sensor_fn: Callable[[int], object], model_fn: Callable[[int], 
         torch.set_num_threads(old_torch)
     return StageCosts(cores, times[("sensor", 1)], times[("sensor", cores)], times[("model", 1)],
                       times[("model", cores)], times.get(("sensor_at_once", cores)))
-
-
-def measure_overlap(costs: StageCosts, sensor_fn: Callable[[], object], model_fn: Callable[[], object], frames: int,
-                    model_threads: int, calls: int = 4) -> StageCosts:
-    """``costs`` with :attr:`StageCosts.sensor_overlap` and :attr:`StageCosts.model_overlap`: each stage's
-    seconds per frame while the other runs at the same time, as ``overlap`` runs them. The sensor captures
-    one frame per ``sensor_fn()`` call, as the serial plan does (:meth:`StageCosts.serial_sensor`: its numba
-    threads, and its frames at once on :class:`pipeline.stream.workers.FrameWorkers`); ``model_fn()``
-    classifies ``frames`` frames on ``model_threads`` torch threads. Each stage loops in its own fresh
-    thread until both have made at least ``calls`` calls; a stage's time is the mean of its calls that
-    ended before the other stage's last call began, so the other was running all along (the first call
-    of each is left out: the two start together). Results are thrown away, as in :func:`measure_costs`.
-    Needs a numba threading layer that lets two threads launch kernels at once
-    (:func:`pipeline.stream.workers.concurrent_numba_layer`)."""
-    import threading
-
-    import torch
-
-    from .engine import PartialResult
-    from .workers import FrameWorkers
-
-    sensor_threads, sensor_frames, _ = costs.serial_sensor()
-    counts = [0, 0]
-    spans: list[list[tuple[float, float]]] = [[], []]
-    errors: list[BaseException] = []
-    failed = threading.Event()
-
-    def loop(i: int, setup: Callable[[], None], call: Callable[[], object]) -> None:
-        try:
-            setup()
-            while not failed.is_set() and min(counts) < calls:
-                t0 = time.perf_counter()
-                call()
-                spans[i].append((t0, time.perf_counter()))
-                counts[i] += 1
-        except BaseException as err:  # noqa: BLE001 - re-raised in the caller
-            errors.append(err.cause if isinstance(err, PartialResult) else err)
-            failed.set()
-
-    old_torch = torch.get_num_threads()
-    try:
-        with FrameWorkers(lambda _: sensor_fn(), sensor_frames, sensor_threads) as workers:
-            items = list(range(sensor_frames))
-            threads = [threading.Thread(target=loop, name="privcam-measure-sensor",
-                                        args=(0, numba_threads(sensor_threads), lambda: workers(items))),
-                       threading.Thread(target=loop, name="privcam-measure-model",
-                                        args=(1, thread_counts(model_threads, model_threads), model_fn))]
-            for thread in threads:
-                thread.start()
-            for thread in threads:
-                thread.join()
-    finally:
-        torch.set_num_threads(old_torch)  # the model thread set the process-wide count
-    if errors:
-        raise errors[0]
-
-    def per_frame(mine: list[tuple[float, float]], other: list[tuple[float, float]], per: int) -> float:
-        last_start = other[-1][0]
-        inside = [t1 - t0 for t0, t1 in mine[1:] if t1 <= last_start] or [t1 - t0 for t0, t1 in mine[1:]]
-        return sum(inside) / len(inside) / per
-
-    return replace(costs, sensor_overlap=per_frame(spans[0], spans[1], sensor_frames),
-                   model_overlap=per_frame(spans[1], spans[0], frames))
 
 
 def in_fresh_thread(fn: Callable[[], object]) -> None:

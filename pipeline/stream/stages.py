@@ -13,8 +13,9 @@
 * Thread budget (:mod:`pipeline.stream.budget`): the sensor stage's thread sets its numba threads, the
   tables stage the model's share; torch's intra-op count is set by the caller for the run. In
   ``turns`` mode the sensor, tables and model stages share one lock; in ``overlap`` mode (``auto``'s
-  choice on more than one core unless a split wins) they run at once, each on the serial plan's
-  threads, oversubscribing the cores on purpose.
+  choice on more than one core unless a split wins, where a short trial ran it at least as fast as
+  ``serial``: :func:`trial_modes`) they run at once, each on the serial plan's threads, oversubscribing
+  the cores on purpose.
 * ``serial`` mode: the stages would never run at once, so they are one thread
   (:class:`pipeline.stream.engine.Serial`), between the source's and the sink's:
 
@@ -49,17 +50,19 @@ from .budget import (
     machine_cores,
     main_thread_serial,
     measure_costs,
-    measure_overlap,
     numba_threads,
     replay_threads,
     thread_counts,
+    torch_threads,
 )
 from .classifier import KeyedClassifier
-from .engine import Batch, Map, PartialResult, Serial, each
+from .engine import Batch, Map, PartialResult, Pipeline, Serial, chunks, each
 from .workers import FrameWorkers, concurrent_numba_layer
 
 MICRO_BATCH_PIXELS = 1 << 20  # "auto": about a megapixel of frames per hand-off
 CALIBRATION_PIXELS = 1 << 22  # frames in the model's calibration batch: about 4 Mpixel, at most batch_size
+TRIAL_S = 0.3  # each trial run of auto's modes: about this long at the serial estimate, at least 2 batches
+TRIAL_MODES = ("serial", "overlap")
 
 
 def micro_batch_size(setting: int | str, batch_size: int, height: int, width: int, at_least: int = 1) -> int:
@@ -77,10 +80,10 @@ def auto_budget(capture_one: Callable[[], ProtectedFrame | None], classifier: Ke
 
     ``capture_one()`` captures the run's first scene (its result is thrown away: a frame depends only on
     the seed, the key and its index, so the run's own capture of it is the same). With no usable first
-    scene, or one core, the stages run serially. Where the serial plan would run in ``overlap`` mode, the
-    stages are also timed at once (:func:`measure_overlap`) and overlap is kept only where it is
-    estimated at least as fast as running them one after the other; under numba's ``workqueue``
-    threading layer, which aborts when two threads launch parallel kernels, they run serially."""
+    scene, or one core, the stages run serially. Where the serial plan would run in ``overlap`` mode, both
+    modes are tried on copies of the first scene (:func:`trial_modes`) and the faster is kept (``overlap``
+    on a tie); under numba's ``workqueue`` threading layer, which aborts when two threads launch parallel
+    kernels, they run serially."""
     cores = machine_cores() if cores is None else cores
     with main_thread_serial():  # called from the main thread: no OpenMP team there (main_thread_serial)
         frame = capture_one() if cores > 1 else None
@@ -99,16 +102,48 @@ def auto_budget(capture_one: Callable[[], ProtectedFrame | None], classifier: Ke
                      f"on fewer torch threads than a replay does, and its logits may change with the thread count: "
                      f"the model keeps torch's {model}")
         budget = choose_budget(costs, splits=False)
+    if budget.mode != "split":
+        budget = replace(budget, model=model)
     if budget.mode == "overlap":
         if concurrent_numba_layer():
-            costs = measure_overlap(costs, capture_one, lambda: classifier.logits_array(data, idx), k, model)
-            budget = choose_budget(costs, splits=False)
+            frames = trial_frames(budget.estimate["serial"], batch_size)
+            trial = trial_modes(capture_one, classifier, budget, batch_size, frames, (h, w))
+            budget = replace(budget, trial=trial, trial_frames=frames,
+                             mode="overlap" if trial["overlap"] >= trial["serial"] else "serial")
+            if budget.mode == "serial":
+                notes.append("overlap ran slower than serial in the trial: serial")
         else:
             budget = replace(budget, mode="serial")
             notes.append("numba's workqueue threading layer cannot run the stages at once: serial")
-    if budget.mode == "serial" and "overlap" in (budget.estimate or {}):
-        notes.append("the stages timed at once were estimated slower than one after the other: serial")
-    return replace(budget, model=model if budget.mode != "split" else budget.model, note="; ".join(notes) or None)
+    return replace(budget, note="; ".join(notes) or None)
+
+
+def trial_frames(serial_rate: float, batch_size: int) -> int:
+    """Frames of each trial run: about :data:`TRIAL_S` seconds at ``serial_rate`` frames/s, in whole model
+    batches, at least 2 (the pipeline overlaps a batch's classification with the next one's capture)."""
+    return batch_size * max(2, int(np.ceil(TRIAL_S * serial_rate / batch_size)))
+
+
+def trial_modes(capture_one: Callable[[], ProtectedFrame | None], classifier: KeyedClassifier,
+                budget: ThreadBudget, batch_size: int, frames: int, frame_hw: tuple[int, int],
+                modes: tuple[str, ...] = TRIAL_MODES, rounds: int = 2) -> dict[str, float]:
+    """Frames/s of ``budget``'s threads run in each of ``modes``: the real stages (:func:`live_stages`,
+    the "auto" micro-batch, nothing recorded) over ``frames`` captures of the first scene, the
+    predictions thrown away (a frame depends only on the seed, the key and its index). The runs go in
+    the order A B B A A B ... over ``rounds`` rounds (no mode always first, when the process is coldest),
+    best of each. Raises what a stage raised."""
+    micro = micro_batch_size("auto", batch_size, *frame_hw, budget.sensor_frames)
+    best = dict.fromkeys(modes, 0.0)
+    order = [m for r in range(rounds) for m in (modes if r % 2 == 0 else modes[::-1])]
+    for mode in order:
+        plan = replace(budget, mode=mode)
+        stages = live_stages(lambda _: capture_one(), classifier, plan, batch_size, 30.0)
+        with torch_threads(plan.model):
+            result = Pipeline(chunks(range(frames), micro), stages, lambda _: None).run()
+        if result.error is not None:
+            raise result.error
+        best[mode] = max(best[mode], frames / max(result.wall_s, 1e-9))
+    return best
 
 
 def live_stages(capture: Callable[[Any], ProtectedFrame | None], classifier: KeyedClassifier,
