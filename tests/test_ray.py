@@ -223,17 +223,18 @@ def test_live_setup_error_is_refused_like_the_local_run(ray_session, world):
 
 def test_live_cameras_at_a_sensor_size_equal_the_local_run(ray_session, world, tmp_path):
     """``source.frame_size`` on Ray: each camera exposes its scenes at 56x56 and the model actors read them
-    through the keyed front end at the checkpoint's 28x28 input, as the local run does."""
+    through the keyed front end at the checkpoint's 28x28 input, as the local run does. Replaying the
+    camera's recording locally (its session) gives Ray's predictions bit for bit."""
     arch = {"name": "compact", "in_channels": 1, "num_classes": 10}
     torch.manual_seed(1)
     save_checkpoint(tmp_path / "m28.pt", build_model(**arch), arch, {"scheme": "pixel", "input_shape": [1, 28, 28]})
     sections = {"source": {"limit": 16, "frame_size": [56, 56]}, "model": {"checkpoint": str(tmp_path / "m28.pt")}}
-    # bit for bit at the same torch thread count: one camera and one model actor on 2 CPUs get 1 each
     one = {"threads": {"sensor": 1, "model": 1, "mode": "serial"}}
     local = run_pipeline(config(world, **sections, pipeline=one, output={"predictions": str(tmp_path / "local.jsonl")}),
                          progress=False)
     assert local["error"] is None and local["frames"] == 16
-    cfg_ray = config(world, **sections, output={"predictions": str(tmp_path / "live.jsonl")})
+    cfg_ray = config(world, **sections, output={"predictions": str(tmp_path / "live.jsonl"),
+                                                "record": str(tmp_path / "live.mcap")})
     summary = run_cameras_on_ray(cfg_ray, cameras=1, actors=1, ray_address=None, progress=False)
     assert summary["error"] is None and summary["frames"] == 16
     rows = sorted((json.loads(line) for line in (tmp_path / "live.jsonl").read_text().splitlines()),
@@ -242,11 +243,20 @@ def test_live_cameras_at_a_sensor_size_equal_the_local_run(ray_session, world, t
     same = ("frame_index", "label", "pred")
     assert [[r[k] for k in same] for r in rows] == [[r[k] for k in same] for r in local_rows], \
         "cameras on Ray = the local run"
-    # Confidences to 1e-6, not bit for bit: with one torch thread on both sides, frame 5's confidence came out
-    # as 0.10646213591 or 0.10646214336 from run to run on either side (3 of 12 runs, 2026-12-03), while
-    # repeated runs within one process agree; the cause (a CPU kernel path that differs between processes)
-    # is not found yet. The replay test above still compares bit for bit.
+    # The camera and the local run are sessions of their own (a fresh nonce per live capture), so their
+    # readout orders differ, and the keyed front end's scatter-add sums each output cell's inputs in slot
+    # order (models.frontend: exact up to float summation order): confidences agree to float rounding. The
+    # same session gives the same sums: the local replay of the camera's recording equals Ray bit for bit.
     assert np.allclose([r["confidence"] for r in rows], [r["confidence"] for r in local_rows], rtol=0, atol=1e-6)
+    (recording,) = summary["recordings"]
+    replay = replay_recording(recording["path"], config(world, **sections,
+                                                         output={"predictions": str(tmp_path / "replay.jsonl")}),
+                              progress=False)
+    assert replay["error"] is None and replay["frames"] == 16
+    replayed = [json.loads(line) for line in (tmp_path / "replay.jsonl").read_text().splitlines()]
+    fields = ("frame_index", "pred", "confidence")  # labels stay out of recordings
+    assert [[r[k] for k in fields] for r in replayed] == [[r[k] for k in fields] for r in rows], \
+        "the camera's recording replays to Ray's predictions bit for bit"
 
 
 def test_expand_recordings_and_shards(world, tmp_path):
