@@ -6,11 +6,13 @@ ported to torch: one implementation of the key schedule, from ``cryptography``.)
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 import torch
 
 from sensor.permutation import random_permutation
-from sensor.readout_tables import Scheme, grid_shape, plane_tables
+from sensor.readout_tables import Scheme, composed_planes, grid_shape, plane_tables
 
 
 def to_device(table: np.ndarray, device: torch.device | str = "cpu") -> torch.Tensor:
@@ -35,14 +37,25 @@ def invert_torch(pi: torch.Tensor) -> torch.Tensor:
 
 
 def plane_tables_torch(scheme: Scheme, height: int, width: int, subkeys: list[bytes],
-                       device: torch.device | str = "cpu") -> torch.Tensor:
+                       device: torch.device | str = "cpu",
+                       built: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray] | None] | None = None
+                       ) -> torch.Tensor:
     """Per-frame readout tables on ``device``, one per subkey (:func:`sensor.readout.readout_subkey`).
+
+    ``built[i]``, where given, is frame i's pass tables already built from ``subkeys[i]`` (the sensor's
+    :meth:`sensor.readout.ReadoutPermutation.kernel_tables`, :mod:`pipeline.stream.handoff`): only
+    composed here, not built again. The caller vouches that they belong to ``subkeys[i]``.
 
     Returns:
         int64: (B, n) for pixel (n = H*W) and quad (n = H/2 * W/2); (B, 4, n) for plane.
     """
     rows, cols = grid_shape(scheme, height, width)
-    if not subkeys:
-        n = rows * cols
-        return torch.empty((0, 4, n) if scheme == "plane" else (0, n), dtype=torch.int64, device=device)
-    return to_device(np.stack([plane_tables(scheme, height, width, k) for k in subkeys]), device)
+    n = rows * cols
+    if built is not None and len(built) != len(subkeys):
+        raise ValueError(f"plane_tables_torch: {len(built)} built tables for {len(subkeys)} subkeys")
+    out = np.empty((len(subkeys), 4, n) if scheme == "plane" else (len(subkeys), n), np.int64)
+    for i, subkey in enumerate(subkeys):
+        tabs = built[i] if built is not None else None
+        out[i] = (plane_tables(scheme, height, width, subkey) if tabs is None
+                  else composed_planes(scheme, *tabs))
+    return to_device(out, device)

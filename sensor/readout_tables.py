@@ -186,7 +186,16 @@ def plane_tables(scheme: Scheme, height: int, width: int, subkey: bytes) -> np.n
         int64: pixel (H*W,); quad (h*w,), shared by the 4 packed planes; plane (4, h*w).
     """
     rows, cols = grid_shape(scheme, height, width)
-    a, b, c = stacked_tables(subkey, rows, cols, plane_count(scheme))
+    return composed_planes(scheme, *stacked_tables(subkey, rows, cols, plane_count(scheme)))
+
+
+def composed_planes(scheme: Scheme, a: np.ndarray, b: np.ndarray, c: np.ndarray) -> np.ndarray:
+    """:func:`plane_tables` from pass tables already built (:func:`stacked_tables`; the sensor's
+    :meth:`sensor.readout.ReadoutPermutation.kernel_tables`): A (T, R, K), B (T, K, R), C (T, R, K).
+
+    Returns:
+        int64: (R*K,) for pixel and quad, (4, R*K) for plane.
+    """
     tabs = [compose_table(a[t], b[t], c[t]) for t in range(a.shape[0])]
     return np.stack(tabs) if scheme == "plane" else tabs[0]
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 
 import numpy as np
 
@@ -124,7 +125,8 @@ class Sensor:
 
     def capture(self, photons: np.ndarray, key: Key, frame_index: int | None = None, scheme: Scheme = "pixel",
                 rotation: bool = False, label: int | None = None,
-                capture_time_ns: int | None = None) -> ProtectedFrame:
+                capture_time_ns: int | None = None,
+                on_readout: Callable[[int, ReadoutPermutation], None] | None = None) -> ProtectedFrame:
         """Expose, then read the frame out in the key's order and tag it: what a protected camera emits.
 
         Args:
@@ -136,6 +138,9 @@ class Sensor:
             scheme: one of :data:`sensor.readout.SCHEMES`: "pixel", "quad" (2x2 CFA cells move whole)
                 or "plane" (each CFA plane alone).
             rotation: a fresh permutation per frame (session key, n) instead of one static permutation.
+            on_readout: with rotation, called as ``on_readout(n, order)`` with the frame's readout order
+                once the frame is read out (a live run hands it to its classifier:
+                :mod:`pipeline.stream.handoff`).
 
         Returns:
             ProtectedFrame with (H, W) uint16 data in keyed slot order and its MAC
@@ -152,8 +157,11 @@ class Sensor:
                          height=h, width=w, capture_time_ns=time.time_ns() if capture_time_ns is None
                          else int(capture_time_ns), label=None if label is None else int(label),
                          session=key.session)
-        return sign_frame(key, ProtectedFrame(order.forward(plain, out=plain, scratch=self._scratch_for(plain.size)),
-                                              meta))
+        frame = sign_frame(key, ProtectedFrame(order.forward(plain, out=plain, scratch=self._scratch_for(plain.size)),
+                                               meta))
+        if rotation and on_readout is not None:
+            on_readout(int(frame_index), order)
+        return frame
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()

@@ -66,6 +66,10 @@ def test_live_run_equals_plain_model_and_replay_is_bit_exact(world, tmp_path, sc
     summary = run_pipeline(cfg, progress=False)
     assert summary["error"] is None and summary["frames"] == N_FRAMES
     assert summary["recording"]["frames_written"] == N_FRAMES
+    if rotation:  # the classifier took each frame's readout order from the sensor stage (replay builds them)
+        assert (summary["readout_handoff"]["taken"], summary["readout_handoff"]["built_again"]) == (N_FRAMES, 0)
+    else:
+        assert "readout_handoff" not in summary
     live = [json.loads(line) for line in preds.read_text().splitlines()]
 
     # The keyed classifier on protected frames predicts what the plain model predicts on plain frames,
@@ -282,9 +286,11 @@ def test_micro_batches_and_a_thread_budget_give_the_serial_predictions_bit_for_b
     """A run with micro-batches that do not divide the model batch, a thread budget and the tables stage
     (or, in serial mode, capture, recorder, batches and model in one stage; "at once": a frame per core
     captured at once) writes the predictions the classifier gives on the same frames serially, in batches
-    of the same size at the same torch thread count, bit for bit; it records every frame, in order; the
-    summary reports the budget."""
+    of the same size at the same torch thread count, bit for bit (the serial classifier builds every readout
+    order itself; the run's takes them from its sensor stage); it records every frame, in order; the
+    summary reports the budget and the handoff."""
     from pipeline.stream.budget import machine_cores, torch_threads
+    from pipeline.stream.handoff import handoff_capacity
     from pipeline.stream.run import build_classifier, capture_stage, load_key
 
     cores = machine_cores()
@@ -307,6 +313,10 @@ def test_micro_batches_and_a_thread_budget_give_the_serial_predictions_bit_for_b
                                   "sensor_frames": threads.get("sensor_frames", 1),
                                   "cores": summary["threads"]["cores"], "source": "config"}
     assert summary["micro_batch"] == 3
+    # every frame's readout order went from the sensor stage to the classifier, none built twice
+    assert summary["readout_handoff"] == {
+        "capacity": handoff_capacity(cfg.pipeline.batch_size, 3, cfg.pipeline.queue_size),
+        "taken": N_FRAMES, "built_again": 0, "evicted": 0}
     sensor_stage = next(s for s in summary["stages"] if s["name"] == ("serial" if mode == "serial" else "sensor"))
     assert sensor_stage["items_in"] == -(-N_FRAMES // 3) and sensor_stage["frames_out"] == N_FRAMES
     if mode == "serial":

@@ -17,7 +17,8 @@ For each case and rotation setting, timed interleaved over ``--rounds`` rounds (
   frames captured at once, :class:`pipeline.stream.workers.FrameWorkers`); the slowest-stage ratio uses
   the faster of the two;
 * ``model_alone``: the model stage (network input, per-frame tables, keyed net) on the captured frames
-  in batches, torch on every core;
+  in batches, torch on every core; with rotation, each frame's readout order is handed over as the
+  sensor stage leaves it in a run (:mod:`pipeline.stream.handoff`; built before timing);
 * ``serial``: capture a batch, classify it, in one thread (every core for each);
 * ``pipeline``: :func:`pipeline.stream.stages.live_stages` (micro-batches, the thread budget; the tables
   stage, or in ``serial`` mode one stage for the sensor and the model) with the budget that ``auto``
@@ -82,6 +83,7 @@ from pipeline.stream.budget import (
 )
 from pipeline.stream.classifier import KeyedClassifier
 from pipeline.stream.engine import Pipeline, chunks
+from pipeline.stream.handoff import ReadoutHandoff, handoff_capacity
 from pipeline.stream.inputs import input_shape
 from pipeline.stream.run import capture_stage
 from pipeline.stream.stages import auto_budget, live_stages, micro_batch_size
@@ -89,11 +91,13 @@ from pipeline.stream.workers import FrameWorkers
 from sensor.config import SensorConfig
 from sensor.frame import FrameFormat, ProtectedFrame
 from sensor.keys import Key
+from sensor.readout import ReadoutPermutation, readout_permutation
 from sensor.sensor import Sensor
 
 MONO, RGGB = "configs/sensors/mono10.yaml", "configs/sensors/default.yaml"
 SCENE_POOL = 4  # 1080p photon maps, cycled
 SMALL_POOL = 256  # 28x28 scenes, cycled
+QUEUE_SIZE = 8  # the pipeline's stage queues, in items (micro-batches)
 RSS_BATCHES = 6  # default N of the RSS runs, in model batches: more than the pipeline holds in flight
 
 
@@ -133,24 +137,54 @@ class Setup:
         cfg = SensorConfig.from_yaml(resolve(case.profile))  # the shipped profile outside a checkout
         sensor = Sensor(cfg, seed=0)
         h, w = case.hw
+        # rotation: the sensor's readout orders go to the classifier, as in a run (pipeline.stream.handoff)
+        micro = micro_batch_size("auto", case.batch, h, w, machine_cores())  # the most auto hands over
+        self.readouts = ReadoutHandoff(handoff_capacity(case.batch, micro, QUEUE_SIZE)) if rotation else None
         if case.rendered_in_stage:
             rng = np.random.default_rng(0)
             self.pool: list[np.ndarray] = list(rng.integers(0, 256, (SMALL_POOL, h, w), dtype=np.uint8))
-            self.capture = capture_stage(sensor, self.key, case.scheme, rotation)
+            self.capture = capture_stage(sensor, self.key, case.scheme, rotation, readouts=self.readouts)
+            self.probe = capture_stage(sensor, self.key, case.scheme, rotation)
         else:
             from sensor.scene import render_photons
 
             self.pool = [render_photons(scene(h, w, seed=s), cfg) for s in range(SCENE_POOL)]
             key, scheme = self.key, case.scheme
 
-            def capture(item: tuple[int, np.ndarray, int | None]) -> ProtectedFrame:
-                return sensor.capture(item[1], key, item[0], scheme=scheme, rotation=rotation)
-            self.capture = capture
+            def capture_with(readouts: ReadoutHandoff | None) -> Callable[[tuple], ProtectedFrame]:
+                on_readout = None if readouts is None else readouts.put
+
+                def capture(item: tuple[int, np.ndarray, int | None]) -> ProtectedFrame:
+                    return sensor.capture(item[1], key, item[0], scheme=scheme, rotation=rotation,
+                                          on_readout=on_readout)
+                return capture
+            self.capture, self.probe = capture_with(self.readouts), capture_with(None)
         torch.manual_seed(0)
         shape = input_shape(case.scheme, h, w)
         model = build_model(case.model, shape[0], 10)
         fmt = FrameFormat.from_config(cfg, scheme=case.scheme, rotation=rotation, height=h, width=w)
-        self.classifier = KeyedClassifier(model, self.key, fmt, device="cpu", model_hw=case.model_hw)
+        self.classifier = KeyedClassifier(model, self.key, fmt, device="cpu", model_hw=case.model_hw,
+                                          readouts=self.readouts)
+
+    def orders(self, frames: list[ProtectedFrame]) -> dict[int, ReadoutPermutation]:
+        """With rotation, the readout orders of ``frames`` (built now), by frame index; else empty."""
+        if not self.rotation:
+            return {}
+        h, w = self.case.hw
+        orders = {f.meta.frame_index: readout_permutation(self.key, self.case.scheme, h, w, f.meta.frame_index)
+                  for f in frames}
+        for order in orders.values():
+            order.kernel_tables()
+        return orders
+
+    def budget(self, first: tuple[int, np.ndarray, None]) -> ThreadBudget:
+        """``auto``'s budget measured on ``first``, as a run measures it: without the handoff (the trial's
+        frames are copies of one frame)."""
+        self.classifier.readouts = None
+        try:
+            return auto_budget(lambda: self.probe(first), self.classifier, self.case.batch)
+        finally:
+            self.classifier.readouts = self.readouts
 
     def items(self, frames: int) -> Iterator[tuple[int, np.ndarray, None]]:
         return ((i, self.pool[i % len(self.pool)], None) for i in range(frames))
@@ -161,7 +195,7 @@ class Setup:
         micro = micro_batch_size("auto", self.case.batch, h, w, budget.sensor_frames)
         stages = live_stages(self.capture, self.classifier, budget, self.case.batch, 30.0)
         with torch_threads(budget.model):
-            result = Pipeline(chunks(self.items(frames), micro), stages, sink, queue_size=8).run()
+            result = Pipeline(chunks(self.items(frames), micro), stages, sink, queue_size=QUEUE_SIZE).run()
         if result.error is not None:
             raise result.error
         return result.wall_s
@@ -208,8 +242,9 @@ def run_case(name: str, rotation: bool, frames: int, rounds: int, rss: bool, rss
         setup = Setup(case, rotation)
         items = list(setup.items(frames))
         captured = [setup.capture(it) for it in items]  # warm-up, and the model stage's input
+        orders = setup.orders(captured)  # what the sensor stage hands the model stage (rotation)
         setup.classifier(captured[:case.batch])
-    budget = auto_budget(lambda: setup.capture(items[0]), setup.classifier, case.batch)
+    budget = setup.budget(items[0])
     others = other_budgets(budget, machine_cores())
     timings: dict[str, list[float]] = {k: [] for k in ("sensor_alone", "sensor_stage_alone", "model_alone", "serial",
                                                         "pipeline",
@@ -235,6 +270,12 @@ def run_case(name: str, rotation: bool, frames: int, rounds: int, rss: bool, rss
             timings[key].append(setup.pipeline(frames, plan, preds.extend))
         return run
 
+    def model_alone() -> None:  # with the orders the sensor stage would have left (rotation)
+        for batch in batched(captured, case.batch):
+            for frame in batch if orders else ():
+                setup.readouts.put(frame.meta.frame_index, orders[frame.meta.frame_index])
+            setup.classifier(batch)
+
     def sensor_stage() -> None:  # as the pipeline's sensor stage runs: micro-batches, frames at once
         numba_threads(budget.sensor)()
         micro = micro_batch_size("auto", case.batch, *case.hw, budget.sensor_frames)
@@ -244,7 +285,7 @@ def run_case(name: str, rotation: bool, frames: int, rounds: int, rss: bool, rss
 
     runs = [lambda: timed("sensor_alone", lambda: [setup.capture(it) for it in items]),
             lambda: timed("sensor_stage_alone", sensor_stage),
-            lambda: timed("model_alone", lambda: [setup.classifier(batch) for batch in batched(captured, case.batch)]),
+            lambda: timed("model_alone", model_alone),
             lambda: timed("serial", serial), piped("pipeline", budget, pipeline_preds),
             *(piped(f"pipeline_{mode}", other, other_preds[mode]) for mode, other in others.items())]
     for r in range(rounds):  # interleaved, best of each: robust to a busy shared machine

@@ -10,6 +10,7 @@ on plain frames and for inference on protected ones.
 
 from __future__ import annotations
 
+import hmac
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,6 +24,7 @@ from sensor.frame import FrameFormat, ProtectedFrame
 from sensor.keys import Key
 from sensor.readout import readout_permutation, readout_subkey
 
+from .handoff import ReadoutHandoff
 from .inputs import input_shape, network_input
 
 
@@ -56,17 +58,21 @@ class KeyedClassifier:
         model_hw: the model's input (h, w) when it is smaller than the frames' network input: a
             keyed front end resamples the protected frames (the model was trained on
             ``network_input(plain frames, fmt, size=model_hw)``).
+        readouts: with rotation, where the sensor stage of the same run leaves each frame's readout
+            order (:class:`pipeline.stream.handoff.ReadoutHandoff`): taken instead of built again when
+            its subkey is this frame's; the same predictions either way.
     """
 
     def __init__(self, model: nn.Module, key: Key, fmt: FrameFormat, mode: str = "fused",
                  device: torch.device | str | None = None, check_fingerprint: bool = True,
-                 model_hw: tuple[int, int] | None = None) -> None:
+                 model_hw: tuple[int, int] | None = None, readouts: ReadoutHandoff | None = None) -> None:
         from models.keyed import keyed
 
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.fmt, self.mode, self.fingerprint, self.session = fmt, mode, key.fingerprint, key.session
         self._key = key
         self.check_fingerprint = check_fingerprint
+        self.readouts = readouts
         static = readout_permutation(key, fmt.scheme, fmt.height, fmt.width).plane_tables()
         shape = input_shape(fmt.scheme, fmt.height, fmt.width)
         self.model_hw = tuple(model_hw) if model_hw is not None else shape[1:]  # what the network runs at
@@ -114,10 +120,20 @@ class KeyedClassifier:
         if not self.fmt.rotation:
             return PreparedBatch(x, idx)
         subkeys = [readout_subkey(self._key, self.fmt.scheme, n) for n in idx]
-        tables = plane_tables_torch(self.fmt.scheme, self.fmt.height, self.fmt.width, subkeys, self.device)
+        built = None if self.readouts is None else [self._handed(n, k) for n, k in zip(idx, subkeys, strict=True)]
+        tables = plane_tables_torch(self.fmt.scheme, self.fmt.height, self.fmt.width, subkeys, self.device, built)
         # the frame counters also rotate the entry layer's output order (fused mode)
         orders = None if self.model.frame_orders is None else self.model.frame_orders.build(idx, self.device)
         return PreparedBatch(x, idx, tables, orders)
+
+    def _handed(self, frame_index: int, subkey: bytes) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+        """Frame ``frame_index``'s pass tables from :attr:`readouts`, if the sensor left them there for
+        this scheme, size and readout subkey (compared in constant time); else None (built here)."""
+        order = self.readouts.take(frame_index) if self.readouts is not None else None
+        f = self.fmt
+        if order is None or (order.scheme, order.height, order.width) != (f.scheme, f.height, f.width):
+            return None
+        return order.kernel_tables() if hmac.compare_digest(order.subkey, subkey) else None
 
     @torch.inference_mode()
     def logits_prepared(self, batch: PreparedBatch) -> torch.Tensor:

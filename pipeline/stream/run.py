@@ -43,6 +43,7 @@ from .authcheck import FrameAuthenticator, session_key  # noqa: F401 - session_k
 from .budget import ThreadBudget, machine_cores, main_thread_serial, parse_threads, replay_threads, torch_threads
 from .classifier import KeyedClassifier
 from .engine import Batch, Map, Pipeline, RunResult, chunks
+from .handoff import ReadoutHandoff, handoff_capacity
 from .inputs import input_shape
 from .recording import Recorder, RecordingReader, check_recording_format, check_table_format, stream_mismatch
 from .sinks import OUTPUT_SUFFIXES, PredictionWriter
@@ -206,15 +207,20 @@ def open_session(path: str | None) -> Key:
 
 # -- stages -----------------------------------------------------------------------------------------
 def capture_stage(sensor: Sensor, key: Key, scheme: str, rotation: bool, shape: tuple[int, int] | None = None,
-                  skips: SkipLog | None = None, labels: dict[int, int | None] | None = None):
+                  skips: SkipLog | None = None, labels: dict[int, int | None] | None = None,
+                  readouts: ReadoutHandoff | None = None):
     """Stage function: (n, scene or raw frame, label) -> ProtectedFrame. The plain frame never leaves it.
 
     With ``skips``, an item that cannot be captured (another size than ``shape``, a raw frame whose
     CFA differs from the sensor's) is reported there and dropped instead of stopping the run.
     With ``labels``, class labels stay out of the protected frames: frame n's label is put in
     ``labels[n]`` for the run's own accuracy (see :func:`labelled_sink`); without it they travel in the
-    frame's (authenticated) header, for recordings made with ``--store-labels``.
+    frame's (authenticated) header, for recordings made with ``--store-labels``. With ``readouts`` (and
+    rotation), each frame's readout order is left there for the run's classifier
+    (:mod:`pipeline.stream.handoff`).
     """
+    on_readout = None if readouts is None else readouts.put
+
     def capture(item: tuple[int, np.ndarray | RawFrame, int | None]) -> ProtectedFrame | None:
         n, scene, label = item
         cfg = sensor.config
@@ -232,7 +238,8 @@ def capture_stage(sensor: Sensor, key: Key, scheme: str, rotation: bool, shape: 
             return None
         if labels is not None:
             labels[n], label = label, None
-        return sensor.capture(photons, key, frame_index=n, scheme=scheme, rotation=rotation, label=label)
+        return sensor.capture(photons, key, frame_index=n, scheme=scheme, rotation=rotation, label=label,
+                              on_readout=on_readout)
     return capture
 
 
@@ -369,10 +376,14 @@ def run_pipeline(cfg: RunConfig, progress: bool = True) -> dict[str, Any]:
     classifier, manifest = build_classifier(cfg, key, fmt)
     sensor = Sensor(sensor_cfg, seed=cfg.sensor.seed)
     labels: dict[int, int | None] | None = None if cfg.output.store_labels else {}
-    capture = capture_stage(sensor, key, cfg.key.scheme, cfg.key.rotation, (h, w), skips, labels)
     probe = capture_stage(sensor, key, cfg.key.scheme, cfg.key.rotation, (h, w))  # raises instead of skipping
     items, budget = plan_threads(cfg.pipeline, items, probe, classifier)
     micro = micro_batch_size(cfg.pipeline.micro_batch, cfg.pipeline.batch_size, h, w, budget.sensor_frames)
+    # rotation: the sensor stage's per-frame readout orders go to the classifier (pipeline.stream.handoff)
+    readouts = ReadoutHandoff(handoff_capacity(cfg.pipeline.batch_size, micro, cfg.pipeline.queue_size)
+                              ) if cfg.key.rotation else None
+    classifier.readouts = readouts
+    capture = capture_stage(sensor, key, cfg.key.scheme, cfg.key.rotation, (h, w), skips, labels, readouts)
     recorder = sink = result = None
     try:
         if cfg.output.record:
@@ -391,6 +402,8 @@ def run_pipeline(cfg: RunConfig, progress: bool = True) -> dict[str, Any]:
              "key_fingerprint": key.fingerprint, "session": key.session, "checkpoint": cfg.model.checkpoint,
              "checkpoint_plain_accuracy": manifest.get("plain_test_accuracy"),
              "threads": budget.to_dict(), "micro_batch": micro}
+    if readouts is not None:
+        extra["readout_handoff"] = readouts.to_dict()
     if recorder is not None:
         extra["recording"] = {"path": None if recorder.final_path is None else str(recorder.final_path),
                               "frames_written": recorder.frames_written}
