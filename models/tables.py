@@ -56,6 +56,8 @@ def plane_tables_torch(scheme: Scheme, height: int, width: int, subkeys: list[by
     out = np.empty((len(subkeys), 4, n) if scheme == "plane" else (len(subkeys), n), np.int64)
     for i, subkey in enumerate(subkeys):
         tabs = built[i] if built is not None else None
-        out[i] = (plane_tables(scheme, height, width, subkey) if tabs is None
-                  else composed_planes(scheme, *tabs))
+        if tabs is None:
+            out[i] = plane_tables(scheme, height, width, subkey)
+        else:
+            composed_planes(scheme, *tabs, out=out[i])
     return to_device(out, device)

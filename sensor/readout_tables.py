@@ -162,10 +162,9 @@ def compose_table_numpy(a: np.ndarray, b: np.ndarray, c: np.ndarray) -> np.ndarr
 
 
 @numba.njit(nogil=True, cache=True, parallel=True)
-def _compose_nb(a, b, c):
-    """Numba :func:`compose_table_numpy`. Returns (R*K,) int64."""
+def _compose_nb(a, b, c, out):
+    """Numba :func:`compose_table_numpy` into ``out`` (R*K,) int64."""
     rows, cols = a.shape
-    out = np.empty(rows * cols, np.int64)
     for r in numba.prange(rows):
         for k in range(cols):
             cp = np.int64(c[r, k])
@@ -174,9 +173,16 @@ def _compose_nb(a, b, c):
     return out
 
 
-def compose_table(a: np.ndarray, b: np.ndarray, c: np.ndarray) -> np.ndarray:
-    """Numba twin of :func:`compose_table_numpy`: (R, K), (K, R), (R, K) -> (R*K,) int64."""
-    return _compose_nb(np.ascontiguousarray(a), np.ascontiguousarray(b), np.ascontiguousarray(c))
+def compose_table(a: np.ndarray, b: np.ndarray, c: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """Numba twin of :func:`compose_table_numpy`: (R, K), (K, R), (R, K) -> (R*K,) int64, written into
+    ``out`` when given (a C-contiguous (R*K,) int64 array, e.g. a row of a batch's tables)."""
+    rows, cols = a.shape
+    if out is None:
+        out = np.empty(rows * cols, np.int64)
+    elif out.dtype != np.int64 or out.shape != (rows * cols,) or not out.flags.c_contiguous:
+        raise ValueError(f"compose_table: out: expected a C-contiguous ({rows * cols},) int64 array, got "
+                         f"{out.dtype} {out.shape}")
+    return _compose_nb(np.ascontiguousarray(a), np.ascontiguousarray(b), np.ascontiguousarray(c), out)
 
 
 def plane_tables(scheme: Scheme, height: int, width: int, subkey: bytes) -> np.ndarray:
@@ -189,15 +195,24 @@ def plane_tables(scheme: Scheme, height: int, width: int, subkey: bytes) -> np.n
     return composed_planes(scheme, *stacked_tables(subkey, rows, cols, plane_count(scheme)))
 
 
-def composed_planes(scheme: Scheme, a: np.ndarray, b: np.ndarray, c: np.ndarray) -> np.ndarray:
+def composed_planes(scheme: Scheme, a: np.ndarray, b: np.ndarray, c: np.ndarray,
+                    out: np.ndarray | None = None) -> np.ndarray:
     """:func:`plane_tables` from pass tables already built (:func:`stacked_tables`; the sensor's
     :meth:`sensor.readout.ReadoutPermutation.kernel_tables`): A (T, R, K), B (T, K, R), C (T, R, K).
 
     Returns:
-        int64: (R*K,) for pixel and quad, (4, R*K) for plane.
+        int64: (R*K,) for pixel and quad, (4, R*K) for plane; ``out`` (that shape) when given.
     """
-    tabs = [compose_table(a[t], b[t], c[t]) for t in range(a.shape[0])]
-    return np.stack(tabs) if scheme == "plane" else tabs[0]
+    planes, rows, cols = a.shape
+    shape = (4, rows * cols) if scheme == "plane" else (rows * cols,)
+    if out is None:
+        out = np.empty(shape, np.int64)
+    elif out.shape != shape:
+        raise ValueError(f"composed_planes: out: expected shape {shape}, got {out.shape}")
+    rows_out = out.reshape(planes, rows * cols)  # a view: out is C-contiguous (compose_table checks)
+    for t in range(planes):
+        compose_table(a[t], b[t], c[t], rows_out[t])
+    return out
 
 
 def frame_table(scheme: Scheme, height: int, width: int, tables: np.ndarray) -> np.ndarray:

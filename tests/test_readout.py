@@ -79,6 +79,11 @@ def test_three_pass_tables_and_compose_numba_match_numpy(rows, cols):
         assert a.shape == shape and a.dtype == b.dtype == np.uint16
         assert np.array_equal(a, b)
     assert np.array_equal(rt.compose_table(*fast), rt.compose_table_numpy(*ref))
+    out = np.full((2, rows * cols), -1, np.int64)  # into a row of a batch's tables
+    assert np.shares_memory(rt.compose_table(*fast, out=out[1]), out)
+    assert np.array_equal(out[1], rt.compose_table_numpy(*ref)) and (out[0] == -1).all()
+    with pytest.raises(ValueError, match="out"):
+        rt.compose_table(*fast, out=np.empty(rows * cols, np.int32))
 
 
 @pytest.mark.parametrize("dtype", [np.uint16, np.int64])
