@@ -14,7 +14,7 @@ from models.plain import build_model
 from models.tables import plane_tables_torch
 from pipeline.resources import COLOUR_PROFILE, resolve
 from pipeline.stream.classifier import KeyedClassifier
-from pipeline.stream.handoff import ReadoutHandoff, handoff_capacity
+from pipeline.stream.handoff import ReadoutHandoff, handoff_capacity, order_nbytes
 from sensor.config import SensorConfig
 from sensor.frame import FrameFormat
 from sensor.keys import Key
@@ -46,6 +46,12 @@ def test_handoff_refuses_bad_capacity_and_pickling():
     with pytest.raises(TypeError, match="key material"):
         pickle.dumps(ReadoutHandoff(1))
     assert handoff_capacity(8, 1, 8) == 2 * 8 * 1 + 3 * 8
+    # 1920x1080 pixel: three uint16 tables of 1080x1920; the byte cap binds before the queues do, but
+    # never below one batch
+    one = order_nbytes("pixel", 1080, 1920)
+    assert one == 3 * 1080 * 1920 * 2 and order_nbytes("plane", 1080, 1920) == 4 * 3 * 540 * 960 * 2
+    assert handoff_capacity(8, 64, 8, one) == (1 << 30) // one == 86
+    assert handoff_capacity(8, 1, 8, one) == 40 and handoff_capacity(8, 1, 8, one, max_bytes=one) == 8
 
 
 def test_capture_hands_over_the_order_it_read_out_in():

@@ -290,7 +290,7 @@ def test_micro_batches_and_a_thread_budget_give_the_serial_predictions_bit_for_b
     order itself; the run's takes them from its sensor stage); it records every frame, in order; the
     summary reports the budget and the handoff."""
     from pipeline.stream.budget import machine_cores, torch_threads
-    from pipeline.stream.handoff import handoff_capacity
+    from pipeline.stream.handoff import handoff_capacity, order_nbytes
     from pipeline.stream.run import build_classifier, capture_stage, load_key
 
     cores = machine_cores()
@@ -315,7 +315,8 @@ def test_micro_batches_and_a_thread_budget_give_the_serial_predictions_bit_for_b
     assert summary["micro_batch"] == 3
     # every frame's readout order went from the sensor stage to the classifier, none built twice
     assert summary["readout_handoff"] == {
-        "capacity": handoff_capacity(cfg.pipeline.batch_size, 3, cfg.pipeline.queue_size),
+        "capacity": handoff_capacity(cfg.pipeline.batch_size, 3, cfg.pipeline.queue_size,
+                                     order_nbytes("pixel", 28, 28)),
         "taken": N_FRAMES, "built_again": 0, "evicted": 0}
     sensor_stage = next(s for s in summary["stages"] if s["name"] == ("serial" if mode == "serial" else "sensor"))
     assert sensor_stage["items_in"] == -(-N_FRAMES // 3) and sensor_stage["frames_out"] == N_FRAMES

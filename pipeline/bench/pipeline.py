@@ -83,7 +83,7 @@ from pipeline.stream.budget import (
 )
 from pipeline.stream.classifier import KeyedClassifier
 from pipeline.stream.engine import Pipeline, chunks
-from pipeline.stream.handoff import ReadoutHandoff, handoff_capacity
+from pipeline.stream.handoff import ReadoutHandoff, handoff_capacity, order_nbytes
 from pipeline.stream.inputs import input_shape
 from pipeline.stream.run import capture_stage
 from pipeline.stream.stages import auto_budget, live_stages, micro_batch_size
@@ -139,7 +139,8 @@ class Setup:
         h, w = case.hw
         # rotation: the sensor's readout orders go to the classifier, as in a run (pipeline.stream.handoff)
         micro = micro_batch_size("auto", case.batch, h, w, machine_cores())  # the most auto hands over
-        self.readouts = ReadoutHandoff(handoff_capacity(case.batch, micro, QUEUE_SIZE)) if rotation else None
+        capacity = handoff_capacity(case.batch, micro, QUEUE_SIZE, order_nbytes(case.scheme, h, w))
+        self.readouts = ReadoutHandoff(capacity) if rotation else None
         if case.rendered_in_stage:
             rng = np.random.default_rng(0)
             self.pool: list[np.ndarray] = list(rng.integers(0, 256, (SMALL_POOL, h, w), dtype=np.uint8))

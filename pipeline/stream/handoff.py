@@ -10,7 +10,7 @@ not there (never put, or evicted) is built again, so the predictions are the sam
 
 * Bounded: at most ``capacity`` orders, the oldest evicted first, so memory stays flat whatever the
   stages' speeds (one 1920x1080 pixel order is three uint16 tables, 12 MB); :func:`handoff_capacity`
-  covers the frames a live run holds between the two stages.
+  covers the frames a live run holds between the two stages, up to :data:`MAX_BYTES` of orders.
 * Checked by the taker: the classifier uses an order only when its readout subkey equals the one it
   derives for that frame itself (:meth:`pipeline.stream.classifier.KeyedClassifier.prepare_array`), so
   a handoff filled under another key or session cannot change a prediction.
@@ -24,13 +24,25 @@ import threading
 from collections import OrderedDict
 from typing import Any
 
-from sensor.readout import ReadoutPermutation
+from sensor.readout import ReadoutPermutation, Scheme
+from sensor.readout_tables import grid_shape, plane_count, table_dtype
+
+MAX_BYTES = 1 << 30  # the most memory a handoff's orders may take (more are evicted, then built again)
 
 
-def handoff_capacity(batch_size: int, micro_batch: int, queue_size: int) -> int:
+def order_nbytes(scheme: Scheme, height: int, width: int) -> int:
+    """Bytes of one frame's readout order: three pass tables per permuted grid (12 MB at 1920x1080 pixel)."""
+    rows, cols = grid_shape(scheme, height, width)
+    return 3 * plane_count(scheme) * rows * cols * table_dtype(rows, cols).itemsize
+
+
+def handoff_capacity(batch_size: int, micro_batch: int, queue_size: int, order_bytes: int = 0,
+                     max_bytes: int = MAX_BYTES) -> int:
     """Orders a live run may hold between capture and classification: two stage queues of micro-batches
-    (sensor -> recorder -> batcher), the batch being filled, the one waiting and the one prepared."""
-    return 2 * queue_size * micro_batch + 3 * batch_size
+    (sensor -> recorder -> batcher), the batch being filled, the one waiting and the one prepared; but
+    no more than ``max_bytes`` of orders of ``order_bytes`` each (at least one batch's)."""
+    frames = 2 * queue_size * micro_batch + 3 * batch_size
+    return max(batch_size, min(frames, max_bytes // order_bytes)) if order_bytes > 0 else frames
 
 
 class ReadoutHandoff:

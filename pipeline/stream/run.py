@@ -43,7 +43,7 @@ from .authcheck import FrameAuthenticator, session_key  # noqa: F401 - session_k
 from .budget import ThreadBudget, machine_cores, main_thread_serial, parse_threads, replay_threads, torch_threads
 from .classifier import KeyedClassifier
 from .engine import Batch, Map, Pipeline, RunResult, chunks
-from .handoff import ReadoutHandoff, handoff_capacity
+from .handoff import ReadoutHandoff, handoff_capacity, order_nbytes
 from .inputs import input_shape
 from .recording import Recorder, RecordingReader, check_recording_format, check_table_format, stream_mismatch
 from .sinks import OUTPUT_SUFFIXES, PredictionWriter
@@ -380,8 +380,8 @@ def run_pipeline(cfg: RunConfig, progress: bool = True) -> dict[str, Any]:
     items, budget = plan_threads(cfg.pipeline, items, probe, classifier)
     micro = micro_batch_size(cfg.pipeline.micro_batch, cfg.pipeline.batch_size, h, w, budget.sensor_frames)
     # rotation: the sensor stage's per-frame readout orders go to the classifier (pipeline.stream.handoff)
-    readouts = ReadoutHandoff(handoff_capacity(cfg.pipeline.batch_size, micro, cfg.pipeline.queue_size)
-                              ) if cfg.key.rotation else None
+    readouts = ReadoutHandoff(handoff_capacity(cfg.pipeline.batch_size, micro, cfg.pipeline.queue_size,
+                                               order_nbytes(cfg.key.scheme, h, w))) if cfg.key.rotation else None
     classifier.readouts = readouts
     capture = capture_stage(sensor, key, cfg.key.scheme, cfg.key.rotation, (h, w), skips, labels, readouts)
     recorder = sink = result = None
