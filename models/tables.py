@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from sensor.permutation import random_permutation
-from sensor.readout_tables import Scheme, composed_planes, grid_shape, plane_tables
+from sensor.readout_tables import Scheme, composed_planes, grid_shape, plane_count, stacked_tables
 
 
 def to_device(table: np.ndarray, device: torch.device | str = "cpu") -> torch.Tensor:
@@ -54,10 +54,9 @@ def plane_tables_torch(scheme: Scheme, height: int, width: int, subkeys: list[by
     if built is not None and len(built) != len(subkeys):
         raise ValueError(f"plane_tables_torch: {len(built)} built tables for {len(subkeys)} subkeys")
     out = np.empty((len(subkeys), 4, n) if scheme == "plane" else (len(subkeys), n), np.int64)
-    for i, subkey in enumerate(subkeys):
+    for i, subkey in enumerate(subkeys):  # :func:`sensor.readout_tables.plane_tables`, composed in place
         tabs = built[i] if built is not None else None
         if tabs is None:
-            out[i] = plane_tables(scheme, height, width, subkey)
-        else:
-            composed_planes(scheme, *tabs, out=out[i])
+            tabs = stacked_tables(subkey, rows, cols, plane_count(scheme))
+        composed_planes(scheme, *tabs, out=out[i])
     return to_device(out, device)

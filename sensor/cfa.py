@@ -69,6 +69,12 @@ def mosaic(rgb: np.ndarray, pattern: str) -> np.ndarray:
     return np.take_along_axis(rgb, idx[..., None].astype(np.intp), axis=2)[..., 0]
 
 
+def check_packable(height: int, width: int) -> None:
+    """Raise ValueError unless a (height, width) mosaic splits into whole 2x2 cells (:func:`pack`)."""
+    if height % 2 or width % 2:
+        raise ValueError(f"pack: height and width must be even, got {height}x{width}")
+
+
 def pack(raw: np.ndarray) -> np.ndarray:
     """Split a mosaic into its four 2x2-cell planes, in pattern-letter order.
 
@@ -78,9 +84,7 @@ def pack(raw: np.ndarray) -> np.ndarray:
     Returns:
         (..., 4, H/2, W/2), plane k = raw[..., k//2::2, k%2::2].
     """
-    h, w = raw.shape[-2:]
-    if h % 2 or w % 2:
-        raise ValueError(f"pack: height and width must be even, got {h}x{w}")
+    check_packable(*raw.shape[-2:])
     return np.stack([raw[..., dy::2, dx::2] for dy in (0, 1) for dx in (0, 1)], axis=-3)
 
 

@@ -102,8 +102,8 @@ def test_classifier_with_handed_orders_equals_one_that_builds_them(scheme, monke
                              on_readout=readouts.put) for n in (10, 11, 12, 13)]
     want = own.logits(frames)
     calls = []
-    build = models.tables.plane_tables
-    monkeypatch.setattr(models.tables, "plane_tables", lambda *a: calls.append(a) or build(*a))
+    build = models.tables.stacked_tables  # what the classifier runs to build an order itself
+    monkeypatch.setattr(models.tables, "stacked_tables", lambda *a: calls.append(a) or build(*a))
     got = handed.logits(frames)
     assert torch.equal(got, want), "handed orders must give the classifier's own logits bit for bit"
     assert calls == [] and len(readouts) == 0 and readouts.to_dict()["taken"] == 4
@@ -123,7 +123,7 @@ def test_classifier_ignores_orders_of_another_key_or_frame(monkeypatch):
     readouts.put(22, readout_permutation(SESSION, "quad", h, w, 22))  # another scheme
     want = own.logits(frames)
     calls = []
-    build = models.tables.plane_tables
-    monkeypatch.setattr(models.tables, "plane_tables", lambda *a: calls.append(a) or build(*a))
+    build = models.tables.stacked_tables  # what the classifier runs to build an order itself
+    monkeypatch.setattr(models.tables, "stacked_tables", lambda *a: calls.append(a) or build(*a))
     assert torch.equal(handed.logits(frames), want)
     assert len(calls) == 3 and len(readouts) == 0

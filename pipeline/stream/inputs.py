@@ -18,7 +18,7 @@ import numba
 import numpy as np
 import torch
 
-from sensor.cfa import pack
+from sensor.cfa import check_packable, pack
 from sensor.frame import FrameFormat
 
 
@@ -43,8 +43,8 @@ def network_input(frames: np.ndarray, fmt: FrameFormat, scheme: str | None = Non
     if frames.ndim != 3:
         raise ValueError(f"frames: expected (B, H, W), got {frames.shape}")
     scheme = scheme or fmt.scheme
-    if scheme != "pixel" and (frames.shape[1] % 2 or frames.shape[2] % 2):
-        pack(frames[:0])  # its error: height and width must be even
+    if scheme != "pixel":
+        check_packable(*frames.shape[1:])
     black, scale = np.float32(fmt.black_level), input_scale(fmt)
     if frames.dtype == np.uint16:
         b, h, w = frames.shape
